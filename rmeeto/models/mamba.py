@@ -1,0 +1,125 @@
+"""Bidirectional Mamba mixer of Vision Mamba ("bimamba v2" with divided output).
+
+One ``in_proj`` produces x and z; a forward branch and a backward branch (own conv, x_proj, dt_proj,
+A, D) scan the sequence and its flip; the outputs are averaged and projected back. The branches call
+:mod:`rmeeto.ops`, which picks the CUDA, fused-CPU or pure-PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rmeeto.ops import causal_conv1d, selective_scan
+
+
+@dataclass
+class ScanRecord:
+    """Per-token SSM quantities of one mixer call, all in sequence order (backward branch flipped back).
+
+    delta: pair (forward, backward) of B×Dᵢ×L timescales after bias and softplus.
+    B, C: pair (forward, backward) of B×N×L input/output matrices.
+    """
+
+    delta: tuple[Tensor, Tensor]
+    B: tuple[Tensor, Tensor]
+    C: tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32: ``x / sqrt(mean(x²) + eps) · weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(self.weight.dtype)
+
+
+class BiMamba(nn.Module):
+    """Vim mixer: B×L×C → B×L×C.
+
+    Set ``record = True`` to keep the per-token Δ, B and C of the last call in ``last_record``
+    (used by importance-based token reducers; off by default, costs nothing when off).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        di = self.d_inner
+        self.in_proj = nn.Linear(d_model, 2 * di, bias=False)
+        self.out_proj = nn.Linear(di, d_model, bias=False)
+        for suffix in ("", "_b"):
+            self.add_module(f"conv1d{suffix}", nn.Conv1d(di, di, d_conv, groups=di, padding=d_conv - 1))
+            self.add_module(f"x_proj{suffix}", nn.Linear(di, self.dt_rank + 2 * d_state, bias=False))
+            dt_proj = nn.Linear(self.dt_rank, di, bias=True)
+            _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
+            self.add_module(f"dt_proj{suffix}", dt_proj)
+            a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(di, 1)
+            self.register_parameter("A_log" if not suffix else "A_b_log", nn.Parameter(a_log))
+            self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
+        self.record = False
+        self.last_record: ScanRecord | None = None
+
+    def _scan(self, x: Tensor, z: Tensor, suffix: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One direction on B×Dᵢ×L inputs → (y B×Dᵢ×L, Δ-pre-bias B×Dᵢ×L, B B×N×L, C B×N×L)."""
+        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
+        x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
+        A = -torch.exp(getattr(self, "A_log" if not suffix else "A_b_log").float())
+        D = getattr(self, f"D{suffix}").float()
+        x = causal_conv1d(x, conv.weight, conv.bias, activation="silu")
+        x_dbl = x_proj(x.transpose(1, 2))  # B×L×(R+2N)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
+        Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
+        y = selective_scan(
+            x, delta, A, Bm, Cm, D, z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True
+        )
+        return y, delta, Bm, Cm
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        xz = self.in_proj(hidden).transpose(1, 2)  # B×2Dᵢ×L
+        x, z = xz.chunk(2, dim=1)
+        y_f, d_f, b_f, c_f = self._scan(x, z, "")
+        y_b, d_b, b_b, c_b = self._scan(x.flip(-1), z.flip(-1), "_b")
+        if self.record:
+            self.last_record = ScanRecord(
+                delta=(
+                    F.softplus(d_f.float() + self.dt_proj.bias.float()[:, None]),
+                    F.softplus(d_b.float() + self.dt_proj_b.bias.float()[:, None]).flip(-1),
+                ),
+                B=(b_f, b_b.flip(-1)),
+                C=(c_f, c_b.flip(-1)),
+            )
+        y = (y_f + y_b.flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:
+    """Mamba's initialisation: dt = softplus(bias) log-uniform in [dt_min, dt_max]."""
+    std = dt_rank**-0.5
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=floor)
+    with torch.no_grad():
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus

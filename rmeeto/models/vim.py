@@ -1,0 +1,150 @@
+"""Vision Mamba (Vim): middle cls token, absolute position embedding, bidirectional Mamba blocks.
+
+The forward pass has exactly one place where token reduction may act: between blocks, a
+``token_reducer`` callable receives and returns a :class:`TokenState`. Nothing else here knows
+about reduction (see :mod:`rmeeto.reduction`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+from rmeeto.models.mamba import BiMamba, RMSNorm
+
+
+@dataclass
+class TokenState:
+    """What flows between blocks.
+
+    hidden: B×N×C mixer output of the previous block. residual: B×N×C fp32 residual stream (None
+    before block 0). cls_index: position of the cls token. size: B×N token sizes (None = all 1).
+    source: B×N×M bool map of which of the M original tokens each token holds (None = not tracked).
+    """
+
+    hidden: Tensor
+    residual: Optional[Tensor]
+    cls_index: int
+    size: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+
+
+TokenReducer = Callable[[int, TokenState], TokenState]
+
+
+@dataclass(frozen=True)
+class VimConfig:
+    """Architecture of a Vim; the defaults are Vim-S at 224×224."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 384
+    depth: int = 24
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+class PatchEmbed(nn.Module):
+    """B×3×H×W → B×M×C with a strided convolution."""
+
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """``residual += drop_path(hidden)``; ``hidden = mixer(norm(residual))``; residual kept in fp32."""
+
+    def __init__(self, cfg: VimConfig, drop_path: float):
+        super().__init__()
+        self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mixer = BiMamba(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        return hidden, residual
+
+
+class VisionMamba(nn.Module):
+    """Vim classifier: B×3×H×W → B×num_classes (or B×C features with ``forward_features``)."""
+
+    def __init__(self, cfg: VimConfig = VimConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.embed_dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.layers = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.token_reducer: Optional[TokenReducer] = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for layer in self.layers:  # GPT-2 style rescale of the residual branch output
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=5**0.5)
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= len(self.layers) ** 0.5
+
+    def embed(self, x: Tensor) -> TokenState:
+        """Patchify, insert cls at the middle (index M // 2), add position embedding."""
+        tokens = self.patch_embed(x)
+        m = tokens.shape[1]
+        if m + 1 != self.pos_embed.shape[1]:
+            raise ValueError(
+                f"input gives {m} patches but the model was built for {self.pos_embed.shape[1] - 1} "
+                f"(img_size={self.cfg.img_size}, patch_size={self.cfg.patch_size}); got image {tuple(x.shape[-2:])}"
+            )
+        p = m // 2
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([tokens[:, :p], cls, tokens[:, p:]], dim=1) + self.pos_embed
+        return TokenState(hidden=tokens, residual=None, cls_index=p)
+
+    def forward_blocks(self, state: TokenState) -> TokenState:
+        """Run all blocks; the token reducer (if any) acts before each block except the first."""
+        for i, layer in enumerate(self.layers):
+            if i > 0 and self.token_reducer is not None:
+                state = self.token_reducer(i, state)
+            state.hidden, state.residual = layer(state.hidden, state.residual)
+        return state
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """B×3×H×W → B×C: the normed cls token at its current position."""
+        state = self.forward_blocks(self.embed(x))
+        residual = state.residual + self.drop_path(state.hidden).float()
+        hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return hidden[:, state.cls_index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (besides norms and biases)."""
+        return {"pos_embed", "cls_token"}

@@ -1,0 +1,117 @@
+"""Attach a reduction method to a Vim: the callable that sits between blocks, and its schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from rmeeto.models.vim import TokenState, VisionMamba
+from rmeeto.reduction.merge import insert_cls, merge_tokens, new_cls_index, remove_cls, sum_into_slots
+from rmeeto.reduction.methods import Method
+from rmeeto.reduction.signals import Signals
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where and how much: reduction acts before each block in ``blocks`` with the matching ``amounts``
+    entry; with ``final_tokens`` the last point instead removes whatever reaches that many tokens
+    (cls included), as the authors' released Vim-Ti script does."""
+
+    blocks: tuple[int, ...]
+    amounts: tuple[float, ...]
+    final_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != len(self.amounts):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.amounts)} amounts")
+        if any(b < 1 for b in self.blocks) or list(self.blocks) != sorted(set(self.blocks)):
+            raise ValueError(f"blocks must be increasing and ≥ 1 (before block 0 nothing exists): {self.blocks}")
+
+    @classmethod
+    def every(cls, depth: int, amount: float | Sequence[float], interval: int = 2,
+              parity: str = "even", final_tokens: Optional[int] = None) -> "Schedule":
+        """Every ``interval`` blocks: even → interval, 2·interval, …; odd → 1, 1 + interval, …"""
+        if not 1 <= interval < depth:
+            raise ValueError(f"interval must be in [1, {depth - 1}], got {interval}")
+        if parity not in ("even", "odd"):
+            raise ValueError(f"parity must be 'even' or 'odd', got {parity!r}")
+        blocks = tuple(range(interval if parity == "even" else 1, depth, interval))
+        amounts = (tuple(amount) if isinstance(amount, Sequence) else (amount,) * len(blocks))
+        return cls(blocks, amounts, final_tokens)
+
+    def token_counts(self, method: Method, n0: int, depth: int) -> list[tuple[int, int]]:
+        """(tokens entering block i, tokens removed just before it) for every block; n counts cls."""
+        counts, n = [], n0
+        points = dict(zip(self.blocks, self.amounts))
+        for i in range(depth):
+            removed = 0
+            if i in points:
+                removed = self.removed_at(i, method, n, points[i])
+                n -= removed
+            counts.append((n, removed))
+        return counts
+
+    def removed_at(self, block: int, method: Method, n: int, amount: float) -> int:
+        if self.final_tokens is not None and block == self.blocks[-1]:
+            if not 1 <= self.final_tokens <= n:
+                raise ValueError(f"final_tokens={self.final_tokens} impossible with {n} tokens at block {block}")
+            return n - self.final_tokens
+        return method.removed(n - 1, amount)
+
+
+class TokenReduction:
+    """The model's ``token_reducer``: reduces hidden and residual identically at scheduled blocks.
+
+    ``track_source`` keeps, per output token, a count of the original tokens it holds (B×N×N₀).
+    """
+
+    def __init__(self, model: VisionMamba, method: Method, schedule: Schedule, track_source: bool = False):
+        self.method, self.schedule, self.track_source = method, schedule, track_source
+        self._amounts = dict(zip(schedule.blocks, schedule.amounts))
+        self._mixers = [layer.mixer for layer in model.layers]
+        if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
+            raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")
+
+    def __call__(self, block: int, state: TokenState) -> TokenState:
+        if block not in self._amounts:
+            return state
+        b, n, _ = state.hidden.shape
+        p = state.cls_index
+        size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)
+        if self.track_source and state.source is None:
+            state.source = torch.eye(n, device=size.device).expand(b, n, n)
+        cls_h, hidden = remove_cls(state.hidden, p)
+        record = self._mixers[block - 1].last_record if self.method.needs_record else None
+        signals = Signals(hidden=hidden, cls=cls_h[:, 0], cls_index=p, record=record)
+        amount = self._amounts[block]
+        if self.schedule.final_tokens is not None and block == self.schedule.blocks[-1]:
+            amount = self.schedule.removed_at(block, self.method, n, amount)  # a token count
+        plan = self.method.plan(signals, amount)
+        q = new_cls_index(p, n, n - 1 - plan.num_out)
+        sizes = remove_cls(size, p)[1]
+
+        def reduce(x: Tensor) -> Tensor:
+            cls_x, rest = remove_cls(x, p)
+            return insert_cls(cls_x, merge_tokens(rest, plan, sizes, self.method.op), q)
+
+        def add_up(x: Tensor) -> Tensor:
+            cls_x, rest = remove_cls(x, p)
+            return insert_cls(cls_x, sum_into_slots(rest, plan), q)
+
+        return TokenState(
+            hidden=reduce(state.hidden),
+            residual=reduce(state.residual),
+            cls_index=q,
+            size=add_up(size),
+            source=add_up(state.source) if state.source is not None else None,
+        )
+
+    def set_recording(self, on: bool) -> None:
+        """Ask the mixers before each reduction point to keep their Δ/B/C (only if the method needs it)."""
+        for block in self.schedule.blocks:
+            self._mixers[block - 1].record = on and self.method.needs_record
+            if not on:
+                self._mixers[block - 1].last_record = None
