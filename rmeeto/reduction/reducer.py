@@ -58,7 +58,7 @@ class Schedule:
         if self.final_tokens is not None and block == self.blocks[-1]:
             if not 1 <= self.final_tokens <= n:
                 raise ValueError(f"final_tokens={self.final_tokens} impossible with {n} tokens at block {block}")
-            return n - self.final_tokens
+            return method.removed(n - 1, n - self.final_tokens)  # validates the count for the method
         return method.removed(n - 1, amount)
 
 

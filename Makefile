@@ -1,0 +1,23 @@
+# `make demo` and `make test` are the README's two commands; both set up .venv/ on first use.
+PY := .venv/bin/python
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -e '.[dev]'
+	touch $@
+
+.PHONY: setup demo test test-slow bench
+setup: .venv/.installed
+
+demo: .venv/.installed
+	$(PY) demo.py
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+test-slow: .venv/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: .venv/.installed
+	$(PY) benchmarks/bench_scan.py
+	$(PY) benchmarks/bench_model.py

@@ -1,0 +1,139 @@
+"""Vim backbone: structure, checkpoint loading, timm registry, the Δ record."""
+
+import argparse
+
+import pytest
+import timm
+import torch
+
+import rmeeto
+from rmeeto.models import CheckpointError, VimConfig, VisionMamba
+from rmeeto.models.mamba import BiMamba
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_classes=7)
+
+
+def tiny(**kw) -> VisionMamba:
+    torch.manual_seed(0)
+    return rmeeto.create_model("vim_demo", **{**TINY, **kw})
+
+
+def test_published_variants_have_the_papers_shapes():
+    for name, dim, params in [("vim_tiny", 192, 7.1e6), ("vim_small", 384, 25.8e6), ("vim_base", 768, 97.6e6)]:
+        model = rmeeto.create_model(name)
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - params) / params < 0.01, (name, n)
+        assert model.pos_embed.shape == (1, 197, dim)
+        assert model.layers[0].mixer.dt_rank == -(-dim // 16)
+
+
+def test_state_dict_uses_the_public_checkpoint_names():
+    keys = set(tiny().state_dict())
+    mixer = {f"layers.0.mixer.{k}" for k in [
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "conv1d_b.weight", "conv1d_b.bias",
+        "x_proj.weight", "x_proj_b.weight", "dt_proj.weight", "dt_proj.bias", "dt_proj_b.weight",
+        "dt_proj_b.bias", "out_proj.weight", "A_log", "A_b_log", "D", "D_b"]}
+    top = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed",
+           "layers.0.norm.weight", "norm_f.weight", "head.weight", "head.bias"}
+    assert mixer | top <= keys
+    no_bias = ("in_proj", "x_proj", "x_proj_b", "out_proj")
+    assert not any(k.endswith(f"{name}.bias") for k in keys for name in no_bias)
+
+
+def test_any_size_and_middle_cls():
+    model = tiny(img_size=48, patch_size=16, num_classes=3)
+    state = model.embed(torch.randn(2, 3, 48, 48))
+    assert state.hidden.shape == (2, 10, 32) and state.cls_index == 4
+    assert torch.allclose(state.hidden[:, 4], (model.cls_token + model.pos_embed[:, 4])[0])
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+    with pytest.raises(ValueError, match="patches"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_unknown_name_or_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'vim_huge'"):
+        rmeeto.create_model("vim_huge")
+    with pytest.raises(ValueError, match="embed_dimm"):
+        rmeeto.create_model("vim_tiny", embed_dimm=3)
+
+
+@pytest.mark.parametrize("layout", ["vim", "bare", "lightning"])
+def test_checkpoint_roundtrip_is_exact(tmp_path, layout):
+    src, dst = tiny(), tiny(drop_path_rate=0.0)
+    torch.nn.init.normal_(dst.pos_embed)  # make sure loading changes something
+    sd = src.state_dict()
+    obj = {"vim": {"model": sd, "epoch": 3, "args": argparse.Namespace(model="vim")},
+           "bare": sd,
+           "lightning": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "global_step": 1}}[layout]
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    rmeeto.load_checkpoint(dst, path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(src.eval()(x), dst.eval()(x))
+
+
+def test_wrong_variant_names_file_key_and_shapes(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save({"model": tiny(embed_dim=48).state_dict()}, path)
+    with pytest.raises(CheckpointError) as err:
+        rmeeto.load_checkpoint(tiny(), path)
+    msg = str(err.value)
+    assert "small.pth" in msg and "'cls_token'" in msg
+    assert "(1, 1, 48)" in msg and "(1, 1, 32)" in msg and "embed dim 48" in msg
+
+
+def test_missing_keys_and_corrupt_files(tmp_path):
+    sd = tiny().state_dict()
+    del sd["norm_f.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match="missing.*'norm_f.weight'"):
+        rmeeto.load_checkpoint(tiny(), tmp_path / "partial.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        rmeeto.load_checkpoint(tiny(), tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        rmeeto.load_checkpoint(tiny(), tmp_path / "nope.pth")
+
+
+def test_timm_registry_builds_the_same_model(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "w.pth")
+    model = timm.create_model("vim_demo_patch8_64", pretrained=True, pretrained_file=str(tmp_path / "w.pth"),
+                              img_size=32, depth=3, embed_dim=32, num_classes=7)
+    assert isinstance(model, VisionMamba) and model.cfg == VimConfig(**{**vars(rmeeto.models.VARIANTS["vim_demo"]), **TINY})
+
+
+def _mixer_pair() -> tuple[BiMamba, BiMamba]:
+    """Two mixers whose forward and backward parameters are swapped."""
+    torch.manual_seed(1)
+    a, b = BiMamba(16, d_state=4), BiMamba(16, d_state=4)
+    sa = a.state_dict()
+    swap = {}
+    for k, v in sa.items():
+        if k.startswith(("conv1d", "x_proj", "dt_proj")):
+            name, rest = k.split(".", 1)
+            other = name[:-2] if name.endswith("_b") else name + "_b"
+            swap[f"{other}.{rest}"] = v
+        elif k in ("A_log", "A_b_log", "D", "D_b"):
+            swap[{"A_log": "A_b_log", "A_b_log": "A_log", "D": "D_b", "D_b": "D"}[k]] = v
+        else:
+            swap[k] = v
+    b.load_state_dict(swap)
+    return a, b
+
+
+def test_backward_branch_scans_the_flipped_sequence_and_records_in_sequence_order():
+    a, b = _mixer_pair()
+    a.record = b.record = True
+    x = torch.randn(2, 9, 16)
+    ya, yb = a(x), b(x.flip(1))
+    torch.testing.assert_close(ya, yb.flip(1), rtol=1e-5, atol=1e-6)
+    ra, rb = a.last_record, b.last_record
+    torch.testing.assert_close(ra.delta[0], rb.delta[1].flip(-1))
+    torch.testing.assert_close(ra.delta[1], rb.delta[0].flip(-1))
+    assert ra.delta[0].shape == (2, 32, 9) and ra.B[0].shape == (2, 4, 9) and (ra.delta[0] > 0).all()
+
+
+def test_recording_is_off_by_default():
+    model = tiny()
+    model(torch.randn(1, 3, 32, 32))
+    assert all(layer.mixer.last_record is None for layer in model.layers)

@@ -1,0 +1,222 @@
+"""Token reduction: plans and merges against a literal reference of the spec, plus invariants."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rmeeto
+import rmeeto.reduction as R
+from rmeeto.models.vim import TokenState
+from rmeeto.reduction.merge import merge_tokens, sum_into_slots
+from rmeeto.reduction.plans import bipartite_plan, grouped_plan
+
+
+def tiny_vim(depth: int = 6):
+    torch.manual_seed(0)
+    return rmeeto.create_model("vim_demo", img_size=32, patch_size=4, embed_dim=16, depth=depth, num_classes=5)
+
+
+def reference_merge_point(x, res, size, p, r, prune=False):
+    """methods.md §2 step by step for ONE image: x, res N×C, size N, cls at p → (x, res, size, q)."""
+    n = x.shape[0]
+    idx = [j for j in range(n) if j != p]
+    xs, rs, ss = x[idx], res[idx], size[idx]
+    m = len(idx)
+    a_set, b_set = list(range(0, m, 2)), list(range(1, m, 2))
+    unit = xs / xs.norm(dim=-1, keepdim=True)
+    partner, score = {}, {}
+    for a in a_set:
+        sims = torch.stack([unit[a] @ unit[b] for b in b_set])
+        partner[a], score[a] = b_set[int(sims.argmax())], float(sims.max())
+    merged = sorted(a_set, key=lambda a: -score[a])[:r]
+    survivors = sorted([a for a in a_set if a not in merged] + b_set)
+    out_x, out_r, out_s = [], [], []
+    for t in survivors:
+        group = [t] + ([] if prune else [a for a in merged if partner[a] == t])
+        w = torch.stack([ss[g] for g in group])
+        out_x.append(sum(xs[g] * ss[g] for g in group) / w.sum())
+        out_r.append(sum(rs[g] * ss[g] for g in group) / w.sum())
+        out_s.append(w.sum())
+    q = int(p * (n - r) / n)
+    ins = lambda rows, c: torch.stack(rows[:q] + [c] + rows[q:])  # noqa: E731
+    return ins(out_x, x[p]), ins(out_r, res[p]), ins(out_s, size[p]), q
+
+
+def random_state(b=3, n=17, c=8, p=8, sizes=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = torch.randint(1, 4, (b, n), generator=g).float() if sizes else None
+    if size is not None:
+        size[:, p] = 1
+    return TokenState(torch.randn(b, n, c, generator=g, dtype=torch.float64),
+                      torch.randn(b, n, c, generator=g, dtype=torch.float64), p, size)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+@pytest.mark.parametrize("n,p,r", [(17, 8, 5), (16, 7, 8), (11, 0, 3), (12, 11, 1)])
+def test_rmeeto_merge_point_matches_the_spec(prune, n, p, r):
+    model = tiny_vim()
+    reducer = R.apply(model, "prune" if prune else "rmeeto", blocks=[2], r=r)
+    state = random_state(n=n, p=p)
+    out = reducer(2, state)
+    for i in range(state.hidden.shape[0]):
+        ex, er, es, q = reference_merge_point(state.hidden[i], state.residual[i], state.size[i], p, r, prune)
+        assert out.cls_index == q
+        torch.testing.assert_close(out.hidden[i], ex)
+        torch.testing.assert_close(out.residual[i], er)
+        torch.testing.assert_close(out.size[i], es.float())
+
+
+def reference_mtr(x, importance, n):
+    """methods.md §3 for ONE image without cls: M×C tokens → merged M−n×C, size-weighted (sizes 1)."""
+    m = x.shape[0]
+    rank = sorted(range(m), key=lambda t: -float(importance[t]))
+    source, target = rank[m - n:], rank[n:m - n]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    into = {s: max(target, key=lambda t: float(unit[s] @ unit[t])) for s in source}
+    survivors = sorted(set(range(m)) - set(source))
+    return torch.stack([(x[t] + sum(x[s] for s in source if into[s] == t)) /
+                        (1 + sum(1 for s in source if into[s] == t)) for t in survivors])
+
+
+@pytest.mark.parametrize("m,n", [(20, 4), (9, 2), (10, 0), (31, 10)])
+def test_mtr_grouping_matches_the_spec(m, n):
+    g = torch.Generator().manual_seed(m)
+    x, imp = torch.randn(2, m, 6, generator=g, dtype=torch.float64), torch.rand(2, m, generator=g)
+    plan = grouped_plan(imp, x, n)
+    out = merge_tokens(x, plan, torch.ones(2, m))
+    for i in range(2):
+        torch.testing.assert_close(out[i], reference_mtr(x[i], imp[i], n))
+
+
+def test_mtr_importance_is_mean_delta_of_both_directions():
+    model = tiny_vim()
+    reducer = R.apply(model, "mtr", r=0.2, blocks=[3])
+    seen = {}
+    original = reducer.method.plan
+    object.__setattr__(reducer.method, "plan", lambda s, a: seen.setdefault("s", s) and original(s, a))
+    model(torch.randn(2, 3, 32, 32))
+    sig, rec = seen["s"], model.layers[2].mixer.last_record
+    full = (rec.delta[0].mean(1) + rec.delta[1].mean(1)) / 2  # B×N
+    keep = [j for j in range(full.shape[1]) if j != sig.cls_index]
+    torch.testing.assert_close(sig.importance("delta"), full[:, keep])
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), m=st.integers(2, 40), c=st.integers(1, 6), frac=st.floats(0, 1),
+       order=st.sampled_from(["ordered", "odd_even", "unordered"]), prune=st.booleans())
+def test_bipartite_invariants(b, m, c, frac, order, prune):
+    r = int(frac * ((m + 1) // 2))
+    x = torch.randn(b, m, c, dtype=torch.float64)
+    plan = bipartite_plan(x, r, order=order, prune=prune)
+    assert plan.num_out == m - r and plan.dest.shape == (b, m)
+    size = torch.rand(b, m, dtype=torch.float64) + 0.5
+    out_size = sum_into_slots(size, plan)
+    if not prune:
+        torch.testing.assert_close(out_size.sum(1), size.sum(1))  # sizes add up
+    survivors = plan.dest >= 0
+    if order == "ordered":  # survivors keep their relative order
+        for i in range(b):
+            own = [int(plan.dest[i, t]) for t in range(m) if int((plan.dest[i] == plan.dest[i, t]).sum()) == 1
+                   or t % 2 == 1]
+            assert own == sorted(own)
+    assert int(survivors.sum(1).min()) >= m - r
+    out = merge_tokens(x, plan, size)
+    for i in range(b):  # each image reduced on its own
+        single = bipartite_plan(x[i:i + 1], r, order=order, prune=prune)
+        torch.testing.assert_close(merge_tokens(x[i:i + 1], single, size[i:i + 1])[0], out[i])
+
+
+@pytest.mark.parametrize("method,amount,options", [("rmeeto", 4, {}), ("mtr", 0.2, {"indicator": "cls"}),
+                                                   ("prune", 3, {})])
+def test_merging_copies_of_one_token_changes_nothing(method, amount, options):
+    model = tiny_vim()
+    reducer = R.apply(model, method, r=amount, blocks=[2], **options)
+    token = torch.randn(1, 1, 16)
+    state = TokenState(token.expand(2, 17, 16).clone(), token.expand(2, 17, 16).clone().float(), 8)
+    out = reducer(2, state)
+    torch.testing.assert_close(out.hidden, token.expand(2, out.hidden.shape[1], 16))
+
+
+def test_reduced_vim_token_counts_sizes_and_cls():
+    model = tiny_vim(depth=8)
+    reducer = R.apply(model, "rmeeto", r=6, track_source=True)
+    counts = []
+    inner = model.token_reducer
+    model.token_reducer = lambda i, s: counts.append((i, (out := inner(i, s)).hidden.shape[1], out)) or out
+    model(torch.randn(2, 3, 32, 32))
+    assert reducer.schedule.blocks == (2, 4, 6)
+    assert [(i, n) for i, n, _ in counts if i in (2, 4, 6)] == [(2, 59), (4, 53), (6, 47)]
+    final = counts[-1][2]
+    assert final.cls_index == int(int(int(32 * 59 / 65) * 53 / 59) * 47 / 53)
+    torch.testing.assert_close(final.size.sum(1), torch.full((2,), 65.0))
+    torch.testing.assert_close(final.source.sum(-1), final.size)  # each token holds `size` originals
+    assert (final.source.sum(1) == 1).all()  # every original token is in exactly one output token
+
+
+def test_r_zero_is_the_identity_and_remove_restores():
+    model = tiny_vim()
+    x = torch.randn(2, 3, 32, 32)
+    y0 = model(x)
+    R.apply(model, "rmeeto", r=0)
+    assert torch.equal(model(x), y0)
+    R.apply(model, "mtr", r=0.3)
+    assert not torch.allclose(model(x), y0)
+    R.remove(model)
+    assert model.token_reducer is None and torch.equal(model(x), y0)
+    assert not any(layer.mixer.record for layer in model.layers)
+
+
+def test_final_token_count_schedule():
+    model = tiny_vim(depth=8)
+    reducer = R.apply(model, "rmeeto", r=4, final_tokens=40)
+    counts = reducer.schedule.token_counts(reducer.method, 65, 8)
+    assert [n for n, _ in counts] == [65, 65, 61, 61, 57, 57, 40, 40]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    with pytest.raises(ValueError, match="r=37 tokens to merge, but only 28"):
+        R.apply(model, "rmeeto", r=4, final_tokens=20)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="rmeeto", r=40), "r=40 tokens to merge, but only 32 A-set candidates"),
+    (dict(method="rmeeto", r=4, order="sideways"), "unknown order 'sideways'"),
+    (dict(method="rmeeto", r=4, distance="cos"), "unknown distance 'cos'"),
+    (dict(method="rmeeto", r=4, op="sum"), "unknown merge op 'sum'"),
+    (dict(method="rmeeto", r=4, color="red"), "bad option for method 'rmeeto'"),
+    (dict(method="mtr", r=0.6), "MTR ratio must be in"),
+    (dict(method="tome2", r=1), "unknown reduction method 'tome2'"),
+    (dict(method="rmeeto"), "exactly one of r"),
+    (dict(method="rmeeto", r=2, interval=9), "interval must be in"),
+    (dict(method="rmeeto", r=2, blocks=[0, 2]), "blocks must be increasing and ≥ 1"),
+    (dict(method="mtr", r=0.1, final_tokens=9), "final_tokens needs a token-count method"),
+])
+def test_bad_input_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        R.apply(tiny_vim(), **kwargs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(metric="delta"), dict(metric="B", distance="l1"), dict(metric="C", distance="l2", kth=2),
+    dict(op="mean"), dict(op="max"), dict(op="min"), dict(order="odd_even"), dict(order="unordered"),
+])
+def test_every_rmeeto_ablation_runs_on_a_vim(options):
+    model = tiny_vim()
+    R.apply(model, "rmeeto", r=5, parity="odd", interval=3, **options)
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize("options", [dict(variant="prune"), dict(variant="hybrid"), dict(indicator="B"),
+                                     dict(indicator="C"), dict(indicator="cls")])
+def test_every_mtr_ablation_runs_on_a_vim(options):
+    model = tiny_vim()
+    R.apply(model, "mtr", r=0.25, **options)
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_works_under_torch_compile():
+    torch.manual_seed(0)
+    model = rmeeto.create_model("vim_demo", img_size=32, patch_size=8, embed_dim=16, depth=3).eval()
+    R.apply(model, "rmeeto", r=3)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(compiled(x), model(x))
