@@ -99,7 +99,8 @@ def test_timm_registry_builds_the_same_model(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "w.pth")
     model = timm.create_model("vim_demo_patch8_64", pretrained=True, pretrained_file=str(tmp_path / "w.pth"),
                               img_size=32, depth=3, embed_dim=32, num_classes=7)
-    assert isinstance(model, VisionMamba) and model.cfg == VimConfig(**{**vars(rmeeto.models.VARIANTS["vim_demo"]), **TINY})
+    expected = VimConfig(**{**vars(rmeeto.models.VARIANTS["vim_demo"]), **TINY})
+    assert isinstance(model, VisionMamba) and model.cfg == expected
 
 
 def _mixer_pair() -> tuple[BiMamba, BiMamba]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn

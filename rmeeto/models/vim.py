@@ -7,8 +7,8 @@ about reduction (see :mod:`rmeeto.reduction`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from timm.layers import DropPath, trunc_normal_
@@ -27,10 +27,10 @@ class TokenState:
     """
 
     hidden: Tensor
-    residual: Optional[Tensor]
+    residual: Tensor | None
     cls_index: int
-    size: Optional[Tensor] = None
-    source: Optional[Tensor] = None
+    size: Tensor | None = None
+    source: Tensor | None = None
 
 
 TokenReducer = Callable[[int, TokenState], TokenState]
@@ -77,7 +77,7 @@ class Block(nn.Module):
         self.mixer = BiMamba(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
         hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
         return hidden, residual
@@ -99,7 +99,7 @@ class VisionMamba(nn.Module):
         self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.token_reducer: Optional[TokenReducer] = None
+        self.token_reducer: TokenReducer | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -9,9 +9,11 @@ Methods are pure plan builders (:mod:`.plans`) combined by one merge function (:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rmeeto.models.vim import VisionMamba
+from rmeeto.reduction.baselines import HSA, UTR, EViT, PuMer, RandomDrop
 from rmeeto.reduction.methods import MTR, BipartiteMerge, Method
 from rmeeto.reduction.reducer import Schedule, TokenReduction
 from rmeeto.reduction.solver import solve_amount
@@ -23,6 +25,11 @@ METHODS: dict[str, Callable[..., Method]] = {
     "tome": lambda **o: BipartiteMerge(order="unordered", **o),
     "shuffle": lambda **o: BipartiteMerge(order="odd_even", **o),
     "mtr": MTR,
+    "evit": EViT,
+    "pumer": PuMer,
+    "utr": UTR,
+    "hsa": HSA,
+    "random": RandomDrop,
 }
 
 
@@ -36,9 +43,9 @@ def make_method(name: str, **options: Any) -> Method:
         raise ValueError(f"bad option for method {name!r}: {err}") from err
 
 
-def apply(model: VisionMamba, method: str = "rmeeto", *, r: Optional[float] = None,
-          flops_cut: Optional[float] = None, blocks: Optional[Sequence[int]] = None, interval: int = 2,
-          parity: str = "even", final_tokens: Optional[int] = None, track_source: bool = False,
+def apply(model: VisionMamba, method: str = "rmeeto", *, r: float | None = None,
+          flops_cut: float | None = None, blocks: Sequence[int] | None = None, interval: int = 2,
+          parity: str = "even", final_tokens: int | None = None, track_source: bool = False,
           **options: Any) -> TokenReduction:
     """Attach a reducer to ``model`` (replacing any) and return it.
 

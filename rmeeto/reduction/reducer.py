@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ class Schedule:
 
     blocks: tuple[int, ...]
     amounts: tuple[float, ...]
-    final_tokens: Optional[int] = None
+    final_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.blocks) != len(self.amounts):
@@ -32,7 +32,7 @@ class Schedule:
 
     @classmethod
     def every(cls, depth: int, amount: float | Sequence[float], interval: int = 2,
-              parity: str = "even", final_tokens: Optional[int] = None) -> "Schedule":
+              parity: str = "even", final_tokens: int | None = None) -> Schedule:
         """Every ``interval`` blocks: even → interval, 2·interval, …; odd → 1, 1 + interval, …"""
         if not 1 <= interval < depth:
             raise ValueError(f"interval must be in [1, {depth - 1}], got {interval}")
@@ -45,7 +45,7 @@ class Schedule:
     def token_counts(self, method: Method, n0: int, depth: int) -> list[tuple[int, int]]:
         """(tokens entering block i, tokens removed just before it) for every block; n counts cls."""
         counts, n = [], n0
-        points = dict(zip(self.blocks, self.amounts))
+        points = dict(zip(self.blocks, self.amounts, strict=True))
         for i in range(depth):
             removed = 0
             if i in points:
@@ -70,7 +70,7 @@ class TokenReduction:
 
     def __init__(self, model: VisionMamba, method: Method, schedule: Schedule, track_source: bool = False):
         self.method, self.schedule, self.track_source = method, schedule, track_source
-        self._amounts = dict(zip(schedule.blocks, schedule.amounts))
+        self._amounts = dict(zip(schedule.blocks, schedule.amounts, strict=True))
         self._mixers = [layer.mixer for layer in model.layers]
         if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
             raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")

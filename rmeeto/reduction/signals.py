@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ class Signals:
     hidden: Tensor
     cls: Tensor
     cls_index: int
-    record: Optional[ScanRecord] = None
+    record: ScanRecord | None = None
 
     def _recorded(self, name: str) -> tuple[Tensor, Tensor]:
         if self.record is None:
