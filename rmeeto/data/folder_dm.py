@@ -1,0 +1,96 @@
+"""LightningDataModule over a torchvision ImageFolder tree ``root/train/<class>/*``, ``root/val/<class>/*``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from rmeeto.data.pipelines import dist_info
+from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Same transforms and batches as ``WebDatasetDataModule`` (``(B, 3, img_size, img_size)`` float32,
+    ``(B,)`` int64), read from class folders; labels are sorted-class-name indices.
+
+    Training shuffles and drops the last partial batch; under DDP Lightning swaps in a
+    ``DistributedSampler``. Validation keeps every sample exactly once over ranks: when torch.distributed
+    is initialized it uses Lightning's ``UnrepeatedDistributedSampler`` (no padding), which Lightning
+    leaves in place. ``mean``/``std`` default to ImageNet's.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        img_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        auto_augment: str | None = RAND_AUGMENT,
+        reprob: float = 0.25,
+        color_jitter: float = 0.3,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.train_dir, self.val_dir = train_dir, val_dir
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
+        self.mean, self.std = mean, std
+
+    @cached_property
+    def train_set(self) -> ImageFolder:
+        transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
+                                    self.mean, self.std)
+        return ImageFolder(str(self.root / self.train_dir), transform=transform)
+
+    @cached_property
+    def val_set(self) -> ImageFolder:
+        val_set = ImageFolder(str(self.root / self.val_dir), transform=eval_transform(self.img_size, self.mean,
+                                                                                        self.std))
+        if val_set.classes != self.classes:
+            raise ValueError(f"{self.root / self.val_dir} has classes {val_set.classes[:5]}..., "
+                             f"train has {self.classes[:5]}...")
+        return val_set
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """Sorted class folder names of the train split (found without listing the images)."""
+        return find_classes(str(self.root / self.train_dir))[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def val_num_samples(self) -> int:
+        """Samples in the validation folder; summed over ranks, validation sees exactly these."""
+        return len(self.val_set)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = dist_info()
+        sampler = (UnrepeatedDistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
+                   if world_size > 1 else None)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,148 @@
+"""Reading shards as checked samples: every failure becomes a ``ShardError`` naming the shard and the key.
+
+``read_shards`` parses tars with webdataset's tar iterators and yields either a sample
+``{"key", "shard", "jpg", "label"}`` or a ``ShardError`` item in its place (a missing or truncated shard,
+a sample without ``.cls`` or image, a bad label), so a stage further down decides with an ``ErrorPolicy``
+whether to raise or to skip.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from rmeeto.data.shards import ShardError, is_pattern, list_shards, read_index
+
+OnError = Literal["raise", "skip"]
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+Sample = dict[str, Any]
+
+
+class ErrorPolicy:
+    """Raise a ``ShardError`` (``"raise"``) or warn and count the samples it lost (``"skip"``).
+
+    The counter lives in shared memory, so skips in DataLoader worker processes show up in ``skipped``.
+    """
+
+    def __init__(self, on_error: OnError = "raise") -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.on_error = on_error
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far, over all processes that share this policy."""
+        return int(self._skipped.value)
+
+    def handle(self, error: ShardError) -> None:
+        if self.on_error == "raise":
+            raise error
+        warnings.warn(f"skipping: {error}", stacklevel=2)
+        with self._skipped.get_lock():
+            self._skipped.value += error.lost
+
+    def filter(self, items: Iterable[Sample | ShardError]) -> Iterator[Sample]:
+        """Pipeline stage: pass samples through, hand ``ShardError`` items to ``handle``."""
+        for item in items:
+            if isinstance(item, ShardError):
+                self.handle(item)
+            else:
+                yield item
+
+
+def _check_sample(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> Sample | ShardError:
+    """Turn a raw webdataset sample into ``{"key", "shard", "jpg", "label"}`` or the error it has."""
+    key = raw["__key__"]
+    image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image is None:
+        return ShardError(f"sample has no image file (.{'/.'.join(IMAGE_EXTENSIONS)})", shard, key)
+    if "cls" not in raw:
+        return ShardError("sample has no .cls label", shard, key)
+    try:
+        label = int(raw["cls"])
+    except ValueError:
+        return ShardError(f"bad .cls label {raw['cls'][:20]!r}", shard, key)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return ShardError(f"label {label} out of range for num_classes={num_classes}", shard, key)
+    return {"key": key, "shard": shard, "jpg": image, "label": label}
+
+
+def read_shard(url: str, expected: int | None = None, num_classes: int | None = None
+               ) -> Iterator[Sample | ShardError]:
+    """Samples of one shard in file order; a read failure or a count differing from ``expected`` ends it
+    with one ``ShardError`` item (``lost`` = samples missing against ``expected``, at least 1)."""
+    seen, last_key = 0, None
+    try:
+        with wds.gopen(url, "rb") as stream:
+            files = tar_file_expander([{"url": url, "stream": stream}])
+            for raw in group_by_keys(files):
+                last_key = raw["__key__"]
+                seen += 1
+                yield _check_sample(raw, url, num_classes)
+    except Exception as exn:  # tarfile, gopen and webdataset raise many types; all mean an unreadable shard
+        where = f"after sample {last_key!r}" if last_key is not None else "before the first sample"
+        detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
+        lost = max(1, expected - seen) if expected is not None else 1
+        yield ShardError(f"corrupt, truncated or missing shard ({where}): {type(exn).__name__}: {detail}",
+                         url, lost=lost)
+        return
+    if expected is not None and seen != expected:
+        yield ShardError(f"shard has {seen} samples, the index says {expected}", url,
+                         key=last_key, lost=max(1, expected - seen))
+
+
+def read_shards(shards: Iterable[Mapping[str, str]], expected: Mapping[str, int] | None = None,
+                num_classes: int | None = None) -> Iterator[Sample | ShardError]:
+    """Pipeline stage: ``read_shard`` over a stream of ``{"url": path}`` (``expected`` maps path → count)."""
+    for shard in shards:
+        url = shard["url"]
+        yield from read_shard(url, None if expected is None else expected.get(url), num_classes)
+
+
+def decode_image(sample: Sample) -> Image.Image:
+    """Decode the sample's image bytes to an RGB PIL image; undecodable bytes raise ``ShardError``."""
+    try:
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            return image.convert("RGB")
+    except Exception as exn:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+        raise ShardError(f"undecodable image: {exn!r}", sample["shard"], sample["key"]) from exn
+
+
+@dataclass
+class SplitReport:
+    """Outcome of ``validate_split``: good samples and samples skipped (``on_error="skip"``)."""
+
+    num_samples: int
+    num_skipped: int
+
+
+def validate_split(source: str | os.PathLike, split: str | None = None, on_error: OnError = "raise"
+                   ) -> SplitReport:
+    """Read and decode every sample of a split (index directory or brace pattern) and check the counts."""
+    urls = list_shards(source, split)
+    expected = num_classes = None
+    if split is not None and not is_pattern(source):
+        index = read_index(source, split)
+        expected = dict(zip(urls, index.shards.values(), strict=True))
+        num_classes = index.num_classes
+    policy = ErrorPolicy(on_error)
+    good = 0
+    for sample in policy.filter(read_shards([{"url": u} for u in urls], expected, num_classes)):
+        try:
+            decode_image(sample)
+        except ShardError as error:
+            policy.handle(error)
+        else:
+            good += 1
+    return SplitReport(good, policy.skipped)

@@ -1,0 +1,334 @@
+"""Video clips in webdataset shards and the DataModule that streams them.
+
+Shards and indexes are those of :mod:`rmeeto.data.shards` (``{split}-NNNNNN.tar`` + ``{split}-index.json``);
+a sample holds a clip instead of an image, in one of two layouts, plus ``<key>.cls``:
+
+- ``<key>.npy``: one uint8 array T×H×W×3;
+- ``<key>.<frame>.jpg`` (or .jpeg/.png/.webp): one image per frame, taken in name order (zero-pad the
+  frame names: ``000.jpg``, ``001.jpg``, …).
+
+Reading keeps the image pipeline's guarantees by using its stages (:mod:`rmeeto.data.pipelines`): training
+deals each epoch's shard permutation to ranks and workers (``EpochShards``), repeats each reader's own
+shards through a shuffle buffer and stops every rank after the same number of full batches
+(``worker_share``); evaluation reads every clip exactly once over all ranks and workers, in file order.
+Only the sample check (clip instead of image) and the decoding differ; failures are ``ShardError`` items
+handled by the same ``ErrorPolicy``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from rmeeto.data.pipelines import (
+    EpochShards,
+    SizedPipeline,
+    split_by_rank,
+    split_by_reader,
+    worker_share,
+)
+from rmeeto.data.reader import IMAGE_EXTENSIONS, ErrorPolicy, OnError, Sample, decode_image
+from rmeeto.data.shards import (
+    PART_SUFFIX,
+    SHARD_PATTERN,
+    ShardError,
+    ShardIndex,
+    _finish_shard,
+    encode_jpeg,
+    list_shards,
+    shard_name,
+    write_index,
+)
+from rmeeto.data.webdataset_dm import WebDatasetDataModule
+
+FrameFormat = Literal["npy", "jpg"]
+
+
+# ----------------------------------------------------------------------------- writing
+def _encode_clip(key: str, clip: np.ndarray, label: int, frame_format: FrameFormat) -> dict[str, Any]:
+    """A ``{"__key__", "npy" | "000.jpg", …, "cls"}`` record for ShardWriter."""
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(f"clip {key!r} must be a uint8 T×H×W×3 array, got {clip.dtype} {clip.shape}")
+    if frame_format == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, clip, allow_pickle=False)
+        files = {"npy": buffer.getvalue()}
+    elif frame_format == "jpg":
+        files = {f"{t:03d}.jpg": encode_jpeg(Image.fromarray(frame)) for t, frame in enumerate(clip)}
+    else:
+        raise ValueError(f"frame_format must be 'npy' or 'jpg', not {frame_format!r}")
+    return {"__key__": key, **files, "cls": int(label)}
+
+
+def write_clip_shards(
+    samples: Iterable[tuple[str, np.ndarray, int]],
+    out_dir: str | os.PathLike,
+    split: str,
+    max_per_shard: int = 100,
+    *,
+    frame_format: FrameFormat = "npy",
+    num_classes: int,
+    classes: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> ShardIndex:
+    """Write ``(key, uint8 T×H×W×3 clip, label)`` samples as ``out_dir/{split}-NNNNNN.tar`` shards of
+    ``max_per_shard`` clips (each finished shard renamed from ``.part``), then the index."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / (SHARD_PATTERN.format(split=split) + PART_SUFFIX))
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, maxsize=float("inf"), post=_finish_shard,
+                         verbose=0, mtime=0.0) as writer:
+        for key, clip, label in samples:
+            if not 0 <= label < num_classes:
+                raise ValueError(f"clip {key!r}: label {label} out of range for num_classes={num_classes}")
+            writer.write(_encode_clip(key, clip, label, frame_format))
+        written = writer.total
+    if written == 0:
+        raise ValueError(f"no clips to write for split {split!r}")
+    counts = {shard_name(split, n): min(max_per_shard, written - n * max_per_shard)
+              for n in range(-(-written // max_per_shard))}
+    index = ShardIndex(split=split, shards=counts, num_classes=num_classes,
+                       classes=list(classes) if classes is not None else None,
+                       mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+                       meta={"frame_format": frame_format, **(meta or {})})
+    write_index(out, index)
+    return index
+
+
+# ----------------------------------------------------------------------------- reading
+def check_clip(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> Sample | ShardError:
+    """A raw webdataset sample → ``{"key", "shard", "clip", "label"}`` (clip: .npy bytes or the frames'
+    image bytes in name order) or the ``ShardError`` it has."""
+    key = raw["__key__"]
+    frames = sorted(name for name in raw if name.rpartition(".")[2] in IMAGE_EXTENSIONS and "." in name)
+    if "npy" not in raw and not frames:
+        return ShardError("sample has no clip (.npy or <frame>.jpg files)", shard, key)
+    if "cls" not in raw:
+        return ShardError("sample has no .cls label", shard, key)
+    try:
+        label = int(raw["cls"])
+    except ValueError:
+        return ShardError(f"bad .cls label {raw['cls'][:20]!r}", shard, key)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return ShardError(f"label {label} out of range for num_classes={num_classes}", shard, key)
+    clip = raw["npy"] if "npy" in raw else [raw[name] for name in frames]
+    return {"key": key, "shard": shard, "clip": clip, "label": label}
+
+
+def read_clip_shard(url: str, expected: int | None = None, num_classes: int | None = None
+                    ) -> Iterator[Sample | ShardError]:
+    """Clips of one shard in file order; an unreadable shard or a count differing from ``expected`` ends
+    it with one ``ShardError`` (``lost`` = clips missing against ``expected``, at least 1)."""
+    seen, last_key = 0, None
+    try:
+        with wds.gopen(url, "rb") as stream:
+            for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                last_key, seen = raw["__key__"], seen + 1
+                yield check_clip(raw, url, num_classes)
+    except Exception as exn:  # tarfile, gopen and webdataset raise many types; all mean an unreadable shard
+        lost = max(1, expected - seen) if expected is not None else 1
+        yield ShardError(f"corrupt, truncated or missing shard (after sample {last_key!r}): "
+                         f"{type(exn).__name__}: {exn}", url, lost=lost)
+        return
+    if expected is not None and seen != expected:
+        yield ShardError(f"shard has {seen} samples, the index says {expected}", url, key=last_key,
+                         lost=max(1, expected - seen))
+
+
+def read_clip_shards(shards: Iterable[Mapping[str, str]], expected: Mapping[str, int] | None = None,
+                     num_classes: int | None = None) -> Iterator[Sample | ShardError]:
+    """Pipeline stage: :func:`read_clip_shard` over a stream of ``{"url": path}``."""
+    for shard in shards:
+        yield from read_clip_shard(shard["url"], None if expected is None else expected.get(shard["url"]),
+                                   num_classes)
+
+
+def read_clip_cycles(cycles: Iterable[list[dict[str, str]]], policy: ErrorPolicy, shuffle_buffer: int,
+                     expected: Mapping[str, int], num_classes: int | None) -> Iterator[Sample]:
+    """Training stage after ``EpochShards``: each cycle's clips through a shuffle buffer that empties before
+    the next cycle, so a reader yields each of its clips once before it repeats any."""
+    for shards in cycles:
+        clips = policy.filter(read_clip_shards(shards, expected, num_classes))
+        empty = True
+        for clip in wds.shuffle(shuffle_buffer)(clips) if shuffle_buffer > 1 else clips:
+            empty = False
+            yield clip
+        if empty:
+            raise ShardError(f"no readable clip in this reader's shards {[s['url'] for s in shards]}")
+
+
+def decode_clip(sample: Sample) -> np.ndarray:
+    """The sample's clip as a uint8 T×H×W×3 array; anything else raises ``ShardError``."""
+    payload = sample["clip"]
+    try:
+        if isinstance(payload, bytes):
+            clip = np.load(io.BytesIO(payload), allow_pickle=False)
+        else:
+            clip = np.stack([np.asarray(decode_image({**sample, "jpg": frame})) for frame in payload])
+    except ShardError:
+        raise
+    except Exception as exn:  # numpy raises ValueError/OSError/EOFError; np.stack ValueError on mixed sizes
+        raise ShardError(f"undecodable clip: {exn!r}", sample["shard"], sample["key"]) from exn
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3 or len(clip) == 0:
+        raise ShardError(f"clip must be uint8 T×H×W×3, got {clip.dtype} {clip.shape}", sample["shard"],
+                         sample["key"])
+    return clip
+
+
+# ----------------------------------------------------------------------------- transforms
+def segment_indices(total: int, num_frames: int, random: bool) -> Tensor:
+    """One frame from each of ``num_frames`` equal segments of a ``total``-frame clip ("sparse" sampling
+    as in VideoMamba's Kinetics loader): a random frame per segment if ``random``, else the middle one.
+    Clips shorter than ``num_frames`` repeat frames."""
+    edges = torch.linspace(0, total, num_frames + 1)
+    where = torch.rand(num_frames) if random else torch.full((num_frames,), 0.5)
+    return (edges[:-1] + where * (edges[1:] - edges[:-1])).long().clamp(max=total - 1)
+
+
+class ClipTransform:
+    """uint8 T×H×W×3 clip → normalised float 3×num_frames×img_size×img_size.
+
+    Training: random frame per segment, one random-resized crop (``crop_scale``, aspect 3/4–4/3) and one
+    horizontal flip (p = 0.5) for all frames. Evaluation: middle frame per segment, resize of the short
+    side to ``img_size``, centre crop. Mean/std default to ImageNet's.
+    """
+
+    def __init__(self, num_frames: int, img_size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        self.num_frames, self.img_size, self.train, self.crop_scale = num_frames, img_size, train, crop_scale
+        self.mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1, 1)
+        self.std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1, 1)
+
+    def __call__(self, clip: np.ndarray) -> Tensor:
+        frames = torch.from_numpy(clip[segment_indices(len(clip), self.num_frames, self.train).numpy()])
+        video = frames.permute(0, 3, 1, 2)  # T×3×H×W
+        size = [self.img_size, self.img_size]
+        if self.train:
+            top, left, height, width = RandomResizedCrop.get_params(video, list(self.crop_scale), [3 / 4, 4 / 3])
+            video = TF.resized_crop(video, top, left, height, width, size, antialias=True)
+            if torch.rand(()) < 0.5:
+                video = video.flip(-1)
+        else:
+            video = TF.center_crop(TF.resize(video, self.img_size, antialias=True), size)
+        return (video.permute(1, 0, 2, 3).float() / 255 - self.mean) / self.std
+
+
+def to_clips(src: Iterable[Sample], transform: ClipTransform, policy: ErrorPolicy) -> Iterator[tuple[Tensor, int]]:
+    """Decode and transform: sample → (clip 3×T×H×W float, label); undecodable clips go to ``policy``."""
+    for sample in src:
+        try:
+            clip = decode_clip(sample)
+        except ShardError as error:
+            policy.handle(error)
+            continue
+        yield transform(clip), sample["label"]
+
+
+# ----------------------------------------------------------------------------- pipelines
+def clip_train_pipeline(urls: Sequence[str], counts: Sequence[int], *, batch_size: int, transform: ClipTransform,
+                        policy: ErrorPolicy, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 200,
+                        seed: int = 0, num_classes: int | None = None) -> SizedPipeline:
+    """``rmeeto.data.pipelines.train_pipeline`` for clips: exactly ``batches_per_rank * batch_size`` clips
+    per epoch on every rank (``batches_per_rank = sum(counts) // world_size // batch_size``)."""
+    batches_per_rank = sum(counts) // world_size // batch_size
+    if batches_per_rank == 0:
+        raise ValueError(f"{sum(counts)} training clips do not fill one batch of {batch_size} "
+                         f"on each of {world_size} ranks")
+    return SizedPipeline(
+        EpochShards(urls, rank, world_size, seed),
+        partial(read_clip_cycles, policy=policy, shuffle_buffer=shuffle_buffer,
+                expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes),
+        partial(to_clips, transform=transform, policy=policy),
+        partial(worker_share, batches_per_rank=batches_per_rank, batch_size=batch_size),
+        size=batches_per_rank * batch_size,
+    )
+
+
+def clip_eval_pipeline(urls: Sequence[str], counts: Sequence[int], *, transform: ClipTransform, policy: ErrorPolicy,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                       num_classes: int | None = None) -> wds.DataPipeline:
+    """``rmeeto.data.pipelines.eval_pipeline`` for clips: over all ranks and their ``num_workers`` workers,
+    every clip comes out exactly once, in file order (shards split when there are enough, else clips)."""
+    read = partial(read_clip_shards, expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes)
+    if len(urls) >= world_size * max(1, num_workers):
+        split = [partial(split_by_rank, rank=rank, world_size=world_size), wds.split_by_worker, read]
+    else:
+        split = [read, partial(split_by_reader, rank=rank, world_size=world_size)]
+    return wds.DataPipeline(wds.SimpleShardList(list(urls)), *split, policy.filter,
+                            partial(to_clips, transform=transform, policy=policy))
+
+
+# ----------------------------------------------------------------------------- DataModule
+class VideoDataModule(WebDatasetDataModule):
+    """Train/val loaders over clip shards; batches are ``(clips (B, 3, num_frames, img_size, img_size)
+    float32, labels (B,) int64)``.
+
+    Indexes, ``num_classes``/mean/std defaults, error policies, ``setup`` checks and the DDP guarantees are
+    those of :class:`~rmeeto.data.WebDatasetDataModule`: every rank yields the same number of full training
+    batches per epoch from disjoint shards, and validation sees every clip exactly once over all ranks and
+    workers (``val_num_samples``). Augmentation: see :class:`ClipTransform` (no RandAugment, no erasing).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        num_frames: int = 8,
+        img_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 8,
+        shuffle_buffer: int = 200,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        on_error: OnError = "raise",
+        num_classes: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(root, train_split, val_split, img_size=img_size, batch_size=batch_size,
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, auto_augment=None, reprob=0.0,
+                         mean=mean, std=std, on_error=on_error, num_classes=num_classes, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.num_frames = num_frames
+        self.crop_scale = tuple(crop_scale)
+
+    def _transform(self, train: bool) -> ClipTransform:
+        return ClipTransform(self.num_frames, self.img_size, train, self.crop_scale, self.mean, self.std)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._dist()
+        dataset = clip_train_pipeline(
+            list_shards(self.root, self.train_split), list(self.train_index.shards.values()),
+            batch_size=self.batch_size, transform=self._transform(True), policy=self.train_policy, rank=rank,
+            world_size=world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed, num_classes=self.num_classes,
+        )
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = self._dist()
+        dataset = clip_eval_pipeline(
+            list_shards(self.root, self.val_split), list(self.val_index.shards.values()),
+            transform=self._transform(False), policy=self.val_policy, rank=rank, world_size=world_size,
+            num_workers=self.num_workers, num_classes=self.num_classes,
+        )
+        return self._loader(dataset)

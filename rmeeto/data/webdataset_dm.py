@@ -1,0 +1,176 @@
+"""LightningDataModule streaming ImageNet-style webdataset shards (see ``rmeeto.data.pipelines``)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from rmeeto.data.pipelines import dist_info, eval_pipeline, train_pipeline
+from rmeeto.data.reader import ErrorPolicy, OnError
+from rmeeto.data.shards import ShardIndex, index_path, list_shards, read_index
+from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+
+
+class WebDatasetDataModule(L.LightningDataModule):
+    """Train/val loaders over ``root/{split}-NNNNNN.tar`` shards described by ``root/{split}-index.json``.
+
+    Batches are ``(images (B, 3, img_size, img_size) float32, labels (B,) int64)``.
+
+    Training reads a *repeated* stream, not a resampled one: each epoch deals a shard permutation (the
+    same on every rank, drawn from ``seed``) to ranks and then workers, and each reader repeats its own
+    shards through a sample shuffle buffer until it has its share of the epoch: every rank yields exactly
+    ``train_num_samples // world_size // batch_size`` full batches per epoch (also the loader's ``len()``),
+    and ranks read disjoint shards within an epoch.
+
+    Validation/test do not shuffle and see every sample of ``val_split`` exactly once over all ranks and
+    workers (per-rank counts may differ): shards are split over ranks and workers when there are at least
+    ``world_size * max(1, num_workers)`` of them, else samples are. ``val_num_samples`` is what the ranks'
+    counts add up to (minus ``val_skipped_samples``).
+
+    ``rank``/``world_size`` default to torch.distributed (when initialized) and can be injected for tests.
+    ``num_classes``, ``mean``/``std`` default to the train index's values (the val index's when there is no
+    train split, for evaluation only), mean/std else to ImageNet's. ``on_error="skip"`` warns about
+    and skips unreadable shards/samples and counts them in ``skipped_samples``; ``"raise"`` raises
+    ``ShardError``. Workers are persistent so the per-epoch shard order advances.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        img_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        shuffle_buffer: int = 5000,
+        auto_augment: str | None = RAND_AUGMENT,
+        reprob: float = 0.25,
+        color_jitter: float = 0.3,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        on_error: OnError = "raise",
+        num_classes: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rank", "world_size"])
+        self.root = Path(root)
+        self.train_split, self.val_split = train_split, val_split
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
+        self._mean, self._std = mean, std
+        self._num_classes = num_classes
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.on_error = on_error
+
+    @cached_property
+    def train_policy(self) -> ErrorPolicy:
+        """Made on first use, so that it belongs to the process (e.g. a ``ddp_spawn`` rank) that uses it."""
+        return ErrorPolicy(self.on_error)
+
+    @cached_property
+    def val_policy(self) -> ErrorPolicy:
+        """Like ``train_policy``; separate so that validation's skips can be told apart."""
+        return ErrorPolicy(self.on_error)
+
+    @cached_property
+    def train_index(self) -> ShardIndex:
+        return read_index(self.root, self.train_split)
+
+    @cached_property
+    def val_index(self) -> ShardIndex:
+        return read_index(self.root, self.val_split)
+
+    @cached_property
+    def reference_index(self) -> ShardIndex:
+        """Where classes and mean/std come from: the train index, or the val index for evaluation-only data."""
+        return self.train_index if index_path(self.root, self.train_split).is_file() else self.val_index
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes or self.reference_index.num_classes
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.reference_index.classes
+
+    @property
+    def mean(self) -> tuple[float, float, float] | None:
+        return self._mean or self.reference_index.mean
+
+    @property
+    def std(self) -> tuple[float, float, float] | None:
+        return self._std or self.reference_index.std
+
+    @property
+    def train_num_samples(self) -> int:
+        return self.train_index.num_samples
+
+    @property
+    def val_num_samples(self) -> int:
+        """Samples in the validation split; summed over ranks, validation sees exactly these."""
+        return self.val_index.num_samples
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples skipped so far under ``on_error="skip"``, training and validation, by this rank's workers."""
+        return self.train_policy.skipped + self.val_policy.skipped
+
+    @property
+    def val_skipped_samples(self) -> int:
+        """Validation/test samples skipped so far by this rank's workers (cumulative over passes): a pass's
+        increase, summed over ranks, plus the samples seen equals ``val_num_samples``."""
+        return self.val_policy.skipped
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the indexes agree with ``num_classes`` and that every shard file is there."""
+        indexes = [self.val_index] if stage in ("validate", "test") else [self.train_index, self.val_index]
+        for index in indexes:
+            if index.num_classes > self.num_classes:
+                raise ValueError(f"{index.split} index has {index.num_classes} classes, "
+                                 f"num_classes={self.num_classes}")
+            list_shards(self.root, index.split)
+
+    def _dist(self) -> tuple[int, int]:
+        rank, world_size = dist_info()
+        return (rank if self.rank is None else self.rank,
+                world_size if self.world_size is None else self.world_size)
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._dist()
+        index = self.train_index
+        transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
+                                    self.mean, self.std)
+        dataset = train_pipeline(
+            list_shards(self.root, self.train_split), list(index.shards.values()),
+            batch_size=self.batch_size, transform=transform, policy=self.train_policy, rank=rank,
+            world_size=world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+            num_classes=self.num_classes,
+        )
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = self._dist()
+        dataset = eval_pipeline(
+            list_shards(self.root, self.val_split), list(self.val_index.shards.values()),
+            transform=eval_transform(self.img_size, self.mean, self.std), policy=self.val_policy,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, num_classes=self.num_classes,
+        )
+        return self._loader(dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
