@@ -1,0 +1,82 @@
+"""Pictures: merge maps from a tiny Vim, the merge figure and the accuracy-vs-FLOPs plot."""
+
+import numpy as np
+import pytest
+import torch
+
+import rmeeto
+import rmeeto.reduction as R
+from rmeeto import viz
+from rmeeto.reduction.reducer import Schedule
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BLOCKS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def vim():
+    torch.manual_seed(0)
+    return rmeeto.create_model("vim_demo", depth=4, embed_dim=32).eval()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name,amount,prunes", [
+    ("rmeeto", 8, False), ("mtr", 0.2, False), ("evit", 0.3, False), ("utr", 0.3, True), ("hsa", 0.3, True)])
+def test_merge_maps_give_one_group_per_patch_and_one_group_per_token(vim, image, name, amount, prunes):
+    maps = viz.merge_maps(vim, image, name, r=amount, blocks=BLOCKS)
+    counts = Schedule(BLOCKS, (amount,) * 3).token_counts(R.make_method(name), 65, 4)
+    assert len(maps) == len(BLOCKS)
+    for ids, block in zip(maps, BLOCKS, strict=True):
+        tokens = counts[block][0]
+        assert ids.shape == (8, 8) and np.issubdtype(ids.dtype, np.integer)
+        groups = np.unique(ids[ids >= 0])
+        assert np.array_equal(groups, np.arange(tokens - 1)), "ids are the non-cls tokens, all present"
+        assert ((ids == viz.DROPPED).any()) == prunes
+    assert vim.token_reducer is None, "the model is left as it was"
+
+
+def test_merge_maps_restore_a_previous_reducer(vim, image):
+    previous = R.apply(vim, "mtr", r=0.2, blocks=[2])
+    viz.merge_maps(vim, image[None], "rmeeto", r=4, blocks=[1])
+    assert vim.token_reducer is previous and vim.layers[1].mixer.record
+    R.remove(vim)
+
+
+def test_merge_maps_take_one_image(vim, image):
+    with pytest.raises(ValueError, match="one image"):
+        viz.merge_maps(vim, torch.stack([image, image]), "rmeeto", r=4)
+
+
+def test_group_map_reads_the_source_counts():
+    # 5 original tokens (cls at 2), 3 out (cls at 1): token 0 holds patches 0 and 3, token 2 holds 1; 4 dropped.
+    source = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float32)
+    ids = viz.group_map(source, cls_index=1, cls_origin=2, grid=(2, 2))
+    assert ids.tolist() == [[0, 1], [0, viz.DROPPED]]
+
+
+def test_draw_merge_maps_writes_a_png(vim, image, tmp_path):
+    maps = viz.merge_maps(vim, image, "utr", r=0.3, blocks=BLOCKS)
+    path = viz.draw_merge_maps(image, maps, tmp_path / "merge.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_group_colours_average_each_group_and_blacken_dropped():
+    rgb = np.arange(12, dtype=float).reshape(2, 2, 3) / 12
+    ids = np.array([[0, 0], [1, viz.DROPPED]])
+    out = viz.group_colours(rgb, ids)
+    np.testing.assert_allclose(out[0, 0], rgb[0].mean(0))
+    np.testing.assert_allclose(out[1, 0], rgb[1, 0])
+    assert np.all(out[1, 1] == 0)
+    assert viz.borders(ids).tolist() == [[True, True], [True, False]]
+
+
+def test_plot_accuracy_vs_flops_writes_a_png(tmp_path):
+    rows = [{"method": "mtr", "gflops": 4.1, "top1": 78.8}, {"method": "mtr", "gflops": 3.0, "top1": 75.4},
+            {"method": "evit", "gflops": 4.1, "top1": 75.8}]
+    data = viz.plot_accuracy_vs_flops(rows, tmp_path / "acc.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
