@@ -4,6 +4,8 @@ PY := .venv/bin/python
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -e '.[dev]'
+	# deepspeed ships only an sdist: build it against the venv's torch instead of a fresh CUDA torch
+	.venv/bin/pip install --no-build-isolation -e '.[dev,deepspeed]'
 	touch $@
 
 .PHONY: setup demo test test-slow bench
