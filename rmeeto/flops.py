@@ -1,14 +1,17 @@
-"""Analytic FLOPs of a (token-reduced) Vim in the papers' convention.
+"""Analytic FLOPs of a (token-reduced) Vim or VideoMamba in the papers' convention.
 
-The convention counts multiply-adds per image and the Mamba mixer **once**, i.e. one scan
-direction, although Vim runs two; this is how R-MeeTo and MTR report 1.45 / 5.08 / 18.87 GFLOPs for
-Vim-Ti/S/B. Matching costs of the reducers are added at each reduction point.
+The convention counts multiply-adds per image (per clip for video) and the Mamba mixer **once**, i.e.
+one scan direction, although Vim runs two; this is how R-MeeTo and MTR report 1.45 / 5.08 / 18.87 GFLOPs
+for Vim-Ti/S/B (and for VideoMamba-Ti/S/B, which has the same shapes), and R-MeeTo 11.54 / 40.43 / 115.33
+for VideoMamba-Ti/S/M on 8-frame clips. Matching costs of the reducers are added at each reduction point.
+Other model families (e.g. DeiT through :mod:`rmeeto.models.deit`) have no formula here: TypeError.
 """
 
 from __future__ import annotations
 
 import math
 
+from rmeeto.models.videomamba import VideoMambaConfig
 from rmeeto.models.vim import VimConfig, VisionMamba
 
 
@@ -27,10 +30,20 @@ def mixer_flops(n: int, c: int, d_state: int = 16, d_conv: int = 4, expand: int 
 
 
 def count_config(cfg: VimConfig, method=None, schedule=None) -> float:
-    """GFLOPs of a Vim with config ``cfg``, reduced by ``method`` on ``schedule`` when given."""
+    """GFLOPs of a Vim or VideoMamba with config ``cfg``, reduced by ``method`` on ``schedule`` when given.
+
+    Tokens n0 = num_patches + 1 (for video: patches per frame · frames / tubelet + 1); the patch
+    embedding costs n0 · C · (tubelet ·) patch² · in_chans, the head C · num_classes.
+    """
+    if not isinstance(cfg, VimConfig):
+        raise TypeError(f"FLOPs in the papers' convention are defined for Vim and VideoMamba models only, "
+                        f"not for a model with config {type(cfg).__name__}")
     n0 = cfg.num_patches + 1
     c = cfg.embed_dim
-    total = n0 * c * cfg.patch_size**2 * cfg.in_chans + c * max(cfg.num_classes, 0)
+    patch_volume = cfg.patch_size**2 * cfg.in_chans
+    if isinstance(cfg, VideoMambaConfig):
+        patch_volume *= cfg.tubelet_size
+    total = n0 * c * patch_volume + c * max(cfg.num_classes, 0)
     if schedule is None:
         counts = [(n0, 0)] * cfg.depth
     else:
@@ -45,11 +58,15 @@ def count_config(cfg: VimConfig, method=None, schedule=None) -> float:
 
 
 def count(model: VisionMamba, img_size: int | None = None) -> float:
-    """GFLOPs per image of ``model`` with its current token reduction (one scan direction counted).
+    """GFLOPs per image (per clip) of a Vim or VideoMamba ``model`` with its current token reduction
+    (one scan direction counted); TypeError for other models.
 
     ``img_size`` overrides the model's input size (default: the size it was built for).
     """
-    cfg = model.cfg
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, VimConfig):
+        raise TypeError(f"FLOPs in the papers' convention are defined for Vim and VideoMamba models only, "
+                        f"not for {type(model).__name__}")
     if img_size is not None and img_size != cfg.img_size:
         import dataclasses
 

@@ -117,7 +117,7 @@ def check_clip(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> S
     """A raw webdataset sample → ``{"key", "shard", "clip", "label"}`` (clip: .npy bytes or the frames'
     image bytes in name order) or the ``ShardError`` it has."""
     key = raw["__key__"]
-    frames = sorted(name for name in raw if name.rpartition(".")[2] in IMAGE_EXTENSIONS and "." in name)
+    frames = sorted(name for name in raw if "." in name and name.rpartition(".")[2] in IMAGE_EXTENSIONS)
     if "npy" not in raw and not frames:
         return ShardError("sample has no clip (.npy or <frame>.jpg files)", shard, key)
     if "cls" not in raw:

@@ -2,9 +2,10 @@
 
 from rmeeto.models.checkpoint import CheckpointError, load_checkpoint
 from rmeeto.models.registry import VARIANTS, create_model, model_config
+from rmeeto.models.videomamba import VideoMamba, VideoMambaConfig  # registers the VideoMamba variants
 from rmeeto.models.vim import TokenState, VimConfig, VisionMamba
 
 __all__ = [
-    "VARIANTS", "CheckpointError", "TokenState", "VimConfig", "VisionMamba",
+    "VARIANTS", "CheckpointError", "TokenState", "VideoMamba", "VideoMambaConfig", "VimConfig", "VisionMamba",
     "create_model", "load_checkpoint", "model_config",
 ]

@@ -1,8 +1,9 @@
 """Bidirectional Mamba mixer of Vision Mamba ("bimamba v2" with divided output).
 
 One ``in_proj`` produces x and z; a forward branch and a backward branch (own conv, x_proj, dt_proj,
-A, D) scan the sequence and its flip; the outputs are averaged and projected back. The branches call
-:mod:`rmeeto.ops`, which picks the CUDA, fused-CPU or pure-PyTorch backend.
+A, D) scan the sequence and its flip; the outputs are averaged (or summed, ``divide_out=False``, as in
+VideoMamba) and projected back. The branches call :mod:`rmeeto.ops`, which picks the CUDA, fused-CPU or
+pure-PyTorch backend.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class RMSNorm(nn.Module):
 class BiMamba(nn.Module):
     """Vim mixer: B×L×C → B×L×C.
 
+    ``divide_out``: average the two directions (Vim) rather than sum them (VideoMamba).
     Set ``record = True`` to keep the per-token Δ, B and C of the last call in ``last_record``
     (used by importance-based token reducers; off by default, costs nothing when off).
     """
@@ -60,9 +62,11 @@ class BiMamba(nn.Module):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
+        divide_out: bool = True,
     ):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.divide_out = divide_out
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
         di = self.d_inner
@@ -111,7 +115,9 @@ class BiMamba(nn.Module):
                 B=(b_f, b_b.flip(-1)),
                 C=(c_f, c_b.flip(-1)),
             )
-        y = (y_f + y_b.flip(-1)) / 2
+        y = y_f + y_b.flip(-1)
+        if self.divide_out:
+            y = y / 2
         return self.out_proj(y.transpose(1, 2))
 
 

@@ -33,6 +33,20 @@ _ALIASES = {
 }
 
 
+#: Config class → model class. Other families (VideoMamba) add themselves with :func:`register_family`.
+MODEL_CLASSES: dict[type, type[VisionMamba]] = {VimConfig: VisionMamba}
+
+
+def register_family(variants: dict[str, VimConfig], model_class: type[VisionMamba]) -> None:
+    """Make ``variants`` (name → config, all of one config class) buildable by :func:`create_model` and timm."""
+    VARIANTS.update(variants)
+    for cfg_class in {type(cfg) for cfg in variants.values()}:
+        MODEL_CLASSES[cfg_class] = model_class
+    for name in variants:
+        TIMM_NAMES.setdefault(name, name)
+        _register_timm(name)
+
+
 def resolve_name(name: str) -> str:
     """Canonical variant name for ``name`` or an alias; ValueError listing the known names otherwise."""
     key = name.lower()
@@ -45,7 +59,7 @@ def resolve_name(name: str) -> str:
 def model_config(name: str, **overrides: Any) -> VimConfig:
     """The variant's config with ``overrides`` (img_size, depth, num_classes, …) applied."""
     cfg = VARIANTS[resolve_name(name)]
-    known = {f.name for f in dataclasses.fields(VimConfig)}
+    known = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
@@ -54,7 +68,8 @@ def model_config(name: str, **overrides: Any) -> VimConfig:
 
 def create_model(name: str, pretrained: str | Path | None = None, **overrides: Any) -> VisionMamba:
     """Build a Vim variant; ``pretrained`` is a checkpoint path loaded with strict key matching."""
-    model = VisionMamba(model_config(name, **overrides))
+    cfg = model_config(name, **overrides)
+    model = MODEL_CLASSES[type(cfg)](cfg)
     if pretrained:
         from rmeeto.models.checkpoint import load_checkpoint
 
@@ -76,6 +91,10 @@ def _timm_entry(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _register_timm(name: str) -> None:
+    if TIMM_NAMES[name] not in timm.models.list_models():
+        timm.models.register_model(_timm_entry(name))
+
+
 for _name in VARIANTS:
-    if TIMM_NAMES[_name] not in timm.models.list_models():
-        timm.models.register_model(_timm_entry(_name))
+    _register_timm(_name)

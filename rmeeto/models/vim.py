@@ -38,7 +38,8 @@ TokenReducer = Callable[[int, TokenState], TokenState]
 
 @dataclass(frozen=True)
 class VimConfig:
-    """Architecture of a Vim; the defaults are Vim-S at 224×224."""
+    """Architecture of a Vim; the defaults are Vim-S at 224×224. ``divide_out``: the mixer averages its
+    two scan directions (Vim); False sums them (VideoMamba)."""
 
     img_size: int = 224
     patch_size: int = 16
@@ -51,6 +52,7 @@ class VimConfig:
     d_conv: int = 4
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
+    divide_out: bool = True
 
     @property
     def num_patches(self) -> int:
@@ -74,7 +76,8 @@ class Block(nn.Module):
     def __init__(self, cfg: VimConfig, drop_path: float):
         super().__init__()
         self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mixer = BiMamba(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        self.mixer = BiMamba(cfg.embed_dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                             divide_out=cfg.divide_out)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState, VisionMamba
 from rmeeto.reduction.merge import insert_cls, merge_tokens, new_cls_index, remove_cls, sum_into_slots
 from rmeeto.reduction.methods import Method
@@ -63,7 +64,8 @@ class Schedule:
 
 
 class TokenReduction:
-    """The model's ``token_reducer``: reduces hidden and residual identically at scheduled blocks.
+    """The model's ``token_reducer``: reduces hidden and residual identically at scheduled blocks
+    (hidden only when the state has no residual stream, as in attention models).
 
     ``track_source`` keeps, per output token, a count of the original tokens it holds (B×N×N₀).
     """
@@ -71,9 +73,14 @@ class TokenReduction:
     def __init__(self, model: VisionMamba, method: Method, schedule: Schedule, track_source: bool = False):
         self.method, self.schedule, self.track_source = method, schedule, track_source
         self._amounts = dict(zip(schedule.blocks, schedule.amounts, strict=True))
-        self._mixers = [layer.mixer for layer in model.layers]
+        self._mixers = [_recording_mixer(layer) for layer in model.layers]
         if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
             raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")
+        silent = [b - 1 for b in schedule.blocks if self._mixers[b - 1] is None]
+        if method.needs_record and silent:
+            raise ValueError(f"{type(method).__name__} needs the Δ/B/C record of the mixer before each reduction "
+                             f"point, but model.layers[{silent[0]}] has no recording mixer (``mixer.record``); "
+                             "use a signal of the hidden state (e.g. indicator='cls', metric='x')")
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
         if block not in self._amounts:
@@ -103,7 +110,7 @@ class TokenReduction:
 
         return TokenState(
             hidden=reduce(state.hidden),
-            residual=reduce(state.residual),
+            residual=reduce(state.residual) if state.residual is not None else None,
             cls_index=q,
             size=add_up(size),
             source=add_up(state.source) if state.source is not None else None,
@@ -111,7 +118,15 @@ class TokenReduction:
 
     def set_recording(self, on: bool) -> None:
         """Ask the mixers before each reduction point to keep their Δ/B/C (only if the method needs it)."""
-        for block in self.schedule.blocks:
-            self._mixers[block - 1].record = on and self.method.needs_record
+        for mixer in (self._mixers[block - 1] for block in self.schedule.blocks):
+            if mixer is None:
+                continue
+            mixer.record = on and self.method.needs_record
             if not on:
-                self._mixers[block - 1].last_record = None
+                mixer.last_record = None
+
+
+def _recording_mixer(layer: object) -> BiMamba | None:
+    """The layer's mixer if it can record Δ/B/C (has ``record`` and ``last_record``), else None."""
+    mixer = getattr(layer, "mixer", None)
+    return mixer if hasattr(mixer, "record") and hasattr(mixer, "last_record") else None
