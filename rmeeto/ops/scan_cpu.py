@@ -1,0 +1,116 @@
+"""`cpu` backend: fused numba selective scan, forward and backward (available only if numba imports).
+
+The numba threading layer defaults to ``workqueue`` here (unless NUMBA_THREADING_LAYER is set): an
+OpenMP layer next to PyTorch's own OpenMP runtime makes both spin against each other. Kernel calls
+are serialised by a lock (workqueue is not re-entrant) and use torch.get_num_threads() threads.
+"""
+
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import numba
+
+    from . import cpu_kernels as _k
+except ImportError:  # numba missing or broken: the backend is simply unavailable
+    numba = _k = None
+
+AVAILABLE = _k is not None
+_LOCK = threading.Lock()
+
+if AVAILABLE and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _lanes(x: Tensor | None, nd: int, nblk: int) -> Tensor:
+    """D×M (or (D,)) per-channel parameter → K×M×LANES, zero-padded (zeros when x is None)."""
+    if x is None:
+        return torch.zeros(nblk, 1, _k.LANES)
+    x = F.pad(x.detach().reshape(nd, -1).t(), (0, nblk * _k.LANES - nd))  # M×Dp
+    return x.reshape(-1, nblk, _k.LANES).transpose(0, 1).contiguous()
+
+
+def _threads() -> int:
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    return n
+
+
+class _CpuScan(torch.autograd.Function):
+    """Fused scan on fp32 CPU tensors; D, z, delta_bias may be None (see selective_scan_cpu)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> Tensor:
+        nb, nd, L = u.shape
+        nblk = math.ceil(nd / _k.LANES)
+        u, delta = u.detach().contiguous(), delta.detach().contiguous()
+        z = None if z is None else z.detach().contiguous()
+        A_b = _lanes(A, nd, nblk)  # K×N×LANES
+        D_b, bias_b = _lanes(D, nd, nblk)[:, 0], _lanes(delta_bias, nd, nblk)[:, 0]  # K×LANES
+        B_l, C_l = (x.detach().transpose(1, 2).contiguous() for x in (B, C))  # B×L×N
+        out = torch.empty_like(u)
+        with _LOCK:
+            groups = min(_threads(), nb * nblk)
+            slots = nb * nblk if any(ctx.needs_input_grad) else groups  # keep the gathered blocks for backward
+            saved = [u.new_empty(slots, *s) for s in _k.saved_shapes(L)]
+            scratch = [u.new_empty(groups, *s) for s in _k.forward_scratch(L)]
+            args = (u, delta, A_b, B_l, C_l, D_b, bias_b, u if z is None else z)
+            _k.scan_forward(*_np(args), softplus, z is not None, out.numpy(), *_np(saved), *_np(scratch))
+        ctx.save_for_backward(*saved, A_b, B_l, C_l, D_b)
+        ctx.softplus, ctx.has_z = softplus, z is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
+        xs, dt, A_b, B_l, C_l, D_b = ctx.saved_tensors
+        nb, L, nd = gout.shape[0], gout.shape[2], gout.shape[1]
+        nblk, nn, lanes = A_b.shape
+        gout = gout.float().contiguous()
+        g_u, g_delta = torch.empty_like(gout), torch.empty_like(gout)
+        g_z = torch.empty_like(gout) if ctx.has_z else g_u
+        g_A = gout.new_empty(nb, nblk, nn, lanes)
+        g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
+        with _LOCK:
+            threads = _threads()
+            parts = min(nblk, math.ceil(threads / nb))
+            groups = min(threads, nb * parts)
+            g_B, g_C = gout.new_empty(parts, nb, nn, L, lanes), gout.new_empty(parts, nb, nn, L, lanes)
+            scratch = [gout.new_empty(groups, *s) for s in _k.backward_scratch(L)]
+            grads = (g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias)
+            _k.scan_backward(
+                *_np((xs, dt, A_b, B_l, C_l, D_b, gout)), ctx.softplus, ctx.has_z, *_np(grads), *_np(scratch)
+            )
+        g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
+        g_B, g_C = (g.sum((0, 4)) for g in (g_B, g_C))
+        g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
+        needs = ctx.needs_input_grad
+        optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
+        return g_u, g_delta, g_A, g_B, g_C, *optional, None
+
+
+def _np(tensors) -> list:
+    return [x.numpy() for x in tensors]
+
+
+def selective_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Fused numba selective scan on CPU tensors (same contract as selective_scan_ref; fp32 inside)."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu selective-scan backend needs numba")
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    y = _CpuScan.apply(*(None if x is None else x.float() for x in args), bool(delta_softplus))
+    return y.to(u.dtype)

@@ -1,0 +1,321 @@
+"""rmeeto.ops: every scan backend against the `ref` oracle, gradients, conv, backend selection."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rmeeto.ops import (
+    available_backends,
+    causal_conv1d,
+    dispatch,
+    get_backend,
+    scan_cpu,
+    scan_torch,
+    selective_scan,
+    set_backend,
+    use_backend,
+)
+from rmeeto.ops.dispatch import resolve_backend
+from rmeeto.ops.scan_ref import selective_scan_ref
+
+FAST = [b for b in ("torch", "cpu") if b in available_backends()]
+IMPLS = ["torch", "torch-tiny-chunks", *FAST[1:]]  # FAST[1:]: the cpu backend when numba imports
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+SHAPES = [(1, 1, 1, 1), (2, 5, 1, 3), (2, 37, 17, 16), (3, 70, 64, 4), (1, 3, 300, 8)]
+OPTIONS = [  # (D, z, delta_bias, delta_softplus)
+    (True, True, True, True),
+    (False, False, False, False),
+    (True, False, False, True),
+    (False, True, True, False),
+]
+
+
+def make_inputs(b, d, L, n, options=OPTIONS[0], dtype=torch.float32, seed=0, a_shift=0.0):
+    """Realistic ranges: A = −exp(randn + a_shift), delta ~ randn − 2 before softplus, else positive."""
+    g = torch.Generator().manual_seed(seed)
+    use_D, use_z, use_bias, softplus = options
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    # without softplus, delta (+ bias) is used as is, so keep it positive
+    delta = rand(b, d, L) - 2 if softplus else 0.5 * uniform(b, d, L)
+    bias = 0.5 * rand(d) if softplus else 0.1 * uniform(d)
+    x = {
+        "u": rand(b, d, L),
+        "delta": delta,
+        "A": -torch.exp(rand(d, n) + a_shift),
+        "B": rand(b, n, L),
+        "C": rand(b, n, L),
+        "D": rand(d) if use_D else None,
+        "z": rand(b, d, L) if use_z else None,
+        "delta_bias": bias if use_bias else None,
+    }
+    x = {k: None if v is None else v.to(dtype) for k, v in x.items()}
+    return x, softplus
+
+
+def assert_close_scaled(actual, expected, rtol, atol_scale):
+    """|a − e| ≤ atol_scale·max|e| + rtol·|e|, elementwise."""
+    atol = atol_scale * max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(autouse=True)
+def _clean_selection(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+def _use(impl: str, monkeypatch) -> str:
+    """Backend name for impl; "torch-tiny-chunks" runs the torch backend with 3-step chunks."""
+    if impl == "torch-tiny-chunks":
+        monkeypatch.setattr(scan_torch, "_chunk_len", lambda x, L, state: 3)
+        return "torch"
+    return impl
+
+
+@pytest.fixture(params=IMPLS)
+def backend(request, monkeypatch):
+    """Each fast backend; the torch one also with many chunk boundaries."""
+    return _use(request.param, monkeypatch)
+
+
+# --- forward ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "".join("DZbs"[i] for i in range(4) if o[i]) or "-")
+def test_forward_matches_ref_fp32(backend, shape, options):
+    x, softplus = make_inputs(*shape, options)
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+    ref = selective_scan_ref(**x, delta_softplus=softplus)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert_close_scaled(y, ref, rtol=1e-5, atol_scale=1e-6)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_forward_half_inputs(backend, dtype, rtol):
+    x, softplus = make_inputs(2, 37, 33, 16, dtype=dtype)
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+    ref = selective_scan_ref(**x, delta_softplus=softplus)
+    assert y.dtype == dtype
+    assert_close_scaled(y.float(), ref.float(), rtol=rtol, atol_scale=rtol)
+
+
+def test_long_sequence_strong_decay_is_stable(backend):
+    x, softplus = make_inputs(1, 6, 2048, 8, a_shift=3.0)
+    x["delta"] = x["delta"] + 4  # delta·A down to about −1e3 per step
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+    ref = selective_scan_ref(**x, delta_softplus=softplus)
+    assert torch.isfinite(y).all()
+    assert_close_scaled(y, ref, rtol=1e-5, atol_scale=1e-6)
+
+
+def test_softplus_extremes(backend):
+    """delta + bias far below 0 (softplus ≈ exp) and above 20 (softplus = identity)."""
+    x, softplus = make_inputs(2, 9, 40, 4)
+    x["delta"] = torch.linspace(-40, 40, x["delta"].numel()).reshape(x["delta"].shape)
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+    assert_close_scaled(y, selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol_scale=1e-6)
+    got, want = _grads(x, softplus, backend), _grads(x, softplus, "ref")
+    for name in want:
+        assert_close_scaled(got[name], want[name], rtol=1e-4, atol_scale=1e-5)
+
+
+def test_non_contiguous_inputs(backend):
+    x, softplus = make_inputs(2, 9, 12, 4)
+    x = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v for k, v in x.items()}
+    assert not x["u"].is_contiguous()
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+    assert_close_scaled(y, selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol_scale=1e-6)
+
+
+def test_ref_single_step_closed_form():
+    x, _ = make_inputs(2, 4, 1, 3, options=(True, True, True, False))
+    dt = x["delta"] + x["delta_bias"][:, None]
+    h = (dt * x["u"])[..., None] * x["B"].transpose(1, 2)[:, None]  # B×D×1×N
+    y = (h * x["C"].transpose(1, 2)[:, None]).sum(-1) + x["D"][:, None] * x["u"]
+    expected = y * F.silu(x["z"])
+    torch.testing.assert_close(selective_scan_ref(**x), expected)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    d=st.integers(1, 80),
+    L=st.integers(1, 40),
+    n=st.integers(1, 17),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_matches_ref_property(b, d, L, n, seed):
+    x, softplus = make_inputs(b, d, L, n, seed=seed)
+    ref = selective_scan_ref(**x, delta_softplus=softplus)
+    for backend in FAST:
+        y = selective_scan(**x, delta_softplus=softplus, backend=backend)
+        assert_close_scaled(y, ref, rtol=1e-5, atol_scale=1e-6)
+
+
+# --- backward --------------------------------------------------------------------------------------
+
+
+def _grads(x, softplus, backend):
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+    y = selective_scan(**leaves, delta_softplus=softplus, backend=backend)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    return dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), gy), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1, 3), (2, 37, 17, 16), (1, 70, 50, 4)], ids=str)
+@pytest.mark.parametrize("options", OPTIONS[:2], ids=["all", "none"])
+def test_gradients_match_ref(backend, shape, options):
+    x, softplus = make_inputs(*shape, options)
+    got, want = _grads(x, softplus, backend), _grads(x, softplus, "ref")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_close_scaled(got[name], want[name], rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch", "torch-tiny-chunks"])
+def test_gradcheck_float64(impl, monkeypatch):
+    backend = _use(impl, monkeypatch)
+    x, softplus = make_inputs(2, 3, 7, 2, dtype=torch.float64)
+    leaves = [x[k].requires_grad_() for k in NAMES]
+
+    def fn(*args):
+        return selective_scan(*args, delta_softplus=softplus, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_backend_float64_inputs_compute_in_fp32():
+    x, softplus = make_inputs(2, 5, 9, 3, dtype=torch.float64)
+    y = selective_scan(**x, delta_softplus=softplus, backend="cpu")
+    assert y.dtype == torch.float64
+    assert_close_scaled(y, selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol_scale=1e-6)
+
+
+# --- causal conv1d ---------------------------------------------------------------------------------
+
+
+def conv_direct(x, weight, bias, activation):
+    """out[b, d, t] = bias[d] + Σ_k w[d, k] · x[b, d, t − (K−1) + k]."""
+    K = weight.shape[-1]
+    w = weight.reshape(weight.shape[0], K)
+    xp = F.pad(x, (K - 1, 0))
+    out = sum(w[:, k, None] * xp[..., k : k + x.shape[-1]] for k in range(K))
+    if bias is not None:
+        out = out + bias[:, None]
+    return out if activation is None else out * torch.sigmoid(out)
+
+
+@pytest.mark.parametrize("conv_backend", [None, *available_backends()])
+@pytest.mark.parametrize("K", [1, 4, 5])
+@pytest.mark.parametrize("activation", [None, "silu", "swish"])
+@pytest.mark.parametrize("weight_3d", [False, True])
+def test_causal_conv1d_matches_direct(conv_backend, K, activation, weight_3d):
+    g = torch.Generator().manual_seed(K)
+    x, w, bias = torch.randn(2, 7, 11, generator=g), torch.randn(7, K, generator=g), torch.randn(7, generator=g)
+    out = causal_conv1d(x, w[:, None] if weight_3d else w, bias, activation=activation, backend=conv_backend)
+    torch.testing.assert_close(out, conv_direct(x, w, bias, activation), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        causal_conv1d(x, w, None, activation=activation), conv_direct(x, w, None, activation), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_causal_conv1d_keeps_input_dtype():
+    x, w = torch.randn(1, 3, 8).to(torch.bfloat16), torch.randn(3, 4)
+    out = causal_conv1d(x, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), conv_direct(x.float(), w, None, "silu"), rtol=2e-2, atol=2e-2)
+
+
+def test_causal_conv1d_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="'relu'"):
+        causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu")
+
+
+# --- selection -------------------------------------------------------------------------------------
+
+
+def test_available_backends_here():
+    names = available_backends()
+    assert names[:2] == ["ref", "torch"]
+    assert ("cpu" in names) == scan_cpu.AVAILABLE
+    assert "cuda" not in names or torch.cuda.is_available()
+
+
+def test_auto_prefers_cpu_kernel_on_cpu(monkeypatch):
+    x = torch.zeros(1, 2, 3)
+    assert get_backend() == "auto"
+    assert resolve_backend(x) == ("cpu" if scan_cpu.AVAILABLE else "torch")
+    monkeypatch.setattr(scan_cpu, "AVAILABLE", False)
+    assert "cpu" not in available_backends()
+    assert resolve_backend(x) == "torch"
+
+
+def test_set_use_env_and_per_call(monkeypatch):
+    x = torch.zeros(1, 2, 3)
+    monkeypatch.setenv(dispatch.ENV_VAR, "ref")
+    assert get_backend() == "ref" and resolve_backend(x) == "ref"
+    set_backend("torch")
+    assert get_backend() == "torch"
+    with use_backend("ref"):
+        assert resolve_backend(x) == "ref"
+        assert resolve_backend(x, backend="torch") == "torch"
+    assert get_backend() == "torch"
+    set_backend(None)
+    assert get_backend() == "ref"
+
+
+def test_use_backend_restores_on_error():
+    set_backend("torch")
+    with pytest.raises(RuntimeError), use_backend("ref"):
+        raise RuntimeError
+    assert get_backend() == "torch"
+
+
+def test_selected_backend_is_used(monkeypatch):
+    calls = []
+    monkeypatch.setitem(dispatch._SCANS, "ref", lambda *a: calls.append("ref") or a[0])
+    x, softplus = make_inputs(1, 2, 3, 2)
+    with use_backend("ref"):
+        selective_scan(**x, delta_softplus=softplus)
+    assert calls == ["ref"]
+
+
+@pytest.mark.parametrize("name, kind", [("nope", "unknown"), ("cuda", "unavailable")])
+def test_bad_backend_names(name, kind, monkeypatch):
+    monkeypatch.setattr(dispatch.cuda, "available", lambda: False)
+    for call in (
+        lambda: set_backend(name),
+        lambda: selective_scan(*make_inputs(1, 2, 3, 2)[0].values(), backend=name),
+        lambda: causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), backend=name),
+    ):
+        with pytest.raises(ValueError, match=rf"{kind} scan backend '{name}'; available: auto, ref, torch"):
+            call()
+    monkeypatch.setenv(dispatch.ENV_VAR, name)
+    with pytest.raises(ValueError, match=name):
+        resolve_backend(torch.zeros(1))
+
+
+def test_device_bound_backend_rejects_other_device(monkeypatch):
+    monkeypatch.setattr(dispatch.cuda, "available", lambda: True)
+    with pytest.raises(ValueError, match="'cuda' needs cuda tensors, got cpu"):
+        resolve_backend(torch.zeros(1), "cuda")
+
+
+def test_shape_errors():
+    x, _ = make_inputs(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="A must be D×N"):
+        selective_scan(x["u"], x["delta"], x["A"].t(), x["B"], x["C"])
+    with pytest.raises(ValueError, match="C must be B×N×L"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"][..., :2])
