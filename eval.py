@@ -140,10 +140,10 @@ def visualize_methods(model, image_path: Path, methods: list[str], cut: float, o
     """One PNG per method: which patches of ``image_path`` merge at each reduction point."""
     from PIL import Image
 
+    from rmeeto.data.transforms import eval_transform
     from rmeeto.viz import draw_merge_maps, merge_maps
 
-    size = model.cfg.img_size
-    image = Image.open(image_path).convert("RGB").resize((size, size))
+    image = eval_transform(model.cfg.img_size)(Image.open(image_path).convert("RGB"))
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for method in methods:

@@ -131,7 +131,7 @@ def draw_merge_maps(image: Tensor | np.ndarray, maps: Sequence[np.ndarray], path
     return path
 
 
-def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Save a PNG of top-1 against GFLOPs from eval rows (dicts with method, gflops, top1), one line
     per method through its points in order of GFLOPs."""
     fig = Figure(figsize=(5, 3.6))
@@ -143,6 +143,8 @@ def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path) 
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png", dpi=120)

@@ -99,6 +99,7 @@ class RMeeToModule(L.LightningModule):
             rmeeto.reduction.apply(self.model, **reduction)
         self.frozen = Frozen(teacher=teacher)
         self._restored_ema: dict[str, Tensor] | None = None
+        self._skipped_before = 0  # the datamodule's skip counter when the current validation pass began
         num_classes = self.model.num_classes
         self.mixup = mixup_fn(num_classes, mixup, cutmix, label_smoothing)
         self.criterion: Callable[[Tensor, Tensor], Tensor]
@@ -128,9 +129,6 @@ class RMeeToModule(L.LightningModule):
             logger.log_metrics({"model/gflops": gflops}, step=0)
 
     def on_fit_start(self) -> None:
-        self._prepare_frozen()
-
-    def on_validation_start(self) -> None:
         self._prepare_frozen()
 
     def on_test_start(self) -> None:
@@ -215,16 +213,25 @@ class RMeeToModule(L.LightningModule):
         metrics.update(logits, labels)
         self.log_dict(metrics.as_dict(), on_step=False, on_epoch=True)
 
+    def on_validation_start(self) -> None:
+        self._prepare_frozen()
+        self._skipped_before = getattr(self.trainer.datamodule, "val_skipped_samples", 0)
+
     def on_validation_epoch_end(self) -> None:
-        """Exact-once check: a full validation pass over all ranks must see every sample exactly once."""
-        expected = getattr(self.trainer.datamodule, "val_num_samples", None)
+        """Exact-once check: a full validation pass over all ranks must see every sample exactly once
+        (samples skipped as unreadable under ``on_error="skip"`` are counted as seen)."""
+        datamodule = self.trainer.datamodule
+        expected = getattr(datamodule, "val_num_samples", None)
         limit = self.trainer.limit_val_batches
         if expected is None or self.trainer.sanity_checking or not (isinstance(limit, float) and limit == 1.0):
             return
+        skipped_here = getattr(datamodule, "val_skipped_samples", 0) - self._skipped_before
+        skipped = round(float(self.trainer.strategy.reduce(torch.tensor(float(skipped_here), device=self.device),
+                                                           reduce_op="sum")))
         seen = round(self.metrics["val"].samples.compute().item())
-        if seen != expected:
+        if seen + skipped != expected:
             raise RuntimeError(
-                f"validation saw {seen} samples over {self.trainer.world_size} rank(s) but the split has "
-                f"{expected}: samples were dropped or repeated (check how the val loader splits data over "
-                "ranks and workers, or whether unreadable samples were skipped)"
+                f"validation saw {seen} samples (+{skipped} skipped as unreadable) over {self.trainer.world_size} "
+                f"rank(s) but the split has {expected}: samples were dropped or repeated (check how the val "
+                "loader splits data over ranks and workers)"
             )

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Vim on this machine: reduced vs unreduced speed, merge overhead, scan share, training-step memory.
+
+Everything is measured side by side in one run; nothing here is asserted. Usage:
+    .venv/bin/python benchmarks/bench_model.py [--model vim_small] [--batch 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+import rmeeto
+import rmeeto.models.mamba as mamba
+import rmeeto.reduction as R
+from rmeeto.flops import count
+from rmeeto.ops import get_backend
+
+
+def forward_time(model, x, reps: int) -> float:
+    """Median seconds of one forward."""
+    times = []
+    for i in range(reps + 2):
+        start = time.perf_counter()
+        model(x)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def reducer_share(model, x, reps: int) -> float:
+    """Fraction of the reduced forward's wall time spent inside the token reducer."""
+    inner, spent = model.token_reducer, [0.0]
+
+    def timed(i, state):
+        start = time.perf_counter()
+        out = inner(i, state)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    model.token_reducer = timed
+    model(x)  # warm-up
+    spent[0] = 0.0
+    start = time.perf_counter()
+    for _ in range(reps):
+        model(x)
+    total = time.perf_counter() - start
+    model.token_reducer = inner
+    return spent[0] / total
+
+
+def op_shares(model, x) -> dict[str, float]:
+    """Share of forward CPU time in the selective scan, the causal conv and the linear layers."""
+    scan, conv = mamba.selective_scan, mamba.causal_conv1d
+
+    def labelled(fn, label):
+        def run(*a, **k):
+            with torch.profiler.record_function(label):
+                return fn(*a, **k)
+        return run
+
+    mamba.selective_scan, mamba.causal_conv1d = labelled(scan, "selective_scan"), labelled(conv, "causal_conv1d")
+    try:
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            model(x)
+            wall = time.perf_counter() - start
+    finally:
+        mamba.selective_scan, mamba.causal_conv1d = scan, conv
+    totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+    return {"selective_scan": totals.get("selective_scan", 0) / wall,
+            "causal_conv1d": totals.get("causal_conv1d", 0) / wall,
+            "linear (matmul)": totals.get("aten::linear", 0) / wall}
+
+
+def _train_step_peak(name: str, batch: int, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    model = rmeeto.create_model(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put(((after - before) / 1024, after / 1024))
+
+
+def train_step_memory(name: str, batch: int, threads: int) -> tuple[float, float]:
+    """(MiB the first training step adds to the peak RSS, peak RSS MiB), in a fresh process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_train_step_peak, args=(name, batch, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="vim_small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--r", type=int, default=11, help="R-MeeTo r (11 = the paper's Vim-S setting)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    model = rmeeto.create_model(args.model).eval()
+    x = torch.randn(args.batch, 3, 224, 224)
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, scan backend {get_backend()}")
+
+    base_t, base_g = forward_time(model, x, args.reps), count(model)
+    rows = [("unreduced", base_g, base_t)]
+    R.apply(model, "rmeeto", r=args.r)
+    red_t, red_g = forward_time(model, x, args.reps), count(model)
+    rows.append((f"R-MeeTo r={args.r}", red_g, red_t))
+    share = reducer_share(model, x, args.reps)
+    R.remove(model)
+
+    print(f"\n{'model':<16} {'GFLOPs':>8} {'ms/batch':>9} {'img/s':>8}")
+    for label, g, t in rows:
+        print(f"{label:<16} {g:>8.3f} {1e3 * t:>9.1f} {args.batch / t:>8.1f}")
+    speedup, ideal = base_t / red_t, base_g / red_g
+    print(f"\nmeasured speedup {speedup:.3f}×, FLOPs ratio {ideal:.3f}×, quotient {speedup / ideal:.3f} "
+          f"(authors on H100, Vim-S: 1.10/1.42 = 0.77)")
+    print(f"time inside the token reducer: {100 * share:.2f}% of the reduced forward")
+
+    shares = op_shares(model, x)
+    print("\nshare of the unreduced forward (torch.profiler, CPU time / wall):")
+    for name, s in shares.items():
+        print(f"  {name:<16} {100 * s:5.1f}%")
+
+    torch.set_grad_enabled(True)
+    added, peak = train_step_memory(args.model, args.batch, args.threads)
+    cfg = model.cfg
+    state_mib = args.batch * 2 * cfg.embed_dim * (cfg.num_patches + 1) * cfg.d_state * 4 / 2**20
+    print(f"\ntraining step (fwd+bwd+AdamW), batch {args.batch}: peak RSS {peak:.0f} MiB, "
+          f"{added:.0f} MiB above the model's footprint (ru_maxrss in a fresh process); "
+          f"one B×D×L×N fp32 scan tensor is {state_mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
