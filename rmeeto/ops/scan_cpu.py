@@ -12,6 +12,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 try:
     import numba
@@ -66,6 +67,7 @@ class _CpuScan(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
         xs, dt, A_b, B_l, C_l, D_b = ctx.saved_tensors
         nb, L, nd = gout.shape[0], gout.shape[2], gout.shape[1]

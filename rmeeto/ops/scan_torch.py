@@ -9,6 +9,7 @@ states (L/T × B×D×N) are kept for backward; chunk states are recomputed there
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .common import scan_with_core
 
@@ -21,14 +22,23 @@ def _chunk_len(x: Tensor, L: int, state: int) -> int:
     return max(1, min(L, budget // max(1, state)))
 
 
-def _chunk_states(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """dt, u: T×B×D; B: T×B×N; h0: B×D×N → decays a and states H, both T×B×D×N."""
-    a = torch.mul(dt[..., None], A).exp_()
-    H = (dt * u)[..., None] * B[:, :, None, :]
+def _chunk_states(
+    dt: Tensor, u: Tensor, A: Tensor, B: Tensor, h0: Tensor, buffers: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """dt, u: T×B×D; B: T×B×N; h0: B×D×N → decays a and states H, both T×B×D×N, written into
+    the leading T rows of buffers (reused across chunks)."""
+    a, H = (x[: dt.shape[0]] for x in buffers)
+    torch.mul(dt[..., None], A, out=a).exp_()
+    torch.mul((dt * u)[..., None], B[:, :, None, :], out=H)
     H[0].addcmul_(a[0], h0)
     for t in range(1, H.shape[0]):
         H[t].addcmul_(a[t], H[t - 1])
     return a, H
+
+
+def _buffers(x: Tensor, T: int, N: int) -> tuple[Tensor, Tensor]:
+    """Two T×B×D×N buffers for x: L×B×D."""
+    return x.new_empty(T, *x.shape[1:], N), x.new_empty(T, *x.shape[1:], N)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -43,10 +53,11 @@ class _ChunkedScan(torch.autograd.Function):
         y = u_l.new_empty(L, nb, nd)
         h = u_l.new_zeros(nb, nd, A.shape[1])
         starts = []
+        buffers = _buffers(u_l, T, A.shape[1])
         for s in range(0, L, T):
             c = slice(s, s + T)
             starts.append(h)
-            _, H = _chunk_states(dt_l[c], u_l[c], A, B_l[c], h)
+            _, H = _chunk_states(dt_l[c], u_l[c], A, B_l[c], h, buffers)
             y[c] = torch.matmul(H, C_l[c, :, :, None]).squeeze(-1)
             h = H[-1].clone()
         ctx.save_for_backward(dt_l, u_l, A, B_l, C_l, torch.stack(starts))
@@ -54,6 +65,7 @@ class _ChunkedScan(torch.autograd.Function):
         return y.permute(1, 2, 0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy: Tensor) -> tuple[Tensor, ...]:
         dt_l, u_l, A, B_l, C_l, starts = ctx.saved_tensors
         T = ctx.chunk
@@ -62,10 +74,11 @@ class _ChunkedScan(torch.autograd.Function):
         g_B, g_C = torch.empty_like(B_l), torch.empty_like(C_l)
         g_A = torch.zeros_like(A)
         carry = torch.zeros_like(starts[0])
+        buffers = _buffers(u_l, T, A.shape[1])
         for i in reversed(range(starts.shape[0])):
             c = slice(i * T, (i + 1) * T)
             dt, u, gyc = dt_l[c], u_l[c], gy_l[c]
-            a, H = _chunk_states(dt, u, A, B_l[c], starts[i])
+            a, H = _chunk_states(dt, u, A, B_l[c], starts[i], buffers)
             G = gyc[..., None] * C_l[c, :, None, :]  # ∂y/∂h_t, then the full ∂L/∂h_t
             G[-1].add_(carry)
             for t in range(G.shape[0] - 2, -1, -1):
