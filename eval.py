@@ -25,7 +25,7 @@ from rmeeto.evaluate import Row, accuracy, format_table, rows_as_dicts, throughp
 from rmeeto.flops import count, count_config
 
 DEMO_DATA = Path("data/demo")
-DEMO_CHECKPOINT = Path("checkpoints/vim_demo.pth")
+DEMO_CHECKPOINT = Path("checkpoints/vim_demo")
 DEFAULT_METHODS = ["rmeeto", "prune", "mtr", "evit", "tome", "random"]
 
 

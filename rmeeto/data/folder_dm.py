@@ -37,6 +37,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         auto_augment: str | None = RAND_AUGMENT,
         reprob: float = 0.25,
         color_jitter: float = 0.3,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
     ) -> None:
@@ -48,12 +50,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
+        self.crop_scale, self.hflip = crop_scale, hflip
         self.mean, self.std = mean, std
 
     @cached_property
     def train_set(self) -> ImageFolder:
         transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                    self.mean, self.std)
+                                    self.mean, self.std, self.crop_scale, self.hflip)
         return ImageFolder(str(self.root / self.train_dir), transform=transform)
 
     @cached_property

@@ -22,10 +22,13 @@ def train_transform(
     color_jitter: float = 0.3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
 ) -> ImageTransform:
     """PIL image → normalised float tensor (3, img_size, img_size) with the DeiT/Vim training augmentation.
 
-    Random-resized crop (bicubic), horizontal flip, RandAugment, random erasing (pixel mode).
+    Random-resized crop (bicubic, area fraction in ``crop_scale``), horizontal flip with probability
+    ``hflip``, RandAugment, random erasing (pixel mode).
     ``color_jitter`` only acts when ``auto_augment`` is None: timm disables it under RandAugment,
     which is also what the DeiT/Vim recipe (``--color-jitter 0.3 --aa rand-m9-mstd0.5-inc1``) does.
     Mean/std default to ImageNet's.
@@ -33,6 +36,8 @@ def train_transform(
     transform = create_transform(
         input_size=img_size,
         is_training=True,
+        scale=tuple(crop_scale),
+        hflip=hflip,
         auto_augment=auto_augment or None,
         color_jitter=color_jitter,
         interpolation="bicubic",

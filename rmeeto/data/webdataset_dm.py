@@ -50,6 +50,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         auto_augment: str | None = RAND_AUGMENT,
         reprob: float = 0.25,
         color_jitter: float = 0.3,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         on_error: OnError = "raise",
@@ -67,6 +69,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
+        self.crop_scale, self.hflip = crop_scale, hflip
         self._mean, self._std = mean, std
         self._num_classes = num_classes
         self.seed = seed
@@ -154,7 +157,7 @@ class WebDatasetDataModule(L.LightningDataModule):
         rank, world_size = self._dist()
         index = self.train_index
         transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                    self.mean, self.std)
+                                    self.mean, self.std, self.crop_scale, self.hflip)
         dataset = train_pipeline(
             list_shards(self.root, self.train_split), list(index.shards.values()),
             batch_size=self.batch_size, transform=transform, policy=self.train_policy, rank=rank,
