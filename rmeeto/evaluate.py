@@ -2,24 +2,52 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 import rmeeto.reduction as R
 from rmeeto.flops import count
-from rmeeto.models.vim import VisionMamba
+from rmeeto.models.vim import TokenReducer
+
+
+def input_shape(model: nn.Module, img_size: int | None = None) -> tuple[int, ...]:
+    """One input of ``model`` from its ``cfg``: 3×H×W for an image model, 3×T×H×W for a video model
+    (``cfg.num_frames`` set); ``img_size`` overrides H = W."""
+    cfg = model.cfg
+    side = img_size or cfg.img_size
+    frames = getattr(cfg, "num_frames", None)
+    return (cfg.in_chans, side, side) if frames is None else (cfg.in_chans, frames, side, side)
+
+
+def example_input(model: nn.Module, batch_size: int, img_size: int | None = None, device: str = "cpu") -> Tensor:
+    """A random batch for ``model``: B×3×H×W images or B×3×T×H×W clips (see :func:`input_shape`)."""
+    return torch.randn(batch_size, *input_shape(model, img_size), device=device)
+
+
+def unsupported_methods(model: nn.Module, methods: Iterable[str]) -> dict[str, str]:
+    """Method name → why ``model`` cannot run it with its default options (an unknown name, or a method
+    that reads the SSM's Δ/B/C, MTR by default, on blocks without a recording mixer such as DeiT's)."""
+    points = tuple(range(1, len(model.layers)))
+    reasons = {}
+    for name in methods:
+        try:
+            R.TokenReduction(model, R.make_method(name), R.Schedule(points, (0.0,) * len(points)))
+        except ValueError as err:
+            reasons[name] = str(err)
+    return reasons
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: Iterable, num_classes: int, device: str = "cpu",
              desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 (%) of ``model`` over every batch of ``loader`` (images B×3×H×W, labels B)."""
+    """Top-1/top-5 (%) of ``model`` over every batch of ``loader`` (inputs B×3×H×W or B×3×T×H×W, labels B)."""
     model.eval().to(device)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
@@ -34,22 +62,39 @@ def accuracy(model: nn.Module, loader: Iterable, num_classes: int, device: str =
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, batch_size: int, img_size: int, device: str = "cpu",
-               warmup: int = 2, reps: int = 5) -> float:
-    """Images per second of the forward pass on a random B×3×H×W batch (median of ``reps``)."""
+def throughputs(model: nn.Module, reducers: Sequence[TokenReducer | None], batch_size: int,
+                img_size: int | None = None, device: str = "cpu", warmup: int = 2, reps: int = 7) -> list[float]:
+    """Images (clips) per second of ``model``'s forward with each of ``reducers`` attached (None: unreduced),
+    on one random batch from :func:`example_input`; the model's own reducer is restored afterwards.
+
+    Timed round-robin, one forward per reducer per round, and the median round kept per reducer, so
+    drift and bursts of load on a shared machine hit every reducer alike and the ratios stay fair.
+    """
     model.eval().to(device)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    times = []
-    for i in range(warmup + reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch_size / sorted(times)[len(times) // 2]
+    x = example_input(model, batch_size, img_size, device)
+    previous = model.token_reducer
+    times: list[list[float]] = [[] for _ in reducers]
+    try:
+        for i in range(warmup + reps):
+            for k, reducer in enumerate(reducers):
+                R.attach(model, reducer)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[k].append(time.perf_counter() - start)
+    finally:
+        R.attach(model, previous)
+    return [batch_size / statistics.median(t) for t in times]
+
+
+def throughput(model: nn.Module, batch_size: int, img_size: int | None = None, device: str = "cpu",
+               warmup: int = 2, reps: int = 7) -> float:
+    """Images (clips) per second of ``model``'s forward as it is (see :func:`throughputs`)."""
+    return throughputs(model, [model.token_reducer], batch_size, img_size, device, warmup, reps)[0]
 
 
 @dataclass
@@ -67,37 +112,39 @@ class Row:
     speedup: float = 1.0  # images/s over the unreduced model's, measured in the same run
 
 
-def training_free_table(model: VisionMamba, loader_factory, num_classes: int, methods: Sequence[str],
+def training_free_table(model: nn.Module, loader_factory, num_classes: int, methods: Sequence[str],
                         cuts: Sequence[float], device: str = "cpu", speed_batch: int = 8,
-                        reps: int = 5, options: dict[str, dict] | None = None) -> list[Row]:
+                        reps: int = 7, options: dict[str, dict] | None = None) -> list[Row]:
     """Evaluate ``model`` unreduced and with each method at each FLOPs cut (no training).
 
-    ``loader_factory()`` returns a fresh evaluation loader. Speed is measured in this same run, so
-    the speedup column compares like with like.
+    ``loader_factory()`` returns a fresh evaluation loader. Speeds are timed together at the end
+    (:func:`throughputs`), so the speedup column compares like with like.
     """
     options = options or {}
     R.remove(model)
     base_gflops = count(model)
     configs = [("none", 0.0)] + [(m, c) for m in methods if m != "none" for c in cuts]
     rows: list[Row] = []
+    reducers: list[TokenReducer | None] = []
     for method, cut in tqdm(configs, desc="methods × cuts", unit="run"):
-        R.remove(model)
-        amount = 0.0
+        reducer = None
         if method != "none":
             try:
-                amount = R.apply(model, method, flops_cut=cut, **options.get(method, {})).schedule.amounts[0]
+                reducer = R.apply(model, method, flops_cut=cut, **options.get(method, {}))
             except ValueError as err:
                 tqdm.write(f"skipping {method} at {cut:.0%}: {err}")
                 continue
+        R.attach(model, reducer)
         acc = accuracy(model, loader_factory(), num_classes, device, desc=f"{method} {cut:.0%}")
-        speed = throughput(model, speed_batch, model.cfg.img_size, device, reps=reps)
-        rows.append(Row(method, cut if method != "none" else 0.0, float(amount), count(model),
-                        acc["top1"], acc["top5"], speed))
+        gflops = count(model)
+        amount = 0.0 if reducer is None else float(reducer.schedule.amounts[0])
+        rows.append(Row(method, cut if reducer else 0.0, amount, gflops, acc["top1"], acc["top5"], 0.0,
+                        flops_cut=1 - gflops / base_gflops))
+        reducers.append(reducer)
+    speeds = throughputs(model, reducers, speed_batch, device=device, reps=reps)
     R.remove(model)
-    base_speed = rows[0].images_per_s
-    for row in rows:
-        row.speedup = row.images_per_s / base_speed
-        row.flops_cut = 1 - row.gflops / base_gflops
+    for row, speed in zip(rows, speeds, strict=True):
+        row.images_per_s, row.speedup = speed, speed / speeds[0]
     return rows
 
 

@@ -1,18 +1,25 @@
-"""Analytic FLOPs of a (token-reduced) Vim or VideoMamba in the papers' convention.
+"""Analytic FLOPs of a (token-reduced) Vim, VideoMamba or DeiT/ViT in the papers' convention.
 
 The convention counts multiply-adds per image (per clip for video) and the Mamba mixer **once**, i.e.
 one scan direction, although Vim runs two; this is how R-MeeTo and MTR report 1.45 / 5.08 / 18.87 GFLOPs
 for Vim-Ti/S/B (and for VideoMamba-Ti/S/B, which has the same shapes), and R-MeeTo 11.54 / 40.43 / 115.33
-for VideoMamba-Ti/S/M on 8-frame clips. Matching costs of the reducers are added at each reduction point.
-Other model families (e.g. DeiT through :mod:`rmeeto.models.deit`) have no formula here: TypeError.
+for VideoMamba-Ti/S/M on 8-frame clips. A ViT block (DeiT through :mod:`rmeeto.models.deit`) costs its
+projections, attention and MLP, which gives DeiT's 1.3 / 4.6 / 17.6 GFLOPs for Ti/S/B. Matching costs of
+the reducers are added at each reduction point. Other models (no such ``cfg``) raise TypeError.
 """
 
 from __future__ import annotations
 
 import math
 
+from torch import nn
+
+from rmeeto.models.deit import ViTConfig
 from rmeeto.models.videomamba import VideoMambaConfig
-from rmeeto.models.vim import VimConfig, VisionMamba
+from rmeeto.models.vim import VimConfig
+
+#: Configs with a FLOPs formula here.
+ModelConfig = VimConfig | ViTConfig
 
 
 def mixer_flops(n: int, c: int, d_state: int = 16, d_conv: int = 4, expand: int = 2) -> float:
@@ -29,44 +36,62 @@ def mixer_flops(n: int, c: int, d_state: int = 16, d_conv: int = 4, expand: int 
     )
 
 
-def count_config(cfg: VimConfig, method=None, schedule=None) -> float:
-    """GFLOPs of a Vim or VideoMamba with config ``cfg``, reduced by ``method`` on ``schedule`` when given.
+def vit_block_flops(n: int, c: int, mlp_ratio: float = 4.0) -> float:
+    """One pre-norm ViT block on ``n`` tokens (cls included): qkv and output projections 4nC², attention
+    scores and weighted sum 2n²C, MLP 2·mlp_ratio·nC²."""
+    return 4 * n * c**2 + 2 * n**2 * c + 2 * mlp_ratio * n * c**2
 
-    Tokens n0 = num_patches + 1 (for video: patches per frame · frames / tubelet + 1); the patch
-    embedding costs n0 · C · (tubelet ·) patch² · in_chans, the head C · num_classes.
+
+def block_flops(cfg: ModelConfig, n: int) -> float:
+    """One block of the model with config ``cfg`` on ``n`` tokens (cls included)."""
+    if isinstance(cfg, ViTConfig):
+        return vit_block_flops(n, cfg.embed_dim, cfg.mlp_ratio)
+    return mixer_flops(n, cfg.embed_dim, cfg.d_state, cfg.d_conv, cfg.expand)
+
+
+def stem_flops(cfg: ModelConfig) -> float:
+    """Patch embedding and head: tokens · C · (tubelet ·) patch² · in_chans + C · num_classes. The Mamba
+    papers count the embedding over all num_patches + 1 tokens, cls included; DeiT over the patches only."""
+    tokens = cfg.num_patches + (0 if isinstance(cfg, ViTConfig) else 1)
+    tubelet = cfg.tubelet_size if isinstance(cfg, VideoMambaConfig) else 1
+    patch_volume = cfg.patch_size**2 * cfg.in_chans * tubelet
+    return tokens * cfg.embed_dim * patch_volume + cfg.embed_dim * max(cfg.num_classes, 0)
+
+
+def check_config(cfg: object, what: str) -> ModelConfig:
+    """``cfg`` if it has a formula here; TypeError naming ``what`` otherwise."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"FLOPs in the papers' convention are defined for Vim, VideoMamba and DeiT/ViT models "
+                        f"only, not for {what}")
+    return cfg
+
+
+def count_config(cfg: ModelConfig, method=None, schedule=None) -> float:
+    """GFLOPs of a Vim, VideoMamba or ViT with config ``cfg``, reduced by ``method`` on ``schedule`` when given.
+
+    Tokens n0 = num_patches + 1 (for video: patches per frame · frames / tubelet + 1); patch embedding and
+    head as in :func:`stem_flops`, each block as in :func:`block_flops`.
     """
-    if not isinstance(cfg, VimConfig):
-        raise TypeError(f"FLOPs in the papers' convention are defined for Vim and VideoMamba models only, "
-                        f"not for a model with config {type(cfg).__name__}")
+    check_config(cfg, f"a model with config {type(cfg).__name__}")
     n0 = cfg.num_patches + 1
-    c = cfg.embed_dim
-    patch_volume = cfg.patch_size**2 * cfg.in_chans
-    if isinstance(cfg, VideoMambaConfig):
-        patch_volume *= cfg.tubelet_size
-    total = n0 * c * patch_volume + c * max(cfg.num_classes, 0)
-    if schedule is None:
-        counts = [(n0, 0)] * cfg.depth
-    else:
-        counts = schedule.token_counts(method, n0, cfg.depth)
+    counts = [(n0, 0)] * cfg.depth if schedule is None else schedule.token_counts(method, n0, cfg.depth)
+    total = stem_flops(cfg)
     n_prev = n0
     for n, removed in counts:
         if removed:
-            total += method.overhead(n_prev, removed, c)
-        total += mixer_flops(n, c, cfg.d_state, cfg.d_conv, cfg.expand)
+            total += method.overhead(n_prev, removed, cfg.embed_dim)
+        total += block_flops(cfg, n)
         n_prev = n
     return total / 1e9
 
 
-def count(model: VisionMamba, img_size: int | None = None) -> float:
-    """GFLOPs per image (per clip) of a Vim or VideoMamba ``model`` with its current token reduction
+def count(model: nn.Module, img_size: int | None = None) -> float:
+    """GFLOPs per image (per clip) of a Vim, VideoMamba or ViT ``model`` with its current token reduction
     (one scan direction counted); TypeError for other models.
 
     ``img_size`` overrides the model's input size (default: the size it was built for).
     """
-    cfg = getattr(model, "cfg", None)
-    if not isinstance(cfg, VimConfig):
-        raise TypeError(f"FLOPs in the papers' convention are defined for Vim and VideoMamba models only, "
-                        f"not for {type(model).__name__}")
+    cfg = check_config(getattr(model, "cfg", None), type(model).__name__)
     if img_size is not None and img_size != cfg.img_size:
         import dataclasses
 

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 
-from rmeeto.models.vim import TokenState, VisionMamba
-from rmeeto.reduction import apply, remove
+from rmeeto.models.vim import TokenState
+from rmeeto.reduction import apply, attach
 from rmeeto.reduction.reducer import TokenReduction
 
 #: Group id of a patch whose token was dropped (pruning methods).
@@ -32,7 +32,7 @@ def group_map(source: Tensor, cls_index: int, cls_origin: int, grid: tuple[int, 
     return ids.reshape(grid).cpu().numpy()
 
 
-def capture_states(model: VisionMamba, reducer: TokenReduction, image: Tensor) -> list[TokenState]:
+def capture_states(model: nn.Module, reducer: TokenReduction, image: Tensor) -> list[TokenState]:
     """Run ``image`` (B×3×H×W) through ``model`` with ``reducer`` attached; the TokenState leaving
     each reduction point, in order. The model keeps ``reducer`` attached afterwards."""
     states: list[TokenState] = []
@@ -52,28 +52,35 @@ def capture_states(model: VisionMamba, reducer: TokenReduction, image: Tensor) -
     return states
 
 
-def merge_maps(model: VisionMamba, image: Tensor, method: str = "rmeeto", **params: Any) -> list[np.ndarray]:
+def merge_maps(model: nn.Module, image: Tensor, method: str = "rmeeto", **params: Any) -> list[np.ndarray]:
     """Group maps of one image (3×H×W or 1×3×H×W) under ``method`` (``params`` as for
     :func:`rmeeto.reduction.apply`): per reduction point an H_p×W_p int array giving, for each
     patch, the output token (cls excluded) that holds it, or -1 where it was dropped.
 
-    The model's previous reducer, if any, is restored afterwards.
+    Works for any image model with ``cfg.img_size``/``patch_size`` wherever its cls token sits (Vim: the
+    middle; VideoMamba, DeiT: first). The model's previous reducer, if any, is restored afterwards.
     """
+    side = model.cfg.img_size // model.cfg.patch_size
+    if model.cfg.num_patches != side * side:
+        raise ValueError(f"merge_maps draws image models; this one has {model.cfg.num_patches} tokens besides "
+                         f"cls for a {side}×{side} patch grid (a video model?)")
     image = image[None] if image.dim() == 3 else image
     if image.shape[0] != 1:
         raise ValueError(f"merge_maps draws one image, got a batch of {image.shape[0]}")
-    side = model.cfg.img_size // model.cfg.patch_size
     previous = model.token_reducer
     reducer = apply(model, method, track_source=True, **params)
     try:
         states = capture_states(model, reducer, image)
     finally:
-        remove(model)
-        model.token_reducer = previous
-        if isinstance(previous, TokenReduction):
-            previous.set_recording(True)
-    cls_origin = model.cfg.num_patches // 2
-    return [group_map(s.source[0], s.cls_index, cls_origin, (side, side)) for s in states]
+        attach(model, previous)
+    return [group_map(s.source[0], s.cls_index, cls_origin(s.source[0], s.cls_index), (side, side))
+            for s in states]
+
+
+def cls_origin(source: Tensor, cls_index: int) -> int:
+    """Where cls was among the original tokens, read from N×N₀ source counts: the one token cls holds
+    (cls is never merged)."""
+    return int(source[cls_index].argmax())
 
 
 def to_rgb(image: Tensor | np.ndarray) -> np.ndarray:

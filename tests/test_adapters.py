@@ -207,12 +207,16 @@ def test_delta_methods_need_a_recording_mixer():
         R.apply(deit, "mtr", r=0.2)
 
 
-def test_flops_only_for_mamba_models():
+def test_flops_for_deit_but_not_for_other_models():
     deit, _ = build("deit")
-    with pytest.raises(TypeError, match="Vim and VideoMamba models only, not for ReducibleViT"):
-        count(deit)
-    with pytest.raises(TypeError, match="Vim and VideoMamba"):
-        R.apply(deit, "rmeeto", flops_cut=0.2)
+    base = count(deit)
+    R.apply(deit, "rmeeto", flops_cut=0.2)
+    assert abs(1 - count(deit) / base - 0.2) < 0.02
+    generic, _ = build("generic")
+    with pytest.raises(TypeError, match="Vim, VideoMamba and DeiT/ViT models only, not for MambaBlocks"):
+        count(generic)
+    with pytest.raises(TypeError, match="Vim, VideoMamba and DeiT/ViT"):
+        R.apply(generic, "rmeeto", flops_cut=0.2)
     with pytest.raises(TypeError, match="not for VisionTransformer"):
         count(deit.vit)
 
@@ -222,3 +226,5 @@ def test_vit_needs_a_single_cls_token():
 
     with pytest.raises(ValueError, match="prefix token"):
         ReducibleViT(timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=1))
+    with pytest.raises(TypeError, match="not a Linear"):
+        ReducibleViT(nn.Linear(2, 2))

@@ -7,6 +7,7 @@ import torch
 import rmeeto
 import rmeeto.reduction as R
 from rmeeto import viz
+from rmeeto.models.deit import create_deit
 from rmeeto.reduction.reducer import Schedule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,6 +38,30 @@ def test_merge_maps_give_one_group_per_patch_and_one_group_per_token(vim, image,
         assert np.array_equal(groups, np.arange(tokens - 1)), "ids are the non-cls tokens, all present"
         assert ((ids == viz.DROPPED).any()) == prunes
     assert vim.token_reducer is None, "the model is left as it was"
+
+
+@pytest.mark.parametrize("family", ["videomamba", "deit"])
+@pytest.mark.parametrize("name,amount", [("rmeeto", 8), ("evit", 0.3)])
+def test_merge_maps_follow_a_first_cls_token(image, family, name, amount):
+    """VideoMamba (image) and DeiT put cls first, not in the middle: every patch is still in exactly one
+    group and the groups are the non-cls tokens."""
+    torch.manual_seed(0)
+    if family == "deit":
+        model = create_deit(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    else:
+        model = rmeeto.create_model("videomamba_tiny", img_size=64, patch_size=8, embed_dim=32, depth=4,
+                                    num_classes=10, d_state=8)
+    maps = viz.merge_maps(model.eval(), image, name, r=amount, blocks=BLOCKS)
+    counts = Schedule(BLOCKS, (amount,) * 3).token_counts(R.make_method(name), 65, 4)
+    for ids, block in zip(maps, BLOCKS, strict=True):
+        assert ids.shape == (8, 8) and (ids >= 0).all()
+        assert np.array_equal(np.unique(ids), np.arange(counts[block][0] - 1))
+
+
+def test_merge_maps_draw_image_models_only():
+    video = rmeeto.create_model("videomamba_demo", depth=4)
+    with pytest.raises(ValueError, match="image models.*video model"):
+        viz.merge_maps(video, torch.randn(3, 8, 32, 32), "rmeeto", r=4)
 
 
 def test_merge_maps_restore_a_previous_reducer(vim, image):

@@ -87,10 +87,10 @@ def _variant_hint(state: Mapping[str, Tensor]) -> str:
     """' (looks like vim_small: embed dim 384, depth 24)' when the checkpoint's shape says so."""
     from rmeeto.models.registry import VARIANTS
 
-    if "cls_token" not in state:
+    depth = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    if "cls_token" not in state or depth == 0:  # not a Vim-style checkpoint (e.g. a ViT's ``blocks.*``)
         return ""
     dim = state["cls_token"].shape[-1]
-    depth = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     names = [n for n, c in VARIANTS.items() if c.embed_dim == dim and c.depth == depth]
     guess = f"looks like {names[0]}: " if names else ""
     return f" ({guess}embed dim {dim}, depth {depth})"

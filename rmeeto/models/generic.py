@@ -26,7 +26,7 @@ default) read them from ``layers[i - 1].mixer`` before reduction point i, which 
 :class:`rmeeto.models.mamba.BiMamba` implements this; mamba-ssm's ``Mamba`` does not (its fused kernel
 never materialises Δ), so wrap or subclass it, or use a hidden-state method. Without a recording mixer,
 attaching a Δ-based method raises a ValueError naming the layer. FLOPs (:mod:`rmeeto.flops`) are only
-defined for Vim and VideoMamba.
+defined for Vim, VideoMamba and DeiT/ViT.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rmeeto.models.vim import VisionMamba
+from rmeeto.models.vim import TokenReducer, VisionMamba
 from rmeeto.reduction.baselines import HSA, UTR, EViT, PuMer, RandomDrop
 from rmeeto.reduction.methods import MTR, BipartiteMerge, Method
 from rmeeto.reduction.reducer import Schedule, TokenReduction
@@ -70,10 +70,16 @@ def apply(model: VisionMamba, method: str = "rmeeto", *, r: float | None = None,
         return sched
 
     amount = solve_amount(model.cfg, m, schedule_for, flops_cut) if flops_cut is not None else r
-    reducer = TokenReduction(model, m, schedule_for(amount), track_source=track_source)
+    return attach(model, TokenReduction(model, m, schedule_for(amount), track_source=track_source))
+
+
+def attach(model: VisionMamba, reducer: TokenReducer | None) -> TokenReducer | None:
+    """Make ``reducer`` (one that :func:`apply` built earlier, or None) the model's reducer, replacing any;
+    returns it. Switching between prepared reducers this way skips re-solving their amounts."""
     remove(model)
     model.token_reducer = reducer
-    reducer.set_recording(True)
+    if isinstance(reducer, TokenReduction):
+        reducer.set_recording(True)
     return reducer
 
 
@@ -84,4 +90,4 @@ def remove(model: VisionMamba) -> None:
     model.token_reducer = None
 
 
-__all__ = ["METHODS", "Schedule", "TokenReduction", "apply", "make_method", "remove"]
+__all__ = ["METHODS", "Schedule", "TokenReduction", "apply", "attach", "make_method", "remove"]

@@ -6,13 +6,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rmeeto.flops import count_config
-from rmeeto.models.vim import VimConfig
+from rmeeto.flops import ModelConfig, count_config
 from rmeeto.reduction.methods import Method
 from rmeeto.reduction.reducer import Schedule
 
 
-def solve_amount(cfg: VimConfig, method: Method, schedule_for: Callable[[float], Schedule],
+def solve_amount(cfg: ModelConfig, method: Method, schedule_for: Callable[[float], Schedule],
                  flops_cut: float) -> float:
     """The amount (r tokens or ratio) whose FLOPs cut, 1 − GFLOPs/GFLOPs₀, is closest to ``flops_cut``.
 
