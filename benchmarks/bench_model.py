@@ -17,19 +17,9 @@ import torch
 import rmeeto
 import rmeeto.models.mamba as mamba
 import rmeeto.reduction as R
+from rmeeto.evaluate import throughputs
 from rmeeto.flops import count
 from rmeeto.ops import get_backend
-
-
-def forward_time(model, x, reps: int) -> float:
-    """Median seconds of one forward."""
-    times = []
-    for i in range(reps + 2):
-        start = time.perf_counter()
-        model(x)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def reducer_share(model, x, reps: int) -> float:
@@ -107,7 +97,7 @@ def main() -> None:
     p.add_argument("--model", default="vim_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--r", type=int, default=11, help="R-MeeTo r (11 = the paper's Vim-S setting)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,18 +107,18 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224)
     print(f"{args.model}, batch {args.batch}, {args.threads} threads, scan backend {get_backend()}")
 
-    base_t, base_g = forward_time(model, x, args.reps), count(model)
-    rows = [("unreduced", base_g, base_t)]
-    R.apply(model, "rmeeto", r=args.r)
-    red_t, red_g = forward_time(model, x, args.reps), count(model)
-    rows.append((f"R-MeeTo r={args.r}", red_g, red_t))
+    base_g = count(model)
+    reducer = R.apply(model, "rmeeto", r=args.r)
+    red_g = count(model)
+    base_speed, red_speed = throughputs(model, [None, reducer], args.batch, reps=args.reps)  # round-robin
+    rows = [("unreduced", base_g, args.batch / base_speed), (f"R-MeeTo r={args.r}", red_g, args.batch / red_speed)]
     share = reducer_share(model, x, args.reps)
     R.remove(model)
 
     print(f"\n{'model':<16} {'GFLOPs':>8} {'ms/batch':>9} {'img/s':>8}")
     for label, g, t in rows:
         print(f"{label:<16} {g:>8.3f} {1e3 * t:>9.1f} {args.batch / t:>8.1f}")
-    speedup, ideal = base_t / red_t, base_g / red_g
+    speedup, ideal = red_speed / base_speed, base_g / red_g
     print(f"\nmeasured speedup {speedup:.3f}×, FLOPs ratio {ideal:.3f}×, quotient {speedup / ideal:.3f} "
           f"(authors on H100, Vim-S: 1.10/1.42 = 0.77)")
     print(f"time inside the token reducer: {100 * share:.2f}% of the reduced forward")

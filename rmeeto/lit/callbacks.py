@@ -37,7 +37,7 @@ class FinalCheckpoint(ModelCheckpoint):
             super().on_train_end(trainer, pl_module)
             return
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=self.save_weights_only)
         self.last_model_path = path
 
 
