@@ -8,7 +8,7 @@ PY := .venv/bin/python
 	.venv/bin/pip install --no-build-isolation -e '.[dev,deepspeed]'
 	touch $@
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow bench results
 setup: .venv/.installed
 
 demo: .venv/.installed
@@ -21,5 +21,10 @@ test-slow: .venv/.installed
 	$(PY) -m pytest -q -m slow
 
 bench: .venv/.installed
-	$(PY) benchmarks/bench_scan.py
-	$(PY) benchmarks/bench_model.py
+	mkdir -p outputs/demo
+	$(PY) benchmarks/bench_scan.py | tee outputs/demo/bench_scan.txt
+	$(PY) benchmarks/bench_model.py | tee outputs/demo/bench_model.txt
+
+# docs/results.md and its plots, from the outputs of `make demo` and `make bench`
+results: .venv/.installed
+	$(PY) scripts/results.py

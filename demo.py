@@ -96,6 +96,11 @@ def main() -> None:
         f"{merged_speed:.0f} |",
     ]
     (OUT / "summary.md").write_text("\n".join(summary) + "\n")
+    numbers = {"r": r, "blocks": list(blocks), "gflops": [gflops_base, gflops_merged], "retrain_seconds": seconds,
+               "top1": {"unreduced": base_acc["top1"], "training_free": free_acc["top1"],
+                        "retrained": merged_acc["top1"]},
+               "images_per_s": {"unreduced": base_speed, "merged": merged_speed, "batch": SPEED_BATCH}}
+    (OUT / "summary.json").write_text(json.dumps(numbers, indent=2))
     print("\n== Summary ==\n" + "\n".join(summary))
     print(f"\nMerging tokens cut FLOPs by {1 - gflops_merged / gflops_base:.0%} and ran "
           f"{merged_speed / base_speed:.2f}× as fast on this CPU. Without training it scored "
