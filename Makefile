@@ -1,7 +1,8 @@
 # `make demo` and `make test` are the README's two commands; both set up .venv/ on first use.
 PY := .venv/bin/python
+# pipefail: a failing benchmark fails `make bench` despite the tee
 SHELL := /bin/bash
-.SHELLFLAGS := -o pipefail -c  # a failing benchmark fails `make bench` despite the tee
+.SHELLFLAGS := -o pipefail -c
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
