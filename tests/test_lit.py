@@ -88,6 +88,21 @@ def test_short_fit_lowers_the_loss_and_keeps_an_ema(demo_shards):
     assert not any(k.startswith("frozen") for k in module.state_dict())  # the EMA is not in state_dict
 
 
+def test_bf16_mixed_precision_with_gradient_accumulation(demo_shards):
+    """The recipes' bf16-mixed + accumulate_grad_batches=2, on CPU autocast: the optimiser steps once per
+    two batches, weights stay fp32 and change, the loss stays finite."""
+    module = RMeeToModule(model_overrides=TINY, reduction=REDUCTION, lr=1e-3, mixup=0.0, cutmix=0.0)
+    start = module.model.head.weight.detach().clone()
+    recorder = LossRecorder()
+    fit = trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", accumulate_grad_batches=2,
+                  callbacks=[recorder])
+    fit.fit(module, datamodule=datamodule(demo_shards))
+    assert fit.global_step == 3 and len(recorder.losses) == 6  # 6 batches, 3 optimiser steps
+    assert all(math.isfinite(loss) for loss in recorder.losses)
+    assert module.model.head.weight.dtype == torch.float32
+    assert not torch.equal(module.model.head.weight, start)
+
+
 def test_no_weight_decay_on_norms_biases_ssm_params_and_embeddings():
     module = RMeeToModule(model_overrides=TINY)
     names = {id(p): n for n, p in module.model.named_parameters()}
