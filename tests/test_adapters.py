@@ -21,13 +21,7 @@ from rmeeto.reduction.merge import odd_even
 DEPTH, CLASSES, DIM = 6, 5, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PatchTokens(nn.Module):

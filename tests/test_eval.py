@@ -26,13 +26,7 @@ VIDEOMAMBA_VIDEO = dict(depth=6, d_state=8)  # videomamba_demo: 32×32, 8 frames
 DEIT = dict(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_VIDEO = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_classes=5, num_frames=4, d_state=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

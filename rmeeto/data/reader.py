@@ -67,6 +67,15 @@ def _check_sample(raw: Mapping[str, Any], shard: str, num_classes: int | None) -
     image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image is None:
         return ShardError(f"sample has no image file (.{'/.'.join(IMAGE_EXTENSIONS)})", shard, key)
+    label = check_label(raw, shard, num_classes)
+    if isinstance(label, ShardError):
+        return label
+    return {"key": key, "shard": shard, "jpg": image, "label": label}
+
+
+def check_label(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> int | ShardError:
+    """The sample's ``.cls`` label, or the ShardError of a missing, unparsable or out-of-range one."""
+    key = raw["__key__"]
     if "cls" not in raw:
         return ShardError("sample has no .cls label", shard, key)
     try:
@@ -75,7 +84,7 @@ def _check_sample(raw: Mapping[str, Any], shard: str, num_classes: int | None) -
         return ShardError(f"bad .cls label {raw['cls'][:20]!r}", shard, key)
     if label < 0 or (num_classes is not None and label >= num_classes):
         return ShardError(f"label {label} out of range for num_classes={num_classes}", shard, key)
-    return {"key": key, "shard": shard, "jpg": image, "label": label}
+    return label
 
 
 def read_shard(url: str, expected: int | None = None, num_classes: int | None = None

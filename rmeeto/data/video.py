@@ -42,7 +42,7 @@ from rmeeto.data.pipelines import (
     split_by_reader,
     worker_share,
 )
-from rmeeto.data.reader import IMAGE_EXTENSIONS, ErrorPolicy, OnError, Sample, decode_image
+from rmeeto.data.reader import IMAGE_EXTENSIONS, ErrorPolicy, OnError, Sample, check_label, decode_image
 from rmeeto.data.shards import (
     PART_SUFFIX,
     SHARD_PATTERN,
@@ -120,14 +120,9 @@ def check_clip(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> S
     frames = sorted(name for name in raw if "." in name and name.rpartition(".")[2] in IMAGE_EXTENSIONS)
     if "npy" not in raw and not frames:
         return ShardError("sample has no clip (.npy or <frame>.jpg files)", shard, key)
-    if "cls" not in raw:
-        return ShardError("sample has no .cls label", shard, key)
-    try:
-        label = int(raw["cls"])
-    except ValueError:
-        return ShardError(f"bad .cls label {raw['cls'][:20]!r}", shard, key)
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        return ShardError(f"label {label} out of range for num_classes={num_classes}", shard, key)
+    label = check_label(raw, shard, num_classes)
+    if isinstance(label, ShardError):
+        return label
     clip = raw["npy"] if "npy" in raw else [raw[name] for name in frames]
     return {"key": key, "shard": shard, "clip": clip, "label": label}
 
