@@ -255,6 +255,27 @@ class LossRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def test_cutmix_of_clips_cuts_one_spatial_box_through_every_frame():
+    from rmeeto.data.transforms import mix, mixup_fn
+
+    torch.manual_seed(0)
+    cutmix = mixup_fn(5, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
+    b, t = 4, 3
+    frame_ids = torch.arange(t, dtype=torch.float32).view(1, 1, t, 1, 1)
+    clip_ids = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1, 1)
+    clips = (10 * clip_ids + frame_ids).expand(b, 3, t, 16, 16).contiguous()  # value = 10·clip + frame
+    mixed, targets = mix(cutmix, clips.clone(), torch.arange(b))
+    assert mixed.shape == clips.shape and targets.shape == (b, 5)
+    swapped = mixed != clips
+    assert swapped.any()
+    # Every frame keeps its own frame index (no box across time) and carries the same spatial box.
+    torch.testing.assert_close(mixed.remainder(10), clips.remainder(10))
+    assert torch.equal(swapped, swapped[:, :, :1].expand_as(swapped))
+    # The soft target weights the other clip's label by the box's share of the frame.
+    share = swapped[0, 0, 0].float().mean()
+    torch.testing.assert_close(targets[0, 0], 1 - share)
+
+
 def test_short_fit_of_a_reduced_videomamba_lowers_the_loss(video_shards):
     L.seed_everything(0)
     module = RMeeToModule(model="videomamba_demo", reduction={"method": "rmeeto", "r": 8}, lr=3e-3, min_lr=1e-4,

@@ -112,3 +112,16 @@ def mixup_fn(
         label_smoothing=label_smoothing,
         num_classes=num_classes,
     )
+
+
+def mix(mixup: Mixup, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """timm ``Mixup`` on images B×C×H×W or clips B×C×T×H×W → (mixed x, soft targets B×num_classes).
+
+    timm's CutMix boxes index the last two dims of a 4-d batch, so a clip is mixed as B×(C·T)×H×W:
+    one λ and one box per clip, the same for all its frames.
+    """
+    if x.dim() == 5:
+        b, c, t, h, w = x.shape
+        mixed, targets = mixup(x.reshape(b, c * t, h, w), y)
+        return mixed.reshape(b, c, t, h, w), targets
+    return mixup(x, y)

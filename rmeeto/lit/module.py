@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 import rmeeto.reduction
 from rmeeto import flops
-from rmeeto.data.transforms import mixup_fn
+from rmeeto.data.transforms import mix, mixup_fn
 from rmeeto.lit.metrics import EvalMetrics
 from rmeeto.lit.optim import cosine_schedule, param_groups
 from rmeeto.models import VisionMamba, create_model
@@ -165,7 +165,7 @@ class RMeeToModule(L.LightningModule):
         images, labels = batch
         targets = labels
         if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
+            images, targets = mix(self.mixup, images, labels)
         logits = self.model(images)
         loss = self.criterion(logits, targets)
         if self.frozen.teacher is not None:
