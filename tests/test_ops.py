@@ -130,12 +130,17 @@ def test_softplus_extremes(backend):
         assert_close_scaled(got[name], want[name], rtol=1e-4, atol_scale=1e-5)
 
 
-def test_non_contiguous_inputs(backend):
-    x, softplus = make_inputs(2, 9, 12, 4)
+@pytest.mark.parametrize("shape", [(2, 9, 12, 4), (2, 70, 19, 5)], ids=str)
+def test_non_contiguous_inputs(backend, shape):
+    """Channels-contiguous (transposed) inputs, as Vim passes delta and z; gradients flow back too."""
+    x, softplus = make_inputs(*shape)
     x = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v for k, v in x.items()}
     assert not x["u"].is_contiguous()
     y = selective_scan(**x, delta_softplus=softplus, backend=backend)
     assert_close_scaled(y, selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol_scale=1e-6)
+    got, want = _grads(x, softplus, backend), _grads(x, softplus, "ref")
+    for name in want:
+        assert_close_scaled(got[name], want[name], rtol=1e-4, atol_scale=1e-5)
 
 
 def test_ref_single_step_closed_form():

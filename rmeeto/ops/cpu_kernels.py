@@ -1,14 +1,16 @@
 """Numba kernels for the fused CPU selective scan: bias, softplus, scan, D skip and z gate in one pass.
 
 Channels are processed in blocks of ``LANES``; a task is (batch, block) and its inputs are gathered
-into rows laid out L×LANES (kept per block for the backward when gradients are needed), so every
-inner loop runs over LANES contiguous channels and vectorises. fastmath stays off (no
-reassociation); multiply-adds are explicit single-rounding FMAs and exp/softplus are vectorisable
-float32 polynomials, so results match the PyTorch oracle to a few ulp. Tasks are dealt round-robin
-to G groups that run in parallel and own their scratch rows (all buffers are passed in, so LLVM
-knows they alias nothing). The backward recomputes the states instead of storing them.
+into rows laid out L×LANES (8×8 tiles transposed in registers), so every inner loop runs over LANES
+contiguous channels and vectorises. fastmath stays off (no reassociation); multiply-adds are
+explicit single-rounding FMAs and exp/softplus are vectorisable float32 polynomials, so results
+match the PyTorch oracle to a few ulp. G groups run in parallel, take tasks from a shared atomic
+counter (int64 (1,), zeroed) and own their scratch (passed in, one array per role, so LLVM knows
+nothing aliases). The backward gathers the inputs again and recomputes the states instead of
+storing them.
 
-    u, delta, z, out, gout, gu, gdelta, gz: B×D×L (z, gz: any 3-d array when has_z is False)
+    u, delta, z, gout: B×D×L, or B×L×D where the layout bit is set    out, gu, gdelta, gz: B×D×L
+    (z, gz: any such array when has_z is False)
     At: K×N×LANES    Dv, bias: K×LANES (zero-padded; zeros mean "absent")    Bm, Cm: B×L×N
 """
 
@@ -26,19 +28,14 @@ _LN2_LO = np.float32(-2.12194440e-4)
 _SOFTPLUS_LINEAR = np.float32(20.0)  # softplus(x) = x above this (as torch does)
 
 
-def saved_shapes(nl: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes (after the slot axis) of scan_forward's gathered inputs xs, dt."""
-    return (3, nl, LANES), (nl, LANES)
-
-
-def forward_scratch(nl: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_forward: ys, h."""
-    return (nl, LANES), (LANES,)
+def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
+    """Per-group scratch shapes of scan_forward: xs, dt, dtu, ys, h."""
+    return (3, nl, LANES), (nl, LANES), (nl, LANES), (nl, LANES), (nn, LANES)
 
 
 def backward_scratch(nl: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_backward: gg, acc, ws, hs, da, st."""
-    return (3, nl, LANES), (3, nl, LANES), (3, nl, LANES), (nl + 1, LANES), (nl, LANES), (2, LANES)
+    """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb."""
+    return (3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, LANES), (nl, LANES), *[(LANES,)] * 4
 
 
 @intrinsic
@@ -101,191 +98,306 @@ def _sigmoid(x):
     return _F1 / (_F1 + _exp(-x))
 
 
+@intrinsic
+def _take(typingctx, counter):
+    """counter[0] += 1 atomically, returning the old value: groups take tasks as they become free, so
+    a thread slowed by other work on its core does fewer of them."""
+    if counter != types.Array(types.int64, 1, "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+_UNPACK = ((0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15))
+_PAIRS = ((0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
+_HALVES = ((0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
+
+
+def _vec8_at(context, builder, aryty, ary, index):
+    """LLVM pointer to the 8 floats at ary[index] (ary: 1-d contiguous float32)."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.FloatType(), 8).as_pointer())
+
+
+@intrinsic
+def _transpose8(typingctx, src, s, ss, dst, d, ds):
+    """dst[d + r·ds + c] = src[s + c·ss + r] for r, c < 8: an 8×8 float32 tile transposed in registers.
+
+    src, dst: 1-d contiguous float32; no bounds checks.
+    """
+    flat = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", readonly=True))
+    if src not in flat or dst != flat[0]:
+        return None
+
+    def codegen(context, builder, signature, args):
+        def tile_row(i, m):  # &array_i[start_i + m·stride_i]
+            index = builder.add(args[i + 1], builder.mul(args[i + 2], ir.Constant(args[i + 2].type, m)))
+            return _vec8_at(context, builder, signature.args[i], args[i], index)
+
+        def stage(v, pairs, masks):
+            mask = ir.VectorType(ir.IntType(32), 8)
+            return [builder.shuffle_vector(v[a], v[b], ir.Constant(mask, m)) for a, b in pairs for m in masks]
+
+        v = [builder.load(tile_row(0, c), align=4) for c in range(8)]
+        v = stage(v, ((0, 1), (2, 3), (4, 5), (6, 7)), _UNPACK)
+        v = stage(v, ((0, 2), (1, 3), (4, 6), (5, 7)), _PAIRS)
+        v = stage(v, ((0, 4), (1, 5), (2, 6), (3, 7)), _HALVES)  # order: columns 0, 4, 1, 5, 2, 6, 3, 7
+        for r in range(8):
+            builder.store(v[2 * (r % 4) + r // 4], tile_row(3, r), align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
+
+
+@intrinsic
+def _lane_sum(typingctx, src, s):
+    """src[s] + … + src[s + LANES − 1] in float32 by a fixed pairwise tree (8-wide vector adds, then
+    halves), so the result does not depend on the compiler. src: 1-d contiguous float32."""
+    if src != types.Array(types.float32, 1, "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        def at(i):  # &src[s + i]
+            return _vec8_at(
+                context, builder, signature.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, i))
+            )
+
+        v = [builder.load(at(i), align=4) for i in range(0, LANES, 8)]
+        while len(v) > 1:
+            v = [builder.fadd(v[i], v[i + 1]) for i in range(0, len(v) - 1, 2)] + v[len(v) - len(v) % 2 :]
+        x = v[0]
+        for width in (4, 2, 1):
+            half = [ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))) for o in (0, width)]
+            x = builder.fadd(*(builder.shuffle_vector(x, x, m) for m in half))
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(src, types.intp), codegen
+
+
 @njit(inline="always")
-def _gather(src, dst, slot, row, b, k, bias):
-    """dst[slot, row, t, j] = src[b, k·LANES + j, t] (+ bias[k, j] when bias has rows), zeros past D."""
+def _to_rows(src, channels_last, b, k, dst, base):
+    """Channels → lanes: dst[base + t·LANES + j] = x[b, k·LANES + j, t], zeros past D.
+
+    src: x as B×D×L, or as B×L×D when channels_last (then rows are plain copies); contiguous.
+    dst: flat. B×D×L goes by 8×8 tiles transposed in registers, the ragged edges one by one.
+    """
+    if channels_last:
+        nj = min(LANES, src.shape[2] - k * LANES)
+        for t in range(src.shape[1]):
+            for j in range(LANES):
+                dst[base + t * LANES + j] = src[b, t, k * LANES + j] if j < nj else 0
+        return
     nd, nl = src.shape[1], src.shape[2]
+    flat = src.reshape(-1)
+    nj = min(LANES, nd - k * LANES)
+    nt = nl - nl % 8 if nj == LANES else 0
+    start = (b * nd + k * LANES) * nl
+    for j0 in range(0, LANES, 8):
+        for t0 in range(0, nt, 8):
+            _transpose8(flat, start + j0 * nl + t0, nl, dst, base + t0 * LANES + j0, LANES)
     for j in range(LANES):
-        c = k * LANES + j
-        if c < nd:
-            add = bias[k, j] if bias.shape[0] > 0 else np.float32(0.0)
-            for t in range(nl):
-                dst[slot, row, t, j] = src[b, c, t] + add
-        else:
-            for t in range(nl):
-                dst[slot, row, t, j] = 0
+        for t in range(nt, nl):
+            dst[base + t * LANES + j] = flat[start + j * nl + t] if j < nj else 0
 
 
 @njit(inline="always")
-def _scatter(src, slot, row, dst, b, k):
-    """dst[b, k·LANES + j, t] = src[slot, row, t, j] for the channels of block k that exist."""
+def _from_rows(src, base, dst, b, k):
+    """Lanes → channels: dst[b, k·LANES + j, t] = src[base + t·LANES + j] for the channels that exist."""
     nd, nl = dst.shape[1], dst.shape[2]
-    for j in range(min(LANES, nd - k * LANES)):
-        for t in range(nl):
-            dst[b, k * LANES + j, t] = src[slot, row, t, j]
+    flat = dst.reshape(-1)
+    nj = min(LANES, nd - k * LANES)
+    nt = nl - nl % 8 if nj == LANES else 0
+    start = (b * nd + k * LANES) * nl
+    for j0 in range(0, LANES, 8):
+        for t0 in range(0, nt, 8):
+            _transpose8(src, base + t0 * LANES + j0, LANES, flat, start + j0 * nl + t0, nl)
+    for j in range(nj):
+        for t in range(nt, nl):
+            flat[start + j * nl + t] = src[base + t * LANES + j]
+
+
+@njit(inline="always")
+def _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k):
+    """Rows for batch b, block k: xs[g] = u, x = delta + bias, z (if has_z); dt[g] = softplus?(x);
+    dtu[g] = dt·u. Bit i of layout: input i (u, delta, z) is given as B×L×D."""
+    nl = dt.shape[1]
+    row = nl * LANES
+    flat = xs.reshape(-1)
+    _to_rows(u, layout & 1, b, k, flat, 3 * g * row)
+    _to_rows(delta, layout >> 1 & 1, b, k, flat, (3 * g + 1) * row)
+    if has_z:
+        _to_rows(z, layout >> 2 & 1, b, k, flat, (3 * g + 2) * row)
+    for t in range(nl):
+        for j in range(LANES):
+            xs[g, 1, t, j] += bias[k, j]
+    for t in range(nl):
+        for j in range(LANES):
+            x = xs[g, 1, t, j]
+            sp = _softplus(x)
+            dt[g, t, j] = sp if softplus else x
+            dtu[g, t, j] = (sp if softplus else x) * xs[g, 0, t, j]
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def scan_forward(u, delta, At, Bm, Cm, Dv, bias, z, softplus, has_z, out, xs, dt, ys, h):
-    """out = (Σ_n C·h + D·u)·silu(z).
+def scan_forward(u, delta, z, layout, At, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h):
+    """out = (Σ_n C·h + D·u)·silu(z); u, delta, z as B×D×L or B×L×D (layout: see _load_block).
 
-    xs S×3×L×LANES (u, delta + bias, z) and dt S×L×LANES (softplus?(delta + bias)) hold the gathered
-    inputs: S = B·K keeps every block for scan_backward, S = G reuses one slot per group.
-    Scratch: ys G×L×LANES, h G×LANES.
+    Scratch per group g (G×…): xs 3×L×LANES, dt, dtu L×LANES (see _load_block), ys L×LANES,
+    h N×LANES (the states, all N advanced together one step t at a time).
     """
-    nb, nl = u.shape[0], u.shape[2]
+    nb, nl = out.shape[0], out.shape[2]
     nblk, nn = At.shape[0], At.shape[1]
     ntask = nb * nblk
     ngroup = h.shape[0]
+    ys_flat = ys.reshape(-1)
     for g in prange(ngroup):
-        for task in range(g, ntask, ngroup):
+        task = _take(counter)
+        while task < ntask:
             b = task // nblk
             k = task % nblk
-            slot = task if xs.shape[0] == ntask else np.int64(g)
-            _gather(u, xs, slot, 0, b, k, bias[:0])
-            _gather(delta, xs, slot, 1, b, k, bias)
-            if has_z:
-                _gather(z, xs, slot, 2, b, k, bias[:0])
-            for t in range(nl):
-                for j in range(LANES):
-                    x = xs[slot, 1, t, j]
-                    sp = _softplus(x)
-                    dt[slot, t, j] = sp if softplus else x
-                    ys[g, t, j] = Dv[k, j] * xs[slot, 0, t, j]
+            _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k)
             for n in range(nn):
                 for j in range(LANES):
-                    h[g, j] = 0
-                for t in range(nl):
+                    h[g, n, j] = 0
+            for t in range(nl):
+                for j in range(LANES):
+                    ys[g, t, j] = Dv[k, j] * xs[g, 0, t, j]
+                for n in range(nn):
                     bv = Bm[b, t, n]
                     cv = Cm[b, t, n]
                     for j in range(LANES):
-                        x = dt[slot, t, j]
-                        hv = _fma(_exp(x * At[k, n, j]), h[g, j], x * xs[slot, 0, t, j] * bv)
-                        h[g, j] = hv
+                        hv = _fma(_exp(dt[g, t, j] * At[k, n, j]), h[g, n, j], dtu[g, t, j] * bv)
+                        h[g, n, j] = hv
                         ys[g, t, j] = _fma(hv, cv, ys[g, t, j])
-            if has_z:
-                for t in range(nl):
+                if has_z:
                     for j in range(LANES):
-                        zv = xs[slot, 2, t, j]
+                        zv = xs[g, 2, t, j]
                         ys[g, t, j] *= zv * _sigmoid(zv)
-            _scatter(ys[:, None], g, 0, out, b, k)
+            _from_rows(ys_flat, g * nl * LANES, out, b, k)
+            task = _take(counter)
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_backward(
-    xs, dt, At, Bm, Cm, Dv, gout, softplus, has_z, gu, gdelta, gz, gA, gB, gC, gD, gbias, gg, acc, ws, hs, da, st
-):
-    """Gradients of scan_forward from its saved blocks xs, dt (S = B·K), recomputing the states of
-    one state index n at a time.
+    u, delta, z, gout, layout, At, Bm, Cm, Dv, bias, softplus, has_z,
+    gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
+    xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
+):  # fmt: skip
+    """Gradients of scan_forward, gathering the inputs again and recomputing the states of one state
+    index n at a time. Bit 3 of layout: gout is given as B×L×D.
 
     Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
-    (P×B×N×L×LANES; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias:
-    B×K×LANES are partial sums too. Scratch per group g (G×…): gg 3×L×LANES (∂out, ∂y, silu'(z)),
-    acc 3×L×LANES (Σ_n ∂/∂dt through the decay, Σ_n ∂h·B, y before the gate), ws 3×L×LANES
-    (∂delta, ∂u, ∂z), hs (L+1)×LANES states, da L×LANES decays, st 2×LANES (carried ∂h, ∂A).
+    (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
+    are partial sums too. Scratch per group g (G×…; one array per role, so LLVM knows they do not
+    overlap): xs 3×L×LANES, dt, dtu (see _load_block); L×LANES: go ∂out (then ∂out·silu'(z)),
+    gy ∂y, gdec Σ_n ∂/∂dt through the decay (then ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before
+    the gate (then ∂z); hs (L+1)×LANES states, da L×LANES decays; LANES: gh carried ∂h, gacc ∂A,
+    pc ∂y·h and pb ∂h·dt·u (lane-summed into gC, gB).
     """
-    nb = gout.shape[0]
+    nb, nl = gu.shape[0], gu.shape[2]
     nblk = At.shape[0]
     npart = gB.shape[0]
     ntask = nb * npart
     ngroup = hs.shape[0]
+    row = nl * LANES
+    go_flat, gdec_flat, ghb_flat, yb_flat = go.reshape(-1), gdec.reshape(-1), ghb.reshape(-1), yb.reshape(-1)
     for g in prange(ngroup):
-        for task in range(g, ntask, ngroup):
+        task = _take(counter)
+        while task < ntask:
             b = task // npart
             p = task % npart
             for k in range(p * nblk // npart, (p + 1) * nblk // npart):
-                slot = b * nblk + k
-                _gather(gout, gg, g, 0, b, k, Dv[:0])
-                _grad_in(Dv, has_z, xs, gg, acc, slot, g, k)
+                _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k)
+                _to_rows(gout, layout >> 3 & 1, b, k, go_flat, g * row)
+                _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k)
                 first = k == p * nblk // npart
-                _block_backward(At, Bm, Cm, gA, gB, gC, xs, dt, gg, acc, hs, da, st, slot, g, b, k, p, first)
-                _block_finish(Dv, softplus, gD, gbias, xs, dt, gg, acc, ws, slot, g, b, k)
-                _scatter(ws, g, 0, gdelta, b, k)
-                _scatter(ws, g, 1, gu, b, k)
+                _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
+                                g, b, k, p, first)  # fmt: skip
+                _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, k)
+                _from_rows(gdec_flat, g * row, gdelta, b, k)
+                _from_rows(ghb_flat, g * row, gu, b, k)
                 if has_z:
-                    _scatter(ws, g, 2, gz, b, k)
+                    _from_rows(yb_flat, g * row, gz, b, k)
+            task = _take(counter)
 
 
 @njit(inline="always")
-def _grad_in(Dv, has_z, xs, gg, acc, slot, g, k):
-    """gg[g] rows: ∂y = ∂out·silu(z) and silu'(z); acc rows zeroed, row 2 starts at D·u."""
-    nl = gg.shape[2]
-    if has_z:
-        for t in range(nl):
-            for j in range(LANES):
-                zv = xs[slot, 2, t, j]
-                s = _sigmoid(zv)
-                gg[g, 1, t, j] = gg[g, 0, t, j] * zv * s
-                gg[g, 2, t, j] = s * (_F1 + zv * (_F1 - s))
-    else:
-        for t in range(nl):
-            for j in range(LANES):
-                gg[g, 1, t, j] = gg[g, 0, t, j]
-    for t in range(nl):
+def _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k):
+    """gy = ∂out·silu(z), go *= silu'(z) (when has_z, else gy = ∂out); gdec, ghb zeroed, yb = D·u."""
+    for t in range(go.shape[1]):
         for j in range(LANES):
-            acc[g, 0, t, j] = 0
-            acc[g, 1, t, j] = 0
-            acc[g, 2, t, j] = Dv[k, j] * xs[slot, 0, t, j]
+            zv, gov = xs[g, 2, t, j] if has_z else _F1, go[g, t, j]
+            s = _sigmoid(zv)
+            gy[g, t, j] = gov * zv * s if has_z else gov
+            go[g, t, j] = gov * s * (_F1 + zv * (_F1 - s)) if has_z else gov
+            gdec[g, t, j] = 0
+            ghb[g, t, j] = 0
+            yb[g, t, j] = Dv[k, j] * xs[g, 0, t, j]
 
 
 @njit(inline="always")
-def _block_backward(At, Bm, Cm, gA, gB, gC, xs, dt, gg, acc, hs, da, st, slot, g, b, k, p, first):
-    """Recurrence gradients for batch b, channel block k: fills acc[g], gA[b, k], gB[p, b], gC[p, b]."""
+def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, g, b, k, p, first):
+    """Recurrence gradients for batch b, channel block k: adds to gdec[g], ghb[g], yb[g]; fills
+    gA[b, k] and gB[p, b], gC[p, b]."""
     nl, nn = dt.shape[1], At.shape[1]
+    pc_flat, pb_flat = pc.reshape(-1), pb.reshape(-1)
     for n in range(nn):
         for j in range(LANES):
             hs[g, 0, j] = 0
-            st[g, 0, j] = 0
-            st[g, 1, j] = 0
+            gh[g, j] = 0
+            gacc[g, j] = 0
         for t in range(nl):
-            bv = Bm[b, t, n]
             cv = Cm[b, t, n]
+            bv = Bm[b, t, n]
             for j in range(LANES):
-                x = dt[slot, t, j]
-                a = _exp(x * At[k, n, j])
-                hv = _fma(a, st[g, 0, j], x * xs[slot, 0, t, j] * bv)
-                st[g, 0, j] = hv
+                a = _exp(dt[g, t, j] * At[k, n, j])
+                hv = _fma(a, gh[g, j], dtu[g, t, j] * bv)
+                gh[g, j] = hv
                 da[g, t, j] = a
                 hs[g, t + 1, j] = hv
-                acc[g, 2, t, j] = _fma(hv, cv, acc[g, 2, t, j])
+                yb[g, t, j] = _fma(hv, cv, yb[g, t, j])
         for j in range(LANES):
-            st[g, 0, j] = 0
+            gh[g, j] = 0
         for t in range(nl - 1, -1, -1):
             bv = Bm[b, t, n]
             cv = Cm[b, t, n]
             for j in range(LANES):
-                gyv = gg[g, 1, t, j]
-                st[g, 0, j] = _fma(gyv, cv, st[g, 0, j])
-                prev = np.float32(0.0) if first else gC[p, b, n, t, j]
-                gC[p, b, n, t, j] = _fma(gyv, hs[g, t + 1, j], prev)
-            for j in range(LANES):
-                prev = np.float32(0.0) if first else gB[p, b, n, t, j]
-                gB[p, b, n, t, j] = _fma(st[g, 0, j], dt[slot, t, j] * xs[slot, 0, t, j], prev)
-            for j in range(LANES):
-                gh = st[g, 0, j]
+                gyv = gy[g, t, j]
+                ghv = _fma(gyv, cv, gh[g, j])
+                pc[g, j] = gyv * hs[g, t + 1, j]
+                pb[g, j] = ghv * dtu[g, t, j]
                 a = da[g, t, j]
-                ga = gh * hs[g, t, j] * a
-                acc[g, 0, t, j] = _fma(ga, At[k, n, j], acc[g, 0, t, j])
-                acc[g, 1, t, j] = _fma(gh, bv, acc[g, 1, t, j])
-                st[g, 1, j] = _fma(ga, dt[slot, t, j], st[g, 1, j])
-                st[g, 0, j] = gh * a
+                ga = ghv * hs[g, t, j] * a
+                gdec[g, t, j] = _fma(ga, At[k, n, j], gdec[g, t, j])
+                ghb[g, t, j] = _fma(ghv, bv, ghb[g, t, j])
+                gacc[g, j] = _fma(ga, dt[g, t, j], gacc[g, j])
+                gh[g, j] = ghv * a
+            sum_c = _lane_sum(pc_flat, g * LANES)
+            sum_b = _lane_sum(pb_flat, g * LANES)
+            gC[p, b, n, t] = sum_c if first else gC[p, b, n, t] + sum_c
+            gB[p, b, n, t] = sum_b if first else gB[p, b, n, t] + sum_b
         for j in range(LANES):
-            gA[b, k, n, j] = st[g, 1, j]
+            gA[b, k, n, j] = gacc[g, j]
 
 
 @njit(inline="always")
-def _block_finish(Dv, softplus, gD, gbias, xs, dt, gg, acc, ws, slot, g, b, k):
-    """ws[g] rows ∂delta, ∂u, ∂z for batch b, block k; partial sums gD[b, k], gbias[b, k]."""
+def _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, k):
+    """In place: gdec → ∂delta, ghb → ∂u, yb → ∂z for batch b, block k; partial sums gD[b, k],
+    gbias[b, k]."""
     for j in range(LANES):
         gD[b, k, j] = 0
         gbias[b, k, j] = 0
     for t in range(dt.shape[1]):
         for j in range(LANES):
-            uv, gyv = xs[slot, 0, t, j], gg[g, 1, t, j]
-            gdt = _fma(acc[g, 1, t, j], uv, acc[g, 0, t, j])
-            gdl = gdt * _sigmoid(xs[slot, 1, t, j])
-            ws[g, 0, t, j] = gdl if softplus else gdt
-            ws[g, 1, t, j] = _fma(acc[g, 1, t, j], dt[slot, t, j], gyv * Dv[k, j])
-            ws[g, 2, t, j] = gg[g, 0, t, j] * acc[g, 2, t, j] * gg[g, 2, t, j]
+            uv, gyv, hb = xs[g, 0, t, j], gy[g, t, j], ghb[g, t, j]
+            gdt = _fma(hb, uv, gdec[g, t, j])
+            gdl = gdt * _sigmoid(xs[g, 1, t, j])
+            gdec[g, t, j] = gdl if softplus else gdt
+            ghb[g, t, j] = _fma(hb, dt[g, t, j], gyv * Dv[k, j])
+            yb[g, t, j] = go[g, t, j] * yb[g, t, j]
             gD[b, k, j] = _fma(gyv, uv, gD[b, k, j])
-            gbias[b, k, j] += ws[g, 0, t, j]
+            gbias[b, k, j] += gdl if softplus else gdt

@@ -9,6 +9,7 @@ import math
 import os
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,50 +50,68 @@ class _CpuScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> Tensor:
         nb, nd, L = u.shape
         nblk = math.ceil(nd / _k.LANES)
-        u, delta = u.detach().contiguous(), delta.detach().contiguous()
-        z = None if z is None else z.detach().contiguous()
+        has_z = z is not None
+        (u, delta, z), layout = _rows((u, delta, z if has_z else u))
         A_b = _lanes(A, nd, nblk)  # K×N×LANES
         D_b, bias_b = _lanes(D, nd, nblk)[:, 0], _lanes(delta_bias, nd, nblk)[:, 0]  # K×LANES
         B_l, C_l = (x.detach().transpose(1, 2).contiguous() for x in (B, C))  # B×L×N
-        out = torch.empty_like(u)
+        out = u.new_empty(nb, nd, L)
         with _LOCK:
             groups = min(_threads(), nb * nblk)
-            slots = nb * nblk if any(ctx.needs_input_grad) else groups  # keep the gathered blocks for backward
-            saved = [u.new_empty(slots, *s) for s in _k.saved_shapes(L)]
-            scratch = [u.new_empty(groups, *s) for s in _k.forward_scratch(L)]
-            args = (u, delta, A_b, B_l, C_l, D_b, bias_b, u if z is None else z)
-            _k.scan_forward(*_np(args), softplus, z is not None, out.numpy(), *_np(saved), *_np(scratch))
-        ctx.save_for_backward(*saved, A_b, B_l, C_l, D_b)
-        ctx.softplus, ctx.has_z = softplus, z is not None
+            scratch = [u.new_empty(groups, *s) for s in _k.forward_scratch(L, A.shape[1])]
+            _k.scan_forward(*_np((u, delta, z)), layout, *_np((A_b, B_l, C_l, D_b, bias_b)), softplus, has_z,
+                            out.numpy(), _counter(), *_np(scratch))  # fmt: skip
+        ctx.save_for_backward(u, delta, z, A_b, B_l, C_l, D_b, bias_b)
+        ctx.softplus, ctx.has_z, ctx.layout = softplus, has_z, layout
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        xs, dt, A_b, B_l, C_l, D_b = ctx.saved_tensors
+        u, delta, z, A_b, B_l, C_l, D_b, bias_b = ctx.saved_tensors
         nb, L, nd = gout.shape[0], gout.shape[2], gout.shape[1]
         nblk, nn, lanes = A_b.shape
-        gout = gout.float().contiguous()
-        g_u, g_delta = torch.empty_like(gout), torch.empty_like(gout)
-        g_z = torch.empty_like(gout) if ctx.has_z else g_u
+        (gout,), gout_layout = _rows((gout.float(),))
+        g_u, g_delta = gout.new_empty(nb, nd, L), gout.new_empty(nb, nd, L)
+        g_z = gout.new_empty(nb, nd, L) if ctx.has_z else g_u
         g_A = gout.new_empty(nb, nblk, nn, lanes)
         g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
         with _LOCK:
             threads = _threads()
-            parts = min(nblk, math.ceil(threads / nb))
+            parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
             groups = min(threads, nb * parts)
-            g_B, g_C = gout.new_empty(parts, nb, nn, L, lanes), gout.new_empty(parts, nb, nn, L, lanes)
+            g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
             scratch = [gout.new_empty(groups, *s) for s in _k.backward_scratch(L)]
             grads = (g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias)
-            _k.scan_backward(
-                *_np((xs, dt, A_b, B_l, C_l, D_b, gout)), ctx.softplus, ctx.has_z, *_np(grads), *_np(scratch)
-            )
+            layout = ctx.layout | gout_layout << 3
+            _k.scan_backward(*_np((u, delta, z, gout)), layout, *_np((A_b, B_l, C_l, D_b, bias_b)), ctx.softplus,
+                             ctx.has_z, *_np(grads), _counter(), *_np(scratch))  # fmt: skip
         g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
-        g_B, g_C = (g.sum((0, 4)) for g in (g_B, g_C))
+        g_B, g_C = g_B.sum(0), g_C.sum(0)
         g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
         needs = ctx.needs_input_grad
         optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
         return g_u, g_delta, g_A, g_B, g_C, *optional, None
+
+
+def _rows(xs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
+    """Detached B×D×L tensors → contiguous B×D×L, or B×L×D where the channels are already contiguous
+    (transposed views such as Vim's delta and z: no transposing copy); bit i of the int is set when
+    xs[i] went B×L×D."""
+    out, layout = [], 0
+    for i, x in enumerate(xs):
+        x = x.detach()
+        if x.stride(1) == 1 and x.shape[2] > 1:
+            out.append(x.transpose(1, 2).contiguous())
+            layout |= 1 << i
+        else:
+            out.append(x.contiguous())
+    return tuple(out), layout
+
+
+def _counter():
+    """The kernels' shared task counter."""
+    return np.zeros(1, np.int64)
 
 
 def _np(tensors) -> list:
