@@ -36,25 +36,32 @@ def merge_tokens(x: Tensor, plan: Plan, weight: Tensor, op: MergeOp = "wavg") ->
     b, m, c = x.shape
     k = plan.num_out
     dest = torch.where(plan.dest < 0, k, plan.dest)  # dropped tokens go to a spare slot K
-    index = dest[..., None].expand(b, m, c)
     if op in ("max", "min"):
+        index = dest[..., None].expand(b, m, c)
         out = x.new_zeros(b, k + 1, c).scatter_reduce(1, index, x, reduce="amax" if op == "max" else "amin",
                                                       include_self=False)
         return out[:, :k]
     w = (weight if op == "wavg" else torch.ones_like(weight)).to(x.dtype)
-    num = x.new_zeros(b, k + 1, c).scatter_add_(1, index, x * w[..., None])
-    den = w.new_zeros(b, k + 1).scatter_add_(1, dest, w)
+    num = slot_sums(x * w[..., None], dest, k + 1)
+    den = slot_sums(w, dest, k + 1)
     return num[:, :k] / den[:, :k, None]
+
+
+def slot_sums(values: Tensor, dest: Tensor, k: int) -> Tensor:
+    """B×M(×…) values summed into B×k(×…) slots by ``dest`` (B×M in [0, k)), each slot adding its tokens
+    in token order. index_add_ adds whole rows: several times faster on CPU than scatter_add_ with an
+    index expanded over the channels, with the same sums."""
+    b, m = dest.shape
+    rows = (dest + torch.arange(b, device=dest.device)[:, None] * k).reshape(b * m)
+    out = values.new_zeros(b * k, *values.shape[2:])
+    return out.index_add_(0, rows, values.reshape(b * m, *values.shape[2:])).view(b, k, *values.shape[2:])
 
 
 def sum_into_slots(values: Tensor, plan: Plan) -> Tensor:
     """B×M(×…) → B×K(×…): plain sums per slot (token sizes, source maps); dropped tokens vanish."""
-    b, m = plan.dest.shape
     k = plan.num_out
     dest = torch.where(plan.dest < 0, k, plan.dest)
-    index = dest.view(b, m, *([1] * (values.dim() - 2))).expand_as(values)
-    out = values.new_zeros(b, k + 1, *values.shape[2:]).scatter_add_(1, index, values)
-    return out[:, :k]
+    return slot_sums(values, dest, k + 1)[:, :k]
 
 
 def ordered_slots(survive: Tensor) -> Tensor:
@@ -79,9 +86,13 @@ def remove_cls(x: Tensor, cls_index: int) -> tuple[Tensor, Tensor]:
     return x[:, cls_index:cls_index + 1], torch.cat([x[:, :cls_index], x[:, cls_index + 1:]], dim=1)
 
 
-def insert_cls(cls: Tensor, x: Tensor, cls_index: int) -> Tensor:
-    """Inverse of :func:`remove_cls`: put the B×1×… cls token at ``cls_index`` of B×K×…."""
-    return torch.cat([x[:, :cls_index], cls, x[:, cls_index:]], dim=1)
+def with_cls(plan: Plan, cls_index: int, new_index: int) -> Plan:
+    """A plan over the M candidates → the same plan over all M + 1 tokens, with cls (at ``cls_index``)
+    kept alone in slot ``new_index`` of K + 1 slots; the other slots move up past it. Merging with it
+    equals merging the others and inserting cls at ``new_index`` (cls has size 1), without the copies."""
+    dest = torch.where(plan.dest >= new_index, plan.dest + 1, plan.dest)
+    cls_slot = torch.full_like(dest[:, :1], new_index)
+    return Plan(torch.cat([dest[:, :cls_index], cls_slot, dest[:, cls_index:]], dim=1), plan.num_out + 1)
 
 
 def new_cls_index(cls_index: int, n: int, removed: int) -> int:

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState, VisionMamba
-from rmeeto.reduction.merge import insert_cls, merge_tokens, new_cls_index, remove_cls, sum_into_slots
+from rmeeto.reduction.merge import merge_tokens, new_cls_index, remove_cls, sum_into_slots, with_cls
 from rmeeto.reduction.methods import Method
 from rmeeto.reduction.signals import Signals
 
@@ -98,22 +97,14 @@ class TokenReduction:
             amount = self.schedule.removed_at(block, self.method, n, amount)  # a token count
         plan = self.method.plan(signals, amount)
         q = new_cls_index(p, n, n - 1 - plan.num_out)
-        sizes = remove_cls(size, p)[1]
-
-        def reduce(x: Tensor) -> Tensor:
-            cls_x, rest = remove_cls(x, p)
-            return insert_cls(cls_x, merge_tokens(rest, plan, sizes, self.method.op), q)
-
-        def add_up(x: Tensor) -> Tensor:
-            cls_x, rest = remove_cls(x, p)
-            return insert_cls(cls_x, sum_into_slots(rest, plan), q)
-
+        plan = with_cls(plan, p, q)
+        op = self.method.op
         return TokenState(
-            hidden=reduce(state.hidden),
-            residual=reduce(state.residual) if state.residual is not None else None,
+            hidden=merge_tokens(state.hidden, plan, size, op),
+            residual=merge_tokens(state.residual, plan, size, op) if state.residual is not None else None,
             cls_index=q,
-            size=add_up(size),
-            source=add_up(state.source) if state.source is not None else None,
+            size=sum_into_slots(size, plan),
+            source=sum_into_slots(state.source, plan) if state.source is not None else None,
         )
 
     def set_recording(self, on: bool) -> None:
