@@ -67,7 +67,7 @@ def throughputs(model: nn.Module, reducers: Sequence[TokenReducer | None], batch
     """Images (clips) per second of ``model``'s forward with each of ``reducers`` attached (None: unreduced),
     on one random batch from :func:`example_input`; the model's own reducer is restored afterwards.
 
-    Timed round-robin, one forward per reducer per round, and the median round kept per reducer, so
+    Timed round-robin, one forward per reducer per round, and the median time taken per reducer, so
     drift and bursts of load on a shared machine hit every reducer alike and the ratios stay fair.
     """
     model.eval().to(device)
@@ -89,12 +89,6 @@ def throughputs(model: nn.Module, reducers: Sequence[TokenReducer | None], batch
     finally:
         R.attach(model, previous)
     return [batch_size / statistics.median(t) for t in times]
-
-
-def throughput(model: nn.Module, batch_size: int, img_size: int | None = None, device: str = "cpu",
-               warmup: int = 2, reps: int = 7) -> float:
-    """Images (clips) per second of ``model``'s forward as it is (see :func:`throughputs`)."""
-    return throughputs(model, [model.token_reducer], batch_size, img_size, device, warmup, reps)[0]
 
 
 @dataclass
