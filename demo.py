@@ -20,7 +20,7 @@ import rmeeto.reduction as R
 from rmeeto.data.demo import ensure_demo_shards
 from rmeeto.evaluate import accuracy, format_table, rows_as_dicts, throughputs, training_free_table
 from rmeeto.export import load as load_export
-from rmeeto.flops import count
+from rmeeto.flops import count, count_config
 
 OUT = Path("outputs/demo")
 CHECKPOINT = Path("checkpoints/vim_demo")
@@ -82,7 +82,7 @@ def main() -> None:
     free = R.apply(base, "rmeeto", r=r, blocks=blocks)
     free_acc = accuracy(base, loaders(), num_classes, desc="training-free")
     base_speed, merged_speed = throughputs(base, [None, free], SPEED_BATCH)
-    gflops_merged, gflops_base = count(base), count(rmeeto.create_model("vim_demo"))
+    gflops_merged, gflops_base = count(base), count_config(base.cfg)
     R.remove(retrained)
     table("re-trained weights, training-free reducers", retrained, loaders, num_classes, OUT / "retrained")
 
