@@ -76,7 +76,8 @@ def read_all(root: Path, split: str) -> list[dict]:
     return list(read_shards({"url": url} for url in list_shards(root, split)))
 
 
-def key_and_shard(src: Iterator[dict], transform: object, policy: ErrorPolicy) -> Iterator[tuple[str, str]]:
+def key_and_shard(src: Iterator[dict], transform: object, policy: ErrorPolicy, decode: object = None
+                  ) -> Iterator[tuple[str, str]]:
     """Stand-in for ``pipelines.to_tensors`` that reports which sample came out, without decoding."""
     for sample in policy.filter(src):
         yield sample["key"], sample["shard"]

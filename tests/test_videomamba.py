@@ -17,15 +17,10 @@ from lightning.pytorch.callbacks import Callback
 
 import rmeeto
 import rmeeto.reduction as R
-from rmeeto.data.reader import ErrorPolicy
+from rmeeto.data.pipelines import eval_pipeline
+from rmeeto.data.reader import ErrorPolicy, read_shards
 from rmeeto.data.shards import ShardError
-from rmeeto.data.video import (
-    VideoDataModule,
-    clip_eval_pipeline,
-    decode_clip,
-    read_clip_shards,
-    write_clip_shards,
-)
+from rmeeto.data.video import VideoDataModule, check_clip, decode_clip, write_clip_shards
 from rmeeto.data.video_demo import CLASSES, moving_digit_clips, write_video_demo_shards
 from rmeeto.flops import count, count_config
 from rmeeto.lit import RMeeToModule
@@ -229,8 +224,8 @@ def test_bad_clips_name_the_shard_and_key(tmp_path):
         write_clip_shards([("flat", good[0], 1)], tmp_path / "bad", "val", num_classes=2)
     write_clip_shards([("ok", good, 0)], tmp_path, "val", num_classes=2)
     shard = str(tmp_path / "val-000000.tar")
-    assert [s["key"] for s in read_clip_shards([{"url": shard}], {shard: 1})] == ["ok"]
-    short = list(read_clip_shards([{"url": shard}], {shard: 3}))  # the index promises 3 clips
+    assert [s["key"] for s in read_shards([{"url": shard}], {shard: 1}, check=check_clip)] == ["ok"]
+    short = list(read_shards([{"url": shard}], {shard: 3}, check=check_clip))  # the index promises 3 clips
     assert isinstance(short[-1], ShardError) and "index says 3" in str(short[-1]) and short[-1].lost == 2
     with pytest.raises(ShardError, match="sample 'bad'.*undecodable clip"):
         decode_clip({"key": "bad", "shard": shard, "clip": b"not numpy", "label": 0})
@@ -243,7 +238,8 @@ def test_bad_clips_name_the_shard_and_key(tmp_path):
             writer.write({"__key__": key, "npy": buffer.getvalue(), "cls": "1"})
     policy = ErrorPolicy("skip")
     with pytest.warns(UserWarning, match="sample 'float'.*uint8"):
-        clips = list(clip_eval_pipeline([mixed], [2], transform=lambda clip: clip, policy=policy))
+        clips = list(eval_pipeline([mixed], [2], transform=lambda clip: clip, policy=policy, check=check_clip,
+                                  decode=decode_clip))
     assert [label for _, label in clips] == [1] and policy.skipped == 1
 
 

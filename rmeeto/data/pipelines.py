@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,9 +26,8 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from rmeeto.data.reader import ErrorPolicy, Sample, decode_image, read_shards
+from rmeeto.data.reader import Check, ErrorPolicy, Sample, check_image, decode_image, read_shards
 from rmeeto.data.shards import ShardError
-from rmeeto.data.transforms import ImageTransform
 
 
 def dist_info() -> tuple[int, int]:
@@ -78,11 +77,12 @@ class EpochShards(IterableDataset):
 
 
 def read_cycles(cycles: Iterable[list[dict[str, str]]], policy: ErrorPolicy, shuffle_buffer: int,
-                expected: Mapping[str, int] | None = None, num_classes: int | None = None) -> Iterator[Sample]:
+                expected: Mapping[str, int] | None = None, num_classes: int | None = None,
+                check: Check = check_image) -> Iterator[Sample]:
     """Read each cycle's shards through a shuffle buffer that empties before the next cycle starts, so a
     reader yields each of its samples once before it repeats any."""
     for shards in cycles:
-        samples = policy.filter(read_shards(shards, expected, num_classes))
+        samples = policy.filter(read_shards(shards, expected, num_classes, check))
         empty = True
         for sample in wds.shuffle(shuffle_buffer)(samples) if shuffle_buffer > 1 else samples:
             empty = False
@@ -109,16 +109,17 @@ def worker_share(src: Iterable[Any], batches_per_rank: int, batch_size: int) -> 
     return itertools.islice(src, batches * batch_size)
 
 
-def to_tensors(src: Iterable[Sample], transform: ImageTransform, policy: ErrorPolicy
-               ) -> Iterator[tuple[Tensor, int]]:
-    """Decode and transform: sample → (image (3, H, W) float, label); undecodable images go to ``policy``."""
+def to_tensors(src: Iterable[Sample], transform: Callable[[Any], Tensor], policy: ErrorPolicy,
+               decode: Callable[[Sample], Any] = decode_image) -> Iterator[tuple[Tensor, int]]:
+    """Decode and transform: sample → (image 3×H×W or clip 3×T×H×W float, label); what ``decode`` (images
+    by default; clips: ``rmeeto.data.video.decode_clip``) cannot read goes to ``policy``."""
     for sample in src:
         try:
-            image = decode_image(sample)
+            decoded = decode(sample)
         except ShardError as error:
             policy.handle(error)
             continue
-        yield transform(image), sample["label"]
+        yield transform(decoded), sample["label"]
 
 
 class SizedPipeline(wds.DataPipeline):
@@ -138,17 +139,20 @@ def train_pipeline(
     counts: Sequence[int],
     *,
     batch_size: int,
-    transform: ImageTransform,
+    transform: Callable[[Any], Tensor],
     policy: ErrorPolicy,
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 5000,
     seed: int = 0,
     num_classes: int | None = None,
+    check: Check = check_image,
+    decode: Callable[[Sample], Any] = decode_image,
 ) -> wds.DataPipeline:
-    """Training samples for one rank; ``len()`` is ``batches_per_rank * batch_size`` and the stream yields
-    exactly that many samples per epoch, so a DataLoader with ``batch_size`` gives ``batches_per_rank``
-    full batches (``batches_per_rank = sum(counts) // world_size // batch_size``)."""
+    """Training samples (images, or clips with the video ``check``/``decode``) for one rank; ``len()`` is
+    ``batches_per_rank * batch_size`` and the stream yields exactly that many samples per epoch, so a
+    DataLoader with ``batch_size`` gives ``batches_per_rank`` full batches
+    (``batches_per_rank = sum(counts) // world_size // batch_size``)."""
     batches_per_rank = sum(counts) // world_size // batch_size
     if batches_per_rank == 0:
         raise ValueError(f"{sum(counts)} training samples do not fill one batch of {batch_size} "
@@ -157,8 +161,8 @@ def train_pipeline(
     return SizedPipeline(
         EpochShards(urls, rank, world_size, seed),
         partial(read_cycles, policy=policy, shuffle_buffer=shuffle_buffer, expected=expected,
-                num_classes=num_classes),
-        partial(to_tensors, transform=transform, policy=policy),
+                num_classes=num_classes, check=check),
+        partial(to_tensors, transform=transform, policy=policy, decode=decode),
         partial(worker_share, batches_per_rank=batches_per_rank, batch_size=batch_size),
         size=batches_per_rank * batch_size,
     )
@@ -168,16 +172,19 @@ def eval_pipeline(
     urls: Sequence[str],
     counts: Sequence[int],
     *,
-    transform: ImageTransform,
+    transform: Callable[[Any], Tensor],
     policy: ErrorPolicy,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
     num_classes: int | None = None,
+    check: Check = check_image,
+    decode: Callable[[Sample], Any] = decode_image,
 ) -> wds.DataPipeline:
-    """Evaluation samples ``(image, label)`` of one rank, in file order; over all ranks and the
+    """Evaluation samples ``(image or clip, label)`` of one rank, in file order; over all ranks and the
     ``num_workers`` DataLoader workers of each, every sample comes out exactly once."""
-    read = partial(read_shards, expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes)
+    read = partial(read_shards, expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes,
+                   check=check)
     if len(urls) >= world_size * max(1, num_workers):
         split = [partial(split_by_rank, rank=rank, world_size=world_size), wds.split_by_worker, read]
     else:
@@ -186,5 +193,5 @@ def eval_pipeline(
         wds.SimpleShardList(list(urls)),
         *split,
         policy.filter,
-        partial(to_tensors, transform=transform, policy=policy),
+        partial(to_tensors, transform=transform, policy=policy, decode=decode),
     )

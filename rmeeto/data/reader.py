@@ -12,7 +12,7 @@ import io
 import multiprocessing
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ OnError = Literal["raise", "skip"]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 Sample = dict[str, Any]
+#: raw webdataset sample, shard url, num_classes → checked Sample or the ShardError it has
+Check = Callable[[Mapping[str, Any], str, int | None], "Sample | ShardError"]
 
 
 class ErrorPolicy:
@@ -61,7 +63,7 @@ class ErrorPolicy:
                 yield item
 
 
-def _check_sample(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> Sample | ShardError:
+def check_image(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> Sample | ShardError:
     """Turn a raw webdataset sample into ``{"key", "shard", "jpg", "label"}`` or the error it has."""
     key = raw["__key__"]
     image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -87,9 +89,10 @@ def check_label(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> 
     return label
 
 
-def read_shard(url: str, expected: int | None = None, num_classes: int | None = None
+def read_shard(url: str, expected: int | None = None, num_classes: int | None = None, check: Check = check_image
                ) -> Iterator[Sample | ShardError]:
-    """Samples of one shard in file order; a read failure or a count differing from ``expected`` ends it
+    """Samples of one shard in file order, each through ``check`` (images by default; clips:
+    ``rmeeto.data.video.check_clip``); a read failure or a count differing from ``expected`` ends it
     with one ``ShardError`` item (``lost`` = samples missing against ``expected``, at least 1)."""
     seen, last_key = 0, None
     try:
@@ -98,7 +101,7 @@ def read_shard(url: str, expected: int | None = None, num_classes: int | None = 
             for raw in group_by_keys(files):
                 last_key = raw["__key__"]
                 seen += 1
-                yield _check_sample(raw, url, num_classes)
+                yield check(raw, url, num_classes)
     except Exception as exn:  # tarfile, gopen and webdataset raise many types; all mean an unreadable shard
         where = f"after sample {last_key!r}" if last_key is not None else "before the first sample"
         detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
@@ -112,11 +115,11 @@ def read_shard(url: str, expected: int | None = None, num_classes: int | None = 
 
 
 def read_shards(shards: Iterable[Mapping[str, str]], expected: Mapping[str, int] | None = None,
-                num_classes: int | None = None) -> Iterator[Sample | ShardError]:
+                num_classes: int | None = None, check: Check = check_image) -> Iterator[Sample | ShardError]:
     """Pipeline stage: ``read_shard`` over a stream of ``{"url": path}`` (``expected`` maps path → count)."""
     for shard in shards:
         url = shard["url"]
-        yield from read_shard(url, None if expected is None else expected.get(url), num_classes)
+        yield from read_shard(url, None if expected is None else expected.get(url), num_classes, check)
 
 
 def decode_image(sample: Sample) -> Image.Image:

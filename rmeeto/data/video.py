@@ -7,7 +7,8 @@ a sample holds a clip instead of an image, in one of two layouts, plus ``<key>.c
 - ``<key>.<frame>.jpg`` (or .jpeg/.png/.webp): one image per frame, taken in name order (zero-pad the
   frame names: ``000.jpg``, ``001.jpg``, …).
 
-Reading keeps the image pipeline's guarantees by using its stages (:mod:`rmeeto.data.pipelines`): training
+Reading keeps the image pipeline's guarantees by being it (:mod:`rmeeto.data.pipelines` with ``check_clip``
+and ``decode_clip``): training
 deals each epoch's shard permutation to ranks and workers (``EpochShards``), repeats each reader's own
 shards through a shuffle buffer and stops every rank after the same number of full batches
 (``worker_share``); evaluation reads every clip exactly once over all ranks and workers, in file order.
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import partial
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,19 +30,10 @@ import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from rmeeto.data.pipelines import (
-    EpochShards,
-    SizedPipeline,
-    split_by_rank,
-    split_by_reader,
-    worker_share,
-)
-from rmeeto.data.reader import IMAGE_EXTENSIONS, ErrorPolicy, OnError, Sample, check_label, decode_image
+from rmeeto.data.reader import IMAGE_EXTENSIONS, OnError, Sample, check_label, decode_image
 from rmeeto.data.shards import (
     PART_SUFFIX,
     SHARD_PATTERN,
@@ -50,7 +41,6 @@ from rmeeto.data.shards import (
     ShardIndex,
     _finish_shard,
     encode_jpeg,
-    list_shards,
     shard_name,
     write_index,
 )
@@ -127,48 +117,6 @@ def check_clip(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> S
     return {"key": key, "shard": shard, "clip": clip, "label": label}
 
 
-def read_clip_shard(url: str, expected: int | None = None, num_classes: int | None = None
-                    ) -> Iterator[Sample | ShardError]:
-    """Clips of one shard in file order; an unreadable shard or a count differing from ``expected`` ends
-    it with one ``ShardError`` (``lost`` = clips missing against ``expected``, at least 1)."""
-    seen, last_key = 0, None
-    try:
-        with wds.gopen(url, "rb") as stream:
-            for raw in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                last_key, seen = raw["__key__"], seen + 1
-                yield check_clip(raw, url, num_classes)
-    except Exception as exn:  # tarfile, gopen and webdataset raise many types; all mean an unreadable shard
-        lost = max(1, expected - seen) if expected is not None else 1
-        yield ShardError(f"corrupt, truncated or missing shard (after sample {last_key!r}): "
-                         f"{type(exn).__name__}: {exn}", url, lost=lost)
-        return
-    if expected is not None and seen != expected:
-        yield ShardError(f"shard has {seen} samples, the index says {expected}", url, key=last_key,
-                         lost=max(1, expected - seen))
-
-
-def read_clip_shards(shards: Iterable[Mapping[str, str]], expected: Mapping[str, int] | None = None,
-                     num_classes: int | None = None) -> Iterator[Sample | ShardError]:
-    """Pipeline stage: :func:`read_clip_shard` over a stream of ``{"url": path}``."""
-    for shard in shards:
-        yield from read_clip_shard(shard["url"], None if expected is None else expected.get(shard["url"]),
-                                   num_classes)
-
-
-def read_clip_cycles(cycles: Iterable[list[dict[str, str]]], policy: ErrorPolicy, shuffle_buffer: int,
-                     expected: Mapping[str, int], num_classes: int | None) -> Iterator[Sample]:
-    """Training stage after ``EpochShards``: each cycle's clips through a shuffle buffer that empties before
-    the next cycle, so a reader yields each of its clips once before it repeats any."""
-    for shards in cycles:
-        clips = policy.filter(read_clip_shards(shards, expected, num_classes))
-        empty = True
-        for clip in wds.shuffle(shuffle_buffer)(clips) if shuffle_buffer > 1 else clips:
-            empty = False
-            yield clip
-        if empty:
-            raise ShardError(f"no readable clip in this reader's shards {[s['url'] for s in shards]}")
-
-
 def decode_clip(sample: Sample) -> np.ndarray:
     """The sample's clip as a uint8 T×H×W×3 array; anything else raises ``ShardError``."""
     payload = sample["clip"]
@@ -225,51 +173,6 @@ class ClipTransform:
         return (video.permute(1, 0, 2, 3).float() / 255 - self.mean) / self.std
 
 
-def to_clips(src: Iterable[Sample], transform: ClipTransform, policy: ErrorPolicy) -> Iterator[tuple[Tensor, int]]:
-    """Decode and transform: sample → (clip 3×T×H×W float, label); undecodable clips go to ``policy``."""
-    for sample in src:
-        try:
-            clip = decode_clip(sample)
-        except ShardError as error:
-            policy.handle(error)
-            continue
-        yield transform(clip), sample["label"]
-
-
-# ----------------------------------------------------------------------------- pipelines
-def clip_train_pipeline(urls: Sequence[str], counts: Sequence[int], *, batch_size: int, transform: ClipTransform,
-                        policy: ErrorPolicy, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 200,
-                        seed: int = 0, num_classes: int | None = None) -> SizedPipeline:
-    """``rmeeto.data.pipelines.train_pipeline`` for clips: exactly ``batches_per_rank * batch_size`` clips
-    per epoch on every rank (``batches_per_rank = sum(counts) // world_size // batch_size``)."""
-    batches_per_rank = sum(counts) // world_size // batch_size
-    if batches_per_rank == 0:
-        raise ValueError(f"{sum(counts)} training clips do not fill one batch of {batch_size} "
-                         f"on each of {world_size} ranks")
-    return SizedPipeline(
-        EpochShards(urls, rank, world_size, seed),
-        partial(read_clip_cycles, policy=policy, shuffle_buffer=shuffle_buffer,
-                expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes),
-        partial(to_clips, transform=transform, policy=policy),
-        partial(worker_share, batches_per_rank=batches_per_rank, batch_size=batch_size),
-        size=batches_per_rank * batch_size,
-    )
-
-
-def clip_eval_pipeline(urls: Sequence[str], counts: Sequence[int], *, transform: ClipTransform, policy: ErrorPolicy,
-                       rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                       num_classes: int | None = None) -> wds.DataPipeline:
-    """``rmeeto.data.pipelines.eval_pipeline`` for clips: over all ranks and their ``num_workers`` workers,
-    every clip comes out exactly once, in file order (shards split when there are enough, else clips)."""
-    read = partial(read_clip_shards, expected=dict(zip(urls, counts, strict=True)), num_classes=num_classes)
-    if len(urls) >= world_size * max(1, num_workers):
-        split = [partial(split_by_rank, rank=rank, world_size=world_size), wds.split_by_worker, read]
-    else:
-        split = [read, partial(split_by_reader, rank=rank, world_size=world_size)]
-    return wds.DataPipeline(wds.SimpleShardList(list(urls)), *split, policy.filter,
-                            partial(to_clips, transform=transform, policy=policy))
-
-
 # ----------------------------------------------------------------------------- DataModule
 class VideoDataModule(WebDatasetDataModule):
     """Train/val loaders over clip shards; batches are ``(clips (B, 3, num_frames, img_size, img_size)
@@ -280,6 +183,9 @@ class VideoDataModule(WebDatasetDataModule):
     batches per epoch from disjoint shards, and validation sees every clip exactly once over all ranks and
     workers (``val_num_samples``). Augmentation: see :class:`ClipTransform` (no RandAugment, no erasing).
     """
+
+    check = staticmethod(check_clip)
+    decode = staticmethod(decode_clip)
 
     def __init__(
         self,
@@ -302,28 +208,9 @@ class VideoDataModule(WebDatasetDataModule):
     ) -> None:
         super().__init__(root, train_split, val_split, img_size=img_size, batch_size=batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, auto_augment=None, reprob=0.0,
-                         mean=mean, std=std, on_error=on_error, num_classes=num_classes, seed=seed, rank=rank,
-                         world_size=world_size)
+                         crop_scale=crop_scale, mean=mean, std=std, on_error=on_error, num_classes=num_classes,
+                         seed=seed, rank=rank, world_size=world_size)
         self.num_frames = num_frames
-        self.crop_scale = tuple(crop_scale)
 
-    def _transform(self, train: bool) -> ClipTransform:
-        return ClipTransform(self.num_frames, self.img_size, train, self.crop_scale, self.mean, self.std)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world_size = self._dist()
-        dataset = clip_train_pipeline(
-            list_shards(self.root, self.train_split), list(self.train_index.shards.values()),
-            batch_size=self.batch_size, transform=self._transform(True), policy=self.train_policy, rank=rank,
-            world_size=world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed, num_classes=self.num_classes,
-        )
-        return self._loader(dataset)
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world_size = self._dist()
-        dataset = clip_eval_pipeline(
-            list_shards(self.root, self.val_split), list(self.val_index.shards.values()),
-            transform=self._transform(False), policy=self.val_policy, rank=rank, world_size=world_size,
-            num_workers=self.num_workers, num_classes=self.num_classes,
-        )
-        return self._loader(dataset)
+    def transform(self, train: bool) -> ClipTransform:
+        return ClipTransform(self.num_frames, self.img_size, train, tuple(self.crop_scale), self.mean, self.std)

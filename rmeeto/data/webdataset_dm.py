@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from rmeeto.data.pipelines import dist_info, eval_pipeline, train_pipeline
-from rmeeto.data.reader import ErrorPolicy, OnError
+from rmeeto.data.reader import Check, ErrorPolicy, OnError, Sample, check_image, decode_image
 from rmeeto.data.shards import ShardIndex, index_path, list_shards, read_index
 from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
 
@@ -36,7 +39,13 @@ class WebDatasetDataModule(L.LightningDataModule):
     train split, for evaluation only), mean/std else to ImageNet's. ``on_error="skip"`` warns about
     and skips unreadable shards/samples and counts them in ``skipped_samples``; ``"raise"`` raises
     ``ShardError``. Workers are persistent so the per-epoch shard order advances.
+
+    A subclass for other samples (clips: ``rmeeto.data.video.VideoDataModule``) sets ``check``/``decode``
+    and overrides :meth:`transform`.
     """
+
+    check: Check = staticmethod(check_image)
+    decode: Callable[[Sample], Any] = staticmethod(decode_image)
 
     def __init__(
         self,
@@ -153,16 +162,20 @@ class WebDatasetDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
+    def transform(self, train: bool) -> Callable[[Any], Tensor]:
+        """The per-sample transform of the train or eval loader (subclasses: other kinds of samples)."""
+        if train:
+            return train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
+                                   self.mean, self.std, self.crop_scale, self.hflip)
+        return eval_transform(self.img_size, self.mean, self.std)
+
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._dist()
-        index = self.train_index
-        transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                    self.mean, self.std, self.crop_scale, self.hflip)
         dataset = train_pipeline(
-            list_shards(self.root, self.train_split), list(index.shards.values()),
-            batch_size=self.batch_size, transform=transform, policy=self.train_policy, rank=rank,
+            list_shards(self.root, self.train_split), list(self.train_index.shards.values()),
+            batch_size=self.batch_size, transform=self.transform(True), policy=self.train_policy, rank=rank,
             world_size=world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-            num_classes=self.num_classes,
+            num_classes=self.num_classes, check=self.check, decode=self.decode,
         )
         return self._loader(dataset)
 
@@ -170,8 +183,8 @@ class WebDatasetDataModule(L.LightningDataModule):
         rank, world_size = self._dist()
         dataset = eval_pipeline(
             list_shards(self.root, self.val_split), list(self.val_index.shards.values()),
-            transform=eval_transform(self.img_size, self.mean, self.std), policy=self.val_policy,
-            rank=rank, world_size=world_size, num_workers=self.num_workers, num_classes=self.num_classes,
+            transform=self.transform(False), policy=self.val_policy, rank=rank, world_size=world_size,
+            num_workers=self.num_workers, num_classes=self.num_classes, check=self.check, decode=self.decode,
         )
         return self._loader(dataset)
 
