@@ -43,8 +43,9 @@ def reducer_share(model, x, reps: int) -> float:
     return spent[0] / total
 
 
-def op_shares(model, x) -> dict[str, float]:
-    """Share of forward CPU time in the selective scan, the causal conv and the linear layers."""
+def op_shares(model, x, reps: int = 3) -> dict[str, float]:
+    """Share of forward CPU time in the selective scan, the causal conv and the linear layers, over
+    reps profiled forwards (one forward alone swings by several points on a shared machine)."""
     scan, conv = mamba.selective_scan, mamba.causal_conv1d
 
     def labelled(fn, label):
@@ -58,7 +59,8 @@ def op_shares(model, x) -> dict[str, float]:
         model(x)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            model(x)
+            for _ in range(reps):
+                model(x)
             wall = time.perf_counter() - start
     finally:
         mamba.selective_scan, mamba.causal_conv1d = scan, conv

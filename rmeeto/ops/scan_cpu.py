@@ -15,7 +15,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -34,12 +33,17 @@ if AVAILABLE and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 
-def _lanes(x: Tensor | None, nd: int, nblk: int) -> Tensor:
-    """D×M (or (D,)) per-channel parameter → K×M×LANES, zero-padded (zeros when x is None)."""
+def _lanes(x: Tensor | None, nd: int, nblk: int) -> np.ndarray:
+    """D×M (or (D,)) per-channel parameter → K×M×LANES, zero-padded (zeros when x is None).
+
+    In numpy: these small reshapes cost a few µs there and several aten calls each in torch.
+    """
     if x is None:
-        return torch.zeros(nblk, 1, _k.LANES)
-    x = F.pad(x.detach().reshape(nd, -1).t(), (0, nblk * _k.LANES - nd))  # M×Dp
-    return x.reshape(-1, nblk, _k.LANES).transpose(0, 1).contiguous()
+        return np.zeros((nblk, 1, _k.LANES), np.float32)
+    x = x.detach().reshape(nd, -1).numpy()
+    out = np.zeros((nblk * _k.LANES, x.shape[1]), np.float32)
+    out[:nd] = x
+    return np.ascontiguousarray(out.reshape(nblk, _k.LANES, -1).transpose(0, 2, 1))
 
 
 def _threads() -> int:
@@ -69,21 +73,22 @@ class _CpuScan(torch.autograd.Function):
         (u, delta, z), layout = _rows((u, delta, z if has_z else u))
         A_b = _lanes(A, nd, nblk)  # K×N×LANES
         D_b, bias_b = _lanes(D, nd, nblk)[:, 0], _lanes(delta_bias, nd, nblk)[:, 0]  # K×LANES
-        B_l, C_l = (x.detach().transpose(1, 2).contiguous() for x in (B, C))  # B×L×N
+        B_l, C_l = (np.array(x.detach().numpy().transpose(0, 2, 1), order="C") for x in (B, C))  # B×L×N copies
         out = u.new_empty(nb, nd, L)
         with _LOCK:
             groups = min(_threads(), nb * nblk)
-            scratch = [u.new_empty(groups, *s) for s in _k.forward_scratch(L, A.shape[1])]
-            _k.scan_forward(*_np((u, delta, z)), layout, *_np((A_b, B_l, C_l, D_b, bias_b)), softplus, has_z,
-                            out.numpy(), _counter(), *_np(scratch))  # fmt: skip
-        ctx.save_for_backward(u, delta, z, A_b, B_l, C_l, D_b, bias_b)
-        ctx.softplus, ctx.has_z, ctx.layout = softplus, has_z, layout
+            scratch = [np.empty((groups, *s), np.float32) for s in _k.forward_scratch(L, A.shape[1])]
+            _k.scan_forward(*_np((u, delta, z)), layout, A_b, B_l, C_l, D_b, bias_b, softplus, has_z,
+                            out.numpy(), _counter(), *scratch)  # fmt: skip
+        ctx.save_for_backward(u, delta, z)
+        ctx.params, ctx.softplus, ctx.has_z, ctx.layout = (A_b, B_l, C_l, D_b, bias_b), softplus, has_z, layout
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        u, delta, z, A_b, B_l, C_l, D_b, bias_b = ctx.saved_tensors
+        u, delta, z = ctx.saved_tensors
+        A_b, B_l, C_l, D_b, bias_b = ctx.params
         nb, L, nd = gout.shape[0], gout.shape[2], gout.shape[1]
         nblk, nn, lanes = A_b.shape
         (gout,), gout_layout = _rows((gout.float(),))
@@ -96,11 +101,11 @@ class _CpuScan(torch.autograd.Function):
             parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
             groups = min(threads, nb * parts)
             g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
-            scratch = [gout.new_empty(groups, *s) for s in _k.backward_scratch(L)]
+            scratch = [np.empty((groups, *s), np.float32) for s in _k.backward_scratch(L)]
             grads = (g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias)
             layout = ctx.layout | gout_layout << 3
-            _k.scan_backward(*_np((u, delta, z, gout)), layout, *_np((A_b, B_l, C_l, D_b, bias_b)), ctx.softplus,
-                             ctx.has_z, *_np(grads), _counter(), *_np(scratch))  # fmt: skip
+            _k.scan_backward(*_np((u, delta, z, gout)), layout, A_b, B_l, C_l, D_b, bias_b, ctx.softplus,
+                             ctx.has_z, *_np(grads), _counter(), *scratch)  # fmt: skip
         g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
         g_B, g_C = g_B.sum(0), g_C.sum(0)
         g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
