@@ -1,5 +1,9 @@
 """rmeeto.ops: every scan backend against the `ref` oracle, gradients, conv, backend selection."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,6 +210,47 @@ def test_cpu_backend_float64_inputs_compute_in_fp32():
     y = selective_scan(**x, delta_softplus=softplus, backend="cpu")
     assert y.dtype == torch.float64
     assert_close_scaled(y, selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol_scale=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_kernel_exp_and_softplus_accuracy():
+    import numba
+    import numpy as np
+
+    from rmeeto.ops import cpu_kernels as k
+
+    @numba.njit
+    def apply(fn, x):
+        return np.array([fn(v) for v in x], dtype=np.float32)
+
+    x = np.linspace(-87, 88, 200_001, dtype=np.float32)
+    want = np.exp(x.astype(np.float64))
+    assert (np.abs(apply(k._exp, x) - want) / want).max() < 2.5e-7
+    x = np.linspace(-40, 40, 200_001, dtype=np.float32)
+    want = np.logaddexp(0, x.astype(np.float64))
+    assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
+
+
+_THREADS_PROBE = """
+import os, numba, torch
+from rmeeto.ops.scan_cpu import selective_scan_cpu
+x = torch.randn(1, 4, 5)
+selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize(
+    ("env", "layers"), [({}, ("omp", "workqueue")), ({"NUMBA_THREADING_LAYER": "workqueue"}, ("workqueue",))]
+)
+def test_cpu_backend_threading_layer(env, layers):
+    """In a fresh process: numba's OpenMP layer where it loads (else workqueue), the user's choice when
+    set, and the wait policy set while the threads start is not left in the environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE], env={**clean, **env}, capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert out[0] in layers and out[1] == "None"
 
 
 # --- causal conv1d ---------------------------------------------------------------------------------

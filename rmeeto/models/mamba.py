@@ -102,8 +102,8 @@ class BiMamba(nn.Module):
         return y, delta, Bm, Cm
 
     def forward(self, hidden: Tensor) -> Tensor:
-        xz = self.in_proj(hidden).transpose(1, 2)  # B×2Dᵢ×L
-        x, z = xz.chunk(2, dim=1)
+        # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
+        x, z = (F.linear(hidden, w).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L views
         y_f, d_f, b_f, c_f = self._scan(x, z, "")
         y_b, d_b, b_b, c_b = self._scan(x.flip(-1), z.flip(-1), "_b")
         if self.record:

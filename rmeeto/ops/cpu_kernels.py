@@ -60,22 +60,23 @@ def _fma(typingctx, a, b, c):
 
 @njit(inline="always")
 def _exp(x):
-    """float32 exp, Cephes-style (≈1 ulp), vectorisable; x is clamped to [-87, 88].
+    """float32 exp to 2e-7 relative (3 ulp), vectorisable; x is clamped to [-87, 88].
 
-    The polynomial goes by Estrin's scheme, not Horner's: a shorter dependency chain, ~15 % faster in
-    these loops, same accuracy.
+    Cody–Waite reduction to r ∈ [−ln2/2, ln2/2], then 1 + r + r²·q(r), q a cubic fitted for the
+    least maximum relative error (Lawson's weighted least squares) and evaluated by Estrin's scheme.
+    The scan's inner loop spends most of its time here; with this form it runs ~15 % faster than
+    with a 1-ulp degree-7 polynomial.
     """
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
     k = np.floor(_fma(x, _LOG2E, np.float32(0.5)))
     r = _fma(-k, _LN2_LO, _fma(-k, _LN2_HI, x))
     r2 = r * r
-    p = _fma(
-        _fma(_fma(np.float32(1.9875691500e-4), r, np.float32(1.3981999507e-3)), r2,
-             _fma(np.float32(8.3334519073e-3), r, np.float32(4.1665795894e-2))),
+    q = _fma(
+        _fma(np.float32(8.31253e-3), r, np.float32(4.189011e-2)),
         r2,
-        _fma(np.float32(1.6666665459e-1), r, np.float32(5.0000001201e-1)),
-    )  # fmt: skip
-    p = _fma(p, r2, r) + _F1
+        _fma(np.float32(1.6667114e-1), r, np.float32(4.9999232e-1)),
+    )
+    p = _fma(q, r2, r) + _F1
     return p * _int_as_float((np.int32(k) + np.int32(127)) << np.int32(23))
 
 

@@ -1,11 +1,12 @@
 """`cpu` backend: fused numba selective scan, forward and backward (available only if numba imports).
 
-Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless NUMBA_THREADING_LAYER is
-set), and its OpenMP runtime is loaded with OMP_WAIT_POLICY=PASSIVE (unless the user set one), so
-its idle threads sleep instead of spinning against PyTorch's between kernels. Measured on Vim-S
-(2 cores): the scan's share of the forward drops from ~41 % (workqueue) to ~32 %. That runtime is
-not fork-safe: a process forked after the scan ran here must not run it again (numba stops it with
-a message); set NUMBA_THREADING_LAYER=workqueue for such uses. Kernel calls are serialised by a lock
+Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless
+NUMBA_THREADING_LAYER is set), and its OpenMP runtime is loaded with OMP_WAIT_POLICY=PASSIVE (unless
+the user set one), so its idle threads sleep instead of spinning against PyTorch's between kernels:
+with ``workqueue``, or with spinning OpenMP threads, the scans of a Vim-S forward ran ~1.4× slower
+on a 2-core machine (and the matrix multiplies between them slower too). That runtime is not
+fork-safe: a process forked after the scan ran here must not run it again (numba stops it with a
+message); set NUMBA_THREADING_LAYER=workqueue for such uses. Kernel calls are serialised by a lock
 (the layers are not re-entrant) and use torch.get_num_threads() threads.
 """
 
