@@ -4,7 +4,7 @@
     model = rmeeto.export.load("export/")                # VisionMamba, reduction re-attached, eval mode
 
 ``config.json`` holds the architecture (every :class:`VimConfig` field) and the reduction (method,
-its options, schedule blocks/amounts/final_tokens), so ``load`` needs no Lightning, no training config
+its options, schedule blocks/r/final_tokens), so ``load`` needs no Lightning, no training config
 and gives the same logits. Problems raise :class:`CheckpointError` naming the file.
 """
 
@@ -44,13 +44,13 @@ def reduction_settings(model: VisionMamba) -> dict[str, Any] | None:
     if not isinstance(reducer, TokenReduction) or type(reducer.method) not in METHOD_NAMES:
         raise TypeError(f"cannot export token reducer {reducer!r}: only rmeeto.reduction.apply's reducers")
     schedule = reducer.schedule
-    if len(set(schedule.amounts)) > 1:
-        raise ValueError(f"cannot export a schedule with unequal amounts {schedule.amounts}")
+    if len(set(schedule.r)) > 1:
+        raise ValueError(f"cannot export a schedule with unequal r per block {schedule.r}")
     return {
         "method": METHOD_NAMES[type(reducer.method)],
-        "options": dataclasses.asdict(reducer.method),
+        "options": {f.name: getattr(reducer.method, f.name) for f in dataclasses.fields(reducer.method) if f.init},
         "blocks": list(schedule.blocks),
-        "amounts": list(schedule.amounts),
+        "r": list(schedule.r),
         "final_tokens": schedule.final_tokens,
         "track_source": reducer.track_source,
     }
@@ -125,9 +125,9 @@ def load(directory: str | os.PathLike) -> VisionMamba:
     reduction = config.get("reduction")
     if reduction:
         try:
-            amounts = reduction["amounts"]
+            r = reduction["r"]
             rmeeto.reduction.apply(
-                model, reduction["method"], r=amounts[0] if amounts else 0, blocks=reduction["blocks"],
+                model, reduction["method"], r=r[0] if r else 0, blocks=reduction["blocks"],
                 final_tokens=reduction["final_tokens"], track_source=reduction.get("track_source", False),
                 **reduction["options"],
             )
