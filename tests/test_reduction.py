@@ -299,3 +299,18 @@ def test_works_under_torch_compile():
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(model, backend="aot_eager", dynamic=False)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name,r,options", [("rmeeto", 8, {}), ("mtr", 0.3, {"indicator": "cls"}),
+                                            ("rmeeto", 8, {"distance": "l2"}), ("evit", 0.3, {})])
+def test_bf16_autocast_makes_the_same_merge_decisions(name, r, options):
+    """Scores are fp32 with autocast off: the same tokens give the same plan under bf16 autocast."""
+    model = tiny_vim()
+    reducer = R.apply(model, name, r=r, blocks=[2], **options)
+    state = random_state(b=4, n=65, c=16, p=32, seed=7)
+    state.hidden, state.residual = state.hidden.float(), state.residual.float()
+    plain = reducer(2, TokenState(state.hidden, state.residual, 32, state.size))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = reducer(2, TokenState(state.hidden, state.residual, 32, state.size))
+    assert torch.equal(plain.cls_index, mixed.cls_index) and torch.equal(plain.size, mixed.size)
+    assert torch.equal(plain.hidden, mixed.hidden)
