@@ -9,13 +9,12 @@ is the one place where tokens are combined.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 MergeOp = Literal["wavg", "mean", "max", "min"]
-MERGE_OPS: tuple[str, ...] = get_args(MergeOp)
 
 
 class Plan(NamedTuple):

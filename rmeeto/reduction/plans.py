@@ -9,7 +9,7 @@ and the baselines it is compared with). Counts are checked by the methods (:mod:
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,8 +29,6 @@ Distance = Literal["cosine", "l1", "l2"]
 Order = Literal["ordered", "odd_even", "unordered"]
 ClsRule = Literal["proportional", "sequence"]
 Variant = Literal["merge", "prune", "hybrid"]
-DISTANCES: tuple[str, ...] = get_args(Distance)
-ORDERS: tuple[str, ...] = get_args(Order)
 
 
 def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:

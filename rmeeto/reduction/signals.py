@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,8 +13,6 @@ from rmeeto.reduction.merge import remove_cls
 
 Feature = Literal["x", "delta", "B", "C"]
 Indicator = Literal["delta", "B", "C", "cls"]
-FEATURES: tuple[str, ...] = get_args(Feature)
-INDICATORS: tuple[str, ...] = get_args(Indicator)
 
 
 @dataclass
