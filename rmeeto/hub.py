@@ -95,13 +95,19 @@ def verify_download(path: Path, where: str) -> None:
     blob = path.resolve()
     if not _SHA256.fullmatch(blob.name):
         return
+    digest = file_sha256(blob)
+    if digest != blob.name:
+        raise CheckpointError(f"{where}: corrupt download {blob} (sha256 {digest[:12]}…, the Hub says "
+                              f"{blob.name[:12]}…); delete that file and download again")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(blob, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != blob.name:
-        raise CheckpointError(f"{where}: corrupt download {blob} (sha256 {digest.hexdigest()[:12]}…, the Hub says "
-                              f"{blob.name[:12]}…); delete that file and download again")
+    return digest.hexdigest()
 
 
 def list_files(ref: HubRef) -> list[str]:
