@@ -227,3 +227,32 @@ def download(spec: str) -> Path:
     config = hub.download(ref.repo_id, prefix + CONFIG, ref.revision)
     hub.download(ref.repo_id, prefix + WEIGHTS, ref.revision)
     return config.parent
+
+
+def push_to_hub(export_dir: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
+                revision: str | None = None) -> str:
+    """Upload an export (weights, config and a generated README.md model card) to the Hub model repo
+    ``repo_id`` (created if missing; branch ``revision`` created if missing) in one commit; returns the
+    commit's URL. The export is loaded first, so a broken or mixed export is refused before any upload."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from rmeeto.flops import count, count_config
+
+    directory = Path(export_dir)
+    config = read_config(directory)
+    model = load(directory)
+    try:
+        gflops = (count_config(model.cfg), count(model))
+    except TypeError:  # a model family without a FLOPs formula: the card leaves GFLOPs out
+        gflops = None
+    card = hub.model_card(config, repo_id, gflops)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name))
+                  for name in (WEIGHTS, CONFIG)]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    info = api.create_commit(repo_id, operations, commit_message=f"Upload rmeeto export of {config['model'].get('name')}",
+                             revision=revision)
+    return str(info.commit_url)

@@ -12,6 +12,7 @@ exceptions into a :class:`~rmeeto.models.checkpoint.CheckpointError` naming the 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -165,7 +166,7 @@ def _hub_error(where: str, err: Exception) -> CheckpointError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         why = f"cannot reach the Hub{offline} and the file is not in the cache {constants.HF_HUB_CACHE}"
     elif isinstance(err, EntryNotFoundError):
-        why = "the repository has no such file"
+        why = "not found in the repository"
     elif isinstance(err, HfHubHTTPError):
         why = f"the Hub answered HTTP {err.response.status_code}"
     elif isinstance(err, (OfflineModeIsEnabled, httpx2.HTTPError, OSError)):
@@ -173,3 +174,66 @@ def _hub_error(where: str, err: Exception) -> CheckpointError:
     else:
         raise err
     return CheckpointError(f"{where}: {why}")
+
+
+CITATIONS = """\
+```bibtex
+@misc{shi2024rmeeto,
+  title  = {Faster Vision Mamba is Rebuilt in Minutes via Merged Token Re-training},
+  author = {Shi, Mingjia and Zhou, Yuhao and Yu, Ruiji and Li, Zekai and Liang, Zhiyuan and Zhao, Xuanlei and
+            Peng, Xiaojiang and Rajpurohit, Tanmay and Vedantam, Ramakrishna and Zhao, Wangbo and Wang, Kai and
+            You, Yang},
+  year   = {2024}
+}
+@article{ma2025mtr,
+  title   = {Training-free Token Reduction for Vision Mamba},
+  author  = {Ma, Qiankun and Zhang, Ziyao and Su, Chi and Chen, Jie and Song, Zhen and Zheng, Hairong and Gao, Wen},
+  journal = {arXiv preprint arXiv:2507.14042},
+  year    = {2025}
+}
+```"""
+
+
+def model_card(config: dict, repo_id: str, gflops: tuple[float, float] | None) -> str:
+    """README.md for an rmeeto export: architecture, reduction, GFLOPs (unreduced, reduced), the accuracy and
+    dataset recorded in ``extra`` (``top1``, ``dataset``), normalisation, how to load it, both papers."""
+    model, extra = config["model"], config.get("extra") or {}
+    arch = model["config"]
+    reduction = config.get("reduction")
+    dataset = extra.get("dataset")
+    front = ["---", "library_name: rmeeto", "pipeline_tag: image-classification",
+             "tags: [vision-mamba, token-reduction, rmeeto, timm]"]
+    front += [f"datasets: [{json_str(dataset)}]"] if dataset else []
+    rows = [("architecture", f"{model.get('name') or 'custom'} ({model.get('family', 'VimConfig')}: embed dim "
+                             f"{arch.get('embed_dim')}, depth {arch.get('depth')}, patch {arch.get('patch_size')}, "
+                             f"{arch.get('img_size')}×{arch.get('img_size')} input, {arch.get('num_classes')} classes)")]
+    if reduction:
+        settings = {k: v for k, v in reduction.items() if k not in ("method", "options")}
+        settings.update(reduction.get("options") or {})
+        rows.append(("token reduction", f"{reduction.get('method')}: "
+                     + ", ".join(f"{k}={v}" for k, v in settings.items())))
+    else:
+        rows.append(("token reduction", "none"))
+    if gflops:
+        before, after = gflops
+        rows.append(("GFLOPs", f"{before:.2f} unreduced → {after:.2f} ({(after - before) / before:+.1%})"))
+    if extra.get("top1") is not None:
+        rows.append(("top-1", f"{extra['top1']} % on {dataset or 'an unrecorded dataset'} (measured before export)"))
+    weights = config.get("weights", {})
+    rows.append(("weights", f"{'EMA' if weights.get('ema') else 'live'} weights, sha256 {weights.get('sha256', '?')}"))
+    data = config.get("data") or {}
+    if data:
+        rows.append(("input normalisation", f"mean {data.get('mean')}, std {data.get('std')}"))
+    others = {k: v for k, v in extra.items() if k not in ("top1", "dataset")}
+    rows += [(f"recorded: {k}", str(v)) for k, v in others.items()]
+    table = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    usage = (f"```python\nimport rmeeto.export\n\nmodel = rmeeto.export.load(\"{PREFIX}{repo_id}\")"
+             f"  # eval mode, reduction attached\n```\n\nor `python eval.py --export {PREFIX}{repo_id} --data <val set>`.")
+    return "\n".join(front + ["---", "", f"# {repo_id.split('/')[-1]}", "",
+                              "A token-reduced Vision Mamba exported by rmeeto (R-MeeTo / MTR).", "", *table, "",
+                              "## How to load", "", usage, "", "## Citation", "", CITATIONS, ""])
+
+
+def json_str(value: object) -> str:
+    """A YAML-safe scalar (JSON strings are valid YAML)."""
+    return json.dumps(str(value))
