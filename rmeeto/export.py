@@ -253,6 +253,6 @@ def push_to_hub(export_dir: str | os.PathLike, repo_id: str, *, token: str | Non
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name))
                   for name in (WEIGHTS, CONFIG)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    info = api.create_commit(repo_id, operations, commit_message=f"Upload rmeeto export of {config['model'].get('name')}",
-                             revision=revision)
+    message = f"Upload rmeeto export of {config['model'].get('name') or 'a custom model'}"
+    info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     return str(info.commit_url)

@@ -19,7 +19,6 @@ from pathlib import Path, PurePosixPath
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -29,6 +28,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.hf_api import RepoFile
 
 from rmeeto.models.checkpoint import CheckpointError
 
@@ -204,9 +204,10 @@ def model_card(config: dict, repo_id: str, gflops: tuple[float, float] | None) -
     front = ["---", "library_name: rmeeto", "pipeline_tag: image-classification",
              "tags: [vision-mamba, token-reduction, rmeeto, timm]"]
     front += [f"datasets: [{json_str(dataset)}]"] if dataset else []
+    size = arch.get("img_size")
     rows = [("architecture", f"{model.get('name') or 'custom'} ({model.get('family', 'VimConfig')}: embed dim "
                              f"{arch.get('embed_dim')}, depth {arch.get('depth')}, patch {arch.get('patch_size')}, "
-                             f"{arch.get('img_size')}×{arch.get('img_size')} input, {arch.get('num_classes')} classes)")]
+                             f"{size}×{size} input, {arch.get('num_classes')} classes)")]
     if reduction:
         settings = {k: v for k, v in reduction.items() if k not in ("method", "options")}
         settings.update(reduction.get("options") or {})
@@ -228,7 +229,8 @@ def model_card(config: dict, repo_id: str, gflops: tuple[float, float] | None) -
     rows += [(f"recorded: {k}", str(v)) for k, v in others.items()]
     table = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     usage = (f"```python\nimport rmeeto.export\n\nmodel = rmeeto.export.load(\"{PREFIX}{repo_id}\")"
-             f"  # eval mode, reduction attached\n```\n\nor `python eval.py --export {PREFIX}{repo_id} --data <val set>`.")
+             "  # eval mode, reduction attached\n```\n\n"
+             f"or `python eval.py --export {PREFIX}{repo_id} --data <val set>`.")
     return "\n".join(front + ["---", "", f"# {repo_id.split('/')[-1]}", "",
                               "A token-reduced Vision Mamba exported by rmeeto (R-MeeTo / MTR).", "", *table, "",
                               "## How to load", "", usage, "", "## Citation", "", CITATIONS, ""])

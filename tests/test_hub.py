@@ -286,6 +286,8 @@ def test_missing_repo_or_file_and_corrupt_downloads_are_one_line_errors(hub):
         rmeeto.create_model("vim_tiny", pretrained="hf-hub:hustvl/Vim-tiny-midclstok/nope.pth", **TINY)
     with pytest.raises(CheckpointError, match=r"^hf-hub:someone/missing/w\.pth: no such repository"):
         rmeeto.create_model("vim_tiny", pretrained="hf-hub:someone/missing/w.pth", **TINY)
+    with pytest.raises(CheckpointError, match=r"^hf-hub:hustvl/Vim-tiny-midclstok: 2 checkpoint files, name one"):
+        rmeeto.load_checkpoint(rmeeto.create_model("vim_tiny", **TINY), "hf-hub:hustvl/Vim-tiny-midclstok")
     hub.corrupt.add("other.pth")
     with pytest.raises(CheckpointError, match=r"other\.pth: corrupt download .*delete that file") as err:
         rmeeto.create_model("vim_tiny", pretrained="hf-hub:hustvl/Vim-tiny-midclstok/other.pth", **TINY)
@@ -352,8 +354,8 @@ def test_push_then_load_back_without_lightning(hub, tmp_path):
     assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
     assert files["model.safetensors"] == (tmp_path / "export/model.safetensors").read_bytes()
     card = files["README.md"].decode()
-    for expected in ("library_name: rmeeto", "VimConfig: embed dim 32, depth 4", "token reduction | rmeeto", "GFLOPs", "unreduced →",
-                     "91.5 % on digits-val", 'rmeeto.export.load("hf-hub:me/vim-demo-rmeeto")',
+    for expected in ("library_name: rmeeto", "VimConfig: embed dim 32, depth 4", "token reduction | rmeeto",
+                     "GFLOPs", "unreduced →", "91.5 % on digits-val", 'rmeeto.export.load("hf-hub:me/vim-demo-rmeeto")',
                      "Faster Vision Mamba is Rebuilt in Minutes", "Training-free Token Reduction for Vision Mamba"):
         assert expected in card, expected
 

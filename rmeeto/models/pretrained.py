@@ -81,7 +81,7 @@ PRETRAINED_CFGS: dict[str, CheckpointCfg] = {
             gflops={"tiny": 11.54, "small": 40.43, "middle": 115.33}[size] if frames == 8 else None)
         for size, top1s in {"tiny": (76.9, 78.1, 78.8, 79.6), "small": (79.3, 80.8, 81.5, 81.8),
                             "middle": (80.6, 81.9, 82.4, 82.8)}.items()
-        for frames, top1 in zip((8, 16, 32, 64), top1s)
+        for frames, top1 in zip((8, 16, 32, 64), top1s, strict=True)
     },
     "videomamba_tiny_k400_f8.rmeeto_r88": _cfg(_RMEETO, folder="K400_VideoMamba-Ti_30epochs_76.5", top1=76.5,
                                                gflops=9.49, r=88, num_classes=400),

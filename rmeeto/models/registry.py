@@ -125,7 +125,8 @@ def weights_location(cfg: dict[str, Any]) -> str:
         path = cfg.get("hf_hub_filename") or cfg.get("hf_hub_subfolder") or ""
         return f"{hub.PREFIX}{cfg['hf_hub_id']}{'/' + path if path else ''}"
     name = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag"))))
-    tags = sorted(k for k, v in PRETRAINED_CFGS.items() if k.startswith(f"{cfg.get('architecture')}.") and v.has_weights)
+    prefix = f"{cfg.get('architecture')}."
+    tags = sorted(k for k, v in PRETRAINED_CFGS.items() if k.startswith(prefix) and v.has_weights)
     raise CheckpointError(f"{name}: no public checkpoint is known (tags with weights: {', '.join(tags) or 'none'}); "
                           "pass pretrained=<checkpoint path or hf-hub:owner/name/file>")
 
