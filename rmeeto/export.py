@@ -175,7 +175,7 @@ def load(directory: str | os.PathLike) -> VisionMamba:
     folder or ``"hf-hub:owner/name[@revision][/folder]"`` (downloaded into the Hugging Face cache).
     ``model.pretrained_cfg`` (timm's convention) holds the export's ``mean``/``std``."""
     if hub.is_hub_spec(directory):
-        directory = download(str(directory))
+        directory = download(directory)
     config = read_config(directory)
     path = Path(directory) / CONFIG
     try:
@@ -220,7 +220,7 @@ def _pretrained_cfg(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def download(spec: str) -> Path:
+def download(spec: str | os.PathLike) -> Path:
     """The local folder holding the export at ``hf-hub:owner/name[@revision][/folder]`` (config, weights)."""
     ref = hub.parse(spec)
     prefix = f"{ref.path}/" if ref.path else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -58,12 +59,13 @@ class HubRef:
 
 
 def is_hub_spec(value: object) -> bool:
-    """Whether ``value`` is an ``hf-hub:`` string."""
-    return isinstance(value, str) and value.startswith(PREFIX)
+    """Whether ``value`` is an ``hf-hub:`` string (or a Path made from one, as argparse ``type=Path`` gives)."""
+    return isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(PREFIX)
 
 
-def parse(spec: str) -> HubRef:
+def parse(spec: str | os.PathLike) -> HubRef:
     """``hf-hub:owner/name[@revision][/path]`` → HubRef; ValueError naming the spec when malformed."""
+    spec = os.fspath(spec)
     if not is_hub_spec(spec):
         raise ValueError(f"{spec!r}: not a Hub reference (expected {PREFIX}owner/name[@revision][/path])")
     parts = spec[len(PREFIX):].strip("/").split("/")

@@ -30,6 +30,7 @@ from huggingface_hub import constants
 import rmeeto
 import rmeeto.reduction
 from rmeeto import export
+from rmeeto import hub as hub_module
 from rmeeto.lit import RMeeToModule
 from rmeeto.lit.push import PushToHub
 from rmeeto.models import CheckpointError
@@ -266,8 +267,8 @@ def test_revisions_pin_the_weights(hub):
     hub.repos[VIM_T[0]]["v1"] = old
     latest = rmeeto.create_model("vim_tiny", pretrained=f"hf-hub:{VIM_T[0]}/{VIM_T[1]}", **TINY)
     assert same_weights(latest, new_state) and "paper_top1" not in latest.pretrained_cfg
-    for revision in (old, "v1"):
-        pinned = rmeeto.create_model("vim_tiny", pretrained=f"hf-hub:{VIM_T[0]}@{revision}/{VIM_T[1]}", **TINY)
+    for revision in (old, "v1"):  # a Path, as eval.py's argparse gives it, works too
+        pinned = rmeeto.create_model("vim_tiny", pretrained=Path(f"hf-hub:{VIM_T[0]}@{revision}/{VIM_T[1]}"), **TINY)
         assert same_weights(pinned, old_state), revision
     import timm  # timm's own form: owner/name@revision in hf_hub_id
 
@@ -426,3 +427,15 @@ def test_hf_home_and_hf_hub_offline_are_read_from_the_environment(hub, tmp_path)
                                 cwd=Path(__file__).parents[1], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "loaded 76.1"
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("hf-hub:hustvl/Vim-small-midclstok", ("hustvl/Vim-small-midclstok", "", None)),
+    ("hf-hub:Soptq/R-Meeto@abc123/Vim-S_15epoch_80.0", ("Soptq/R-Meeto", "Vim-S_15epoch_80.0", "abc123")),
+    ("hf-hub:a/b/sub/w.pth", ("a/b", "sub/w.pth", None)),
+])
+def test_hub_references_parse_and_print_back(spec, expected):
+    ref = hub_module.parse(spec)
+    assert (ref.repo_id, ref.path, ref.revision) == expected and str(ref) == spec
+    with pytest.raises(ValueError, match="owner/name"):
+        hub_module.parse("hf-hub:just-a-name")

@@ -28,7 +28,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     from rmeeto import hub  # imported here: hub imports CheckpointError from this module
 
     if hub.is_hub_spec(path):
-        path = hub.fetch(hub.parse(str(path)))
+        path = hub.fetch(hub.parse(path))
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
