@@ -174,3 +174,17 @@ def test_recording_is_off_by_default():
     model = tiny()
     model(torch.randn(1, 3, 32, 32))
     assert all(layer.mixer.last_record is None for layer in model.layers)
+
+
+def test_stride8_vim_plus_variants_for_the_fine_tuned_checkpoints():
+    """The "Vim+" checkpoints take overlapping 16×16 patches at stride 8: 27² + 1 tokens at 224."""
+    import timm
+
+    model = rmeeto.create_model("vim_tiny_patch16_stride8_224_midclstok.in1k_ft", img_size=64, depth=2)
+    assert model.cfg.num_patches == 7 * 7 and model.pos_embed.shape == (1, 50, 192)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert rmeeto.models.registry.model_config("vim_small_stride8").num_patches == 27 * 27
+    cfg = timm.models.get_pretrained_cfg("vim_small_patch16_stride8_224_midclstok.in1k_ft")
+    assert cfg.hf_hub_filename == "vim_s_midclstok_ft_81p6acc.pth" and cfg.paper_top1 == 81.6
+    with pytest.raises(ValueError, match="does not fit patches of 16 at stride 8"):
+        model(torch.randn(1, 3, 60, 60))

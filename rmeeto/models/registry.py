@@ -32,11 +32,14 @@ from rmeeto.models.checkpoint import CheckpointError, load_checkpoint
 from rmeeto.models.pretrained import PAPER_FIELDS, PRETRAINED_CFGS, SOURCE_FIELDS, blank_cfg
 from rmeeto.models.vim import VimConfig, VisionMamba
 
-#: Published variants (methods.md §1) plus a tiny one for the bundled demo and the tests.
+#: Published variants (methods.md §1), the stride-8 "Vim+" ones of the fine-tuned checkpoints, and a tiny one
+#: for the bundled demo and the tests.
 VARIANTS: dict[str, VimConfig] = {
     "vim_tiny": VimConfig(embed_dim=192),
     "vim_small": VimConfig(embed_dim=384),
     "vim_base": VimConfig(embed_dim=768),
+    "vim_tiny_stride8": VimConfig(embed_dim=192, patch_stride=8),
+    "vim_small_stride8": VimConfig(embed_dim=384, patch_stride=8),
     "vim_demo": VimConfig(img_size=64, patch_size=8, embed_dim=64, depth=8, num_classes=10),
 }
 #: Variant → its timm architecture name (variants added by :func:`register_family` keep their own name).
@@ -44,6 +47,8 @@ TIMM_NAMES = {
     "vim_tiny": "vim_tiny_patch16_224_midclstok",
     "vim_small": "vim_small_patch16_224_midclstok",
     "vim_base": "vim_base_patch16_224_midclstok",
+    "vim_tiny_stride8": "vim_tiny_patch16_stride8_224_midclstok",
+    "vim_small_stride8": "vim_small_patch16_stride8_224_midclstok",
     "vim_demo": "vim_demo_patch8_64",
 }
 #: Config class → model class. Other families (VideoMamba) add themselves with :func:`register_family`.

@@ -43,6 +43,8 @@ class VideoMambaConfig(VimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.patch_stride not in (None, self.patch_size):
+            raise ValueError(f"VideoMamba takes non-overlapping patches; patch_stride={self.patch_stride}")
         if self.num_frames is not None and (self.num_frames < 1 or self.num_frames % self.tubelet_size):
             raise ValueError(f"num_frames={self.num_frames} must be a positive multiple of "
                              f"tubelet_size={self.tubelet_size}")

@@ -62,22 +62,30 @@ class VimConfig:
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
     divide_out: bool = True
+    patch_stride: int | None = None
 
     def __post_init__(self) -> None:
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}: "
-                             "the border pixels would be ignored")
+        if (self.img_size - self.patch_size) % self.stride:
+            raise ValueError(f"img_size={self.img_size} does not fit patches of {self.patch_size} at stride "
+                             f"{self.stride}: the border pixels would be ignored")
+
+    @property
+    def stride(self) -> int:
+        """Patch stride: ``patch_stride``, or the patch size (non-overlapping patches, the default)."""
+        return self.patch_stride or self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return ((self.img_size - self.patch_size) // self.stride + 1) ** 2
 
 
-def check_patch_multiple(x: Tensor, patch_size: int) -> None:
-    """ValueError unless the input's height and width (its last two dims) are multiples of ``patch_size``."""
-    if x.shape[-1] % patch_size or x.shape[-2] % patch_size:
-        raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {patch_size}: "
-                         "the border pixels would be ignored")
+def check_patch_multiple(x: Tensor, patch_size: int, stride: int | None = None) -> None:
+    """ValueError unless patches of ``patch_size`` at ``stride`` (default: the patch size) tile the input's
+    height and width (its last two dims) exactly."""
+    stride = stride or patch_size
+    if (x.shape[-1] - patch_size) % stride or (x.shape[-2] - patch_size) % stride:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} does not fit patches of {patch_size} at stride "
+                         f"{stride}: the border pixels would be ignored")
 
 
 class PatchEmbed(nn.Module):
@@ -85,7 +93,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -139,7 +147,7 @@ class VisionMamba(nn.Module):
 
     def embed(self, x: Tensor) -> TokenState:
         """Patchify, insert cls at the middle (index M // 2), add position embedding."""
-        check_patch_multiple(x, self.cfg.patch_size)
+        check_patch_multiple(x, self.cfg.patch_size, self.cfg.stride)
         tokens = self.patch_embed(x)
         m = tokens.shape[1]
         if m + 1 != self.pos_embed.shape[1]:
