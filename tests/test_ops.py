@@ -235,7 +235,7 @@ _THREADS_PROBE = """
 import os, numba, torch
 from rmeeto.ops.scan_cpu import selective_scan_cpu
 x = torch.randn(1, 4, 5)
-selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5), None, None, None, False)
 print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
 """
 
