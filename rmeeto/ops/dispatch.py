@@ -105,7 +105,7 @@ def _warn_fallback() -> None:
         _warned_fallback = True
         warnings.warn(
             f"CUDA tensors, but the `cuda` scan backend is unavailable ({cuda.unavailable_reason()}); "
-            "using the pure-PyTorch `torch` backend, about 10x slower in training. See docs/cuda.md.",
+            "using the pure-PyTorch `torch` backend, far slower in training. See docs/cuda.md.",
             RuntimeWarning,
             stacklevel=3,
         )
