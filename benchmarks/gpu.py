@@ -21,6 +21,7 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +93,31 @@ def inference(tiny: bool, device: str, backend: str, batch: int, reps: int, comp
             # tiny (CPU check): dynamo only, inductor's C++ build would dominate the CI time
             fn = torch.compile(model, backend="eager" if tiny else "inductor") if compiled else model
             with use_backend(backend), torch.no_grad(), torch.autocast(device, dtype):
-                ips = batch / timed(lambda: fn(x), device, reps)  # noqa: B023
+                ips = batch / timed(partial(fn, x), device, reps)
             base = base or ips
             name = f"{backend}{' compiled' if compiled else ''}"
             print(f"infer {name:14s} {str(dtype)[6:]:8s} {method or 'unreduced':9s} {ips:9.1f} img/s "
                   f"({ips / base:.2f}x)  peak {peak_mib(device)}")  # fmt: skip
 
 
+def train_step(student, teacher, opt, x, y, distill: bool, backend: str, device: str) -> None:
+    """One AdamW step, bf16 autocast: cross-entropy, or half CE and half KL to the teacher's output."""
+    with use_backend(backend), torch.autocast(device, torch.bfloat16):
+        logits = student(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if distill:
+            with torch.no_grad():
+                target = teacher(x).float().log_softmax(-1)
+            kl = F.kl_div(logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean")
+            loss = 0.5 * loss + 0.5 * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def training(tiny: bool, device: str, backend: str, batch: int, reps: int) -> None:
-    """One optimizer step of the R-MeeTo model: cross-entropy (paper), plus KL to the frozen
-    unreduced model (official, distill_weight 0.5), bf16 autocast."""
+    """Training steps of the R-MeeTo model: the paper recipe (cross-entropy) and the official one
+    (plus distillation from the frozen unreduced model, weight 0.5)."""
     x = torch.randn(batch, 3, *(2 * [TINY["img_size"] if tiny else 224]), device=device)
     y = torch.randint(0, TINY["num_classes"] if tiny else 1000, (batch,), device=device)
     for recipe, distill in (("paper", False), ("official", True)):
@@ -109,20 +125,7 @@ def training(tiny: bool, device: str, backend: str, batch: int, reps: int) -> No
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         R.attach(teacher, None)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-
-        def step() -> None:
-            with use_backend(backend), torch.autocast(device, torch.bfloat16):
-                logits = student(x)
-                loss = F.cross_entropy(logits.float(), y)
-                if distill:  # noqa: B023
-                    with torch.no_grad():
-                        target = teacher(x).float().log_softmax(-1)  # noqa: B023
-                    kl = F.kl_div(logits.float().log_softmax(-1), target, log_target=True, reduction="batchmean")
-                    loss = 0.5 * loss + 0.5 * kl
-            opt.zero_grad(set_to_none=True)  # noqa: B023
-            loss.backward()
-            opt.step()  # noqa: B023
-
+        step = partial(train_step, student, teacher, opt, x, y, distill, backend, device)
         ips = batch / timed(step, device, reps)
         print(f"train {backend:8s} {recipe:8s} distill={'on' if distill else 'off':3s} {ips:9.1f} img/s  "
               f"peak {peak_mib(device)}")  # fmt: skip

@@ -6,7 +6,6 @@ is allowed on CPU tensors; everything else (selective_scan_fn, mamba_inner_fn, c
 their autograd Functions) is the libraries' code.
 """
 
-import copy
 import importlib.util
 import sys
 from pathlib import Path
