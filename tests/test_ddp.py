@@ -28,6 +28,7 @@ def run_rank(shards: Path, out: Path) -> None:
 
     from rmeeto.data import WebDatasetDataModule, eval_transform, webdataset_dm
     from rmeeto.lit import RMeeToModule
+    from rmeeto.lit.callbacks import ExactOnceValidation
 
     torch.set_num_threads(1)
 
@@ -62,7 +63,7 @@ def run_rank(shards: Path, out: Path) -> None:
     data = WebDatasetDataModule(str(shards), img_size=32, batch_size=BATCH, num_workers=0, shuffle_buffer=100)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=STEPS,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Recorder()])
+                        enable_model_summary=False, callbacks=[Recorder(), ExactOnceValidation()])
     trainer.fit(module, datamodule=data)
 
 
@@ -78,7 +79,7 @@ def test_two_rank_ddp_splits_training_data_and_counts_validation_once(demo_shard
     assert [len(r["train"]) for r in ranks] == [STEPS * BATCH] * 2
     assert all(len(t) == STEPS * BATCH for t in train)  # no sample twice within a rank…
     assert not train[0] & train[1]  # …nor on both ranks
-    # Exact-once validation (the module also asserts it against val_num_samples) and reduced metrics.
+    # Exact-once validation (ExactOnceValidation also asserts it against val_num_samples) and reduced metrics.
     assert sum(r["seen"] for r in ranks) == VAL_SAMPLES and all(r["seen"] > 0 for r in ranks)
     accuracy = sum(r["correct"] for r in ranks) / VAL_SAMPLES
     for r in ranks:

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from rmeeto.data import WebDatasetDataModule
 from rmeeto.lit import RMeeToModule, distillation_loss
+from rmeeto.lit.callbacks import EMA, ExactOnceValidation, ema_weights
 from rmeeto.lit.optim import cosine_schedule, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,8 @@ def test_short_fit_lowers_the_loss_and_keeps_an_ema(demo_shards):
     optimizer = fit.optimizers[0]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-5])
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
-    ema = module.frozen.ema.module.state_dict()
+    (ema_callback,) = [cb for cb in fit.callbacks if isinstance(cb, EMA)]  # added by the module for ema_decay
+    ema = ema_callback.weights()
     live = module.model.state_dict()
     assert not torch.allclose(ema["head.weight"], live["head.weight"])
     assert not torch.allclose(ema["head.weight"], start["head.weight"])
@@ -181,9 +183,9 @@ def test_validation_that_misses_samples_is_an_error(demo_shards):
     data = MiscountedData(str(demo_shards), img_size=32, batch_size=60, num_workers=0)
     message = r"validation saw 360 samples \(\+0 skipped as unreadable\) over 1 rank.* split has 361"
     with pytest.raises(RuntimeError, match=message):
-        trainer().validate(module, datamodule=data)
+        trainer(callbacks=[ExactOnceValidation()]).validate(module, datamodule=data)
     fresh = RMeeToModule(model_overrides=TINY, reduction=REDUCTION)
-    trainer().validate(fresh, datamodule=datamodule(demo_shards, batch_size=60))  # the true count passes
+    trainer(callbacks=[ExactOnceValidation()]).validate(fresh, datamodule=datamodule(demo_shards, batch_size=60))
 
 
 def wait_for_checkpoint(path: Path, process: subprocess.Popen, min_step: int, timeout: float = 90) -> None:
@@ -212,7 +214,7 @@ class ResumeProbe(Callback):
         self.start = {
             "global_step": trainer.global_step,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "ema": {k: v.clone() for k, v in pl_module.frozen.ema.module.state_dict().items()},
+            "ema": {k: v.clone() for k, v in ema_weights(pl_module).items()},
             "model": {k: v.clone() for k, v in pl_module.model.state_dict().items()},
         }
 
@@ -263,7 +265,7 @@ def test_killed_run_resumes_step_lr_and_ema(demo_shards, tmp_path):
     progress = (step + 3 - 2) / (max_steps - 2)
     expected_lr = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * progress))
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected_lr)
-    ema_now = cli.model.frozen.ema.module.state_dict()
+    ema_now = ema_weights(cli.model)
     assert not torch.equal(ema_now["head.weight"], start["ema"]["head.weight"])
     final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == step + 3  # saved at the end although not a multiple of every_n_train_steps
