@@ -26,12 +26,7 @@ def frozen_forward(model: nn.Module, images: Tensor, dtype: torch.dtype | None) 
 
 
 def enable_tf32() -> None:
-    """TF32 tensor cores for CUDA fp32 matmuls and convolutions (fp32 parts of a mixed-precision run); CPU math is
-    left as it is."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch ≥ 2.9, whose legacy allow_tf32 flags must not be mixed with it
-        matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """TF32 tensor cores for the fp32 matmuls of a GPU run (fp32 parts of a mixed-precision step; cuDNN
+    convolutions use TF32 by default). Called for CUDA runs only, so CPU results do not change. The generic API:
+    torch ≥ 2.9 refuses a mix of its per-backend flags and the legacy ones that Lightning still reads."""
+    torch.set_float32_matmul_precision("high")
