@@ -29,6 +29,7 @@ from rmeeto.data import ShardError
 from rmeeto.lit.callbacks import ExactOnceValidation, ExportCallback, FinalCheckpoint, ImageThroughput
 from rmeeto.lit.module import RMeeToModule
 from rmeeto.models import CheckpointError
+from rmeeto.models.deepspeed_checkpoint import is_deepspeed_checkpoint
 from rmeeto.ops.dispatch import resolve_backend
 
 #: Errors a user causes (bad checkpoint, corrupt shard, impossible r, unknown model, bad path, bad option): shown
@@ -50,7 +51,7 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> None:
         return
     path = Path(ckpt_path)
     if path.is_dir():
-        if not (path / "latest").is_file() and not (path / "checkpoint").is_dir():
+        if not is_deepspeed_checkpoint(path):
             raise CheckpointError(f"--ckpt_path {path}: a directory but not a DeepSpeed checkpoint")
     elif not path.is_file():
         raise CheckpointError(f"--ckpt_path {path}: checkpoint not found")
