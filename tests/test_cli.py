@@ -3,7 +3,10 @@ scan backend line."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, IterableDataset
 
 from rmeeto.data import ShardError
+from rmeeto.lit.callbacks import main_process_only
 from rmeeto.lit.cli import error_line, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +133,33 @@ def test_error_from_a_dataloader_worker_is_one_line():
     line = error_line(info.value)
     assert line == ("rmeeto.data.shards.ShardError: shard /data/train-000003.tar, sample 'n01440764_10026': "
                     "truncated tar header")
+
+
+class SignalInWorker(IterableDataset):
+    """Sends SIGUSR1 to its own (worker) process, then yields one item."""
+
+    def __iter__(self) -> Any:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)  # let the handler run
+        yield 0
+
+
+def test_requeue_signal_is_handled_in_the_training_process_only(tmp_path):
+    """A forked DataLoader worker inherits the training process's handler; after main_process_only it ignores it."""
+    def handled_by(log: Path) -> list[int]:
+        return [int(pid) for pid in log.read_text().split()] if log.exists() else []
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        for guarded in (False, True):
+            log = tmp_path / f"guarded_{guarded}.txt"
+            signal.signal(signal.SIGUSR1, lambda *_, log=log: log.open("a").write(f"{os.getpid()}\n"))
+            if guarded:
+                main_process_only(signal.SIGUSR1)
+            list(DataLoader(SignalInWorker(), num_workers=1))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            handlers = handled_by(log)
+            assert handlers[-1] == os.getpid()
+            assert (len(handlers) == 1) == guarded, handlers  # unguarded, the worker ran the handler too
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -4,13 +4,18 @@ the final ``last.ckpt`` and the export at the end of fit."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from timm.utils import ModelEmaV3
 from torch import Tensor
 
@@ -169,6 +174,48 @@ class ExactOnceValidation(Callback):
                 f"rank(s) but the split has {expected}: samples were dropped or repeated (check how the val "
                 "loader splits data over ranks and workers)"
             )
+
+
+def main_process_only(signum: int) -> None:
+    """Wrap the current Python handler of ``signum`` so that it runs only in this process: DataLoader workers
+    forked later inherit the wrapper and ignore the signal."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        signal.signal(signum, partial(_run_in, os.getpid(), handler))
+
+
+def _run_in(pid: int, handler: Callable[[int, FrameType | None], Any], signum: int, frame: FrameType | None) -> None:
+    if os.getpid() == pid:
+        handler(signum, frame)
+
+
+class RequeueSignalInMainProcess(Callback):
+    """Lets only the training process handle the SLURM requeue signal (``SIGUSR1``, or ``SLURMEnvironment``'s
+    ``requeue_signal``). Slurm may deliver it to every process of the job step, and a forked DataLoader worker
+    inherits Lightning's handler: it would save an HPC checkpoint and requeue the job from inside the worker.
+    Applied after Lightning registers its handlers and before the first loader (sanity check or training)
+    forks its workers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._applied = False
+
+    def _apply(self, trainer: L.Trainer) -> None:
+        if self._applied:
+            return
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        main_process_only(environment.requeue_signal if isinstance(environment, SLURMEnvironment) else
+                          signal.SIGUSR1)
+        self._applied = True
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._applied = False  # Lightning restores the original handlers at teardown
 
 
 class ImageThroughput(ThroughputMonitor):

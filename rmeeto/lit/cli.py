@@ -3,8 +3,9 @@ pipeline's callbacks, early checks and one-line errors.
 
 Always present (configurable under these keys): ``checkpoint`` (:class:`FinalCheckpoint` writing ``last.ckpt``
 every ``every_n_train_steps`` steps and at the end), ``lr_monitor`` (LearningRateMonitor), ``throughput``
-(images/s), ``export`` (safetensors export at the end of fit when ``export.export_dir`` is set), and the
-exact-once validation check. The module adds the EMA callback when ``model.ema_decay`` is set.
+(images/s), ``export`` (safetensors export at the end of fit when ``export.export_dir`` is set), ``exact_once``
+(the exact-once validation check) and ``requeue_signal`` (SLURM's requeue signal handled by the training process
+only, not by DataLoader workers). The module adds the EMA callback when ``model.ema_decay`` is set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from rmeeto.data import ShardError
-from rmeeto.lit.callbacks import ExactOnceValidation, ExportCallback, FinalCheckpoint, ImageThroughput
+from rmeeto.lit.callbacks import (
+    ExactOnceValidation,
+    ExportCallback,
+    FinalCheckpoint,
+    ImageThroughput,
+    RequeueSignalInMainProcess,
+)
 from rmeeto.lit.module import RMeeToModule
 from rmeeto.models import CheckpointError
 from rmeeto.models.deepspeed_checkpoint import is_deepspeed_checkpoint
@@ -80,6 +87,7 @@ class RMeeToCLI(LightningCLI):
         parser.add_lightning_class_args(ImageThroughput, "throughput")
         parser.add_lightning_class_args(ExportCallback, "export")
         parser.add_lightning_class_args(ExactOnceValidation, "exact_once")
+        parser.add_lightning_class_args(RequeueSignalInMainProcess, "requeue_signal")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
