@@ -68,7 +68,8 @@ def run_rank(shards: Path, out: Path) -> None:
 
 
 def test_two_rank_ddp_splits_training_data_and_counts_validation_once(demo_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: the script must import this checkout's rmeeto, not whichever one the environment has installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, __file__, str(demo_shards), str(tmp_path)], env=env, timeout=170,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert result.returncode == 0, result.stdout[-4000:]
