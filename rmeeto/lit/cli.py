@@ -46,9 +46,10 @@ DEBUG_FLAG, DEBUG_ENV = "--debug", "RMEETO_DEBUG"
 
 
 def check_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> None:
-    """CheckpointError unless ``ckpt_path`` is None, a Lightning keyword or remote path, ``"last"`` with a ``last*.ckpt`` in ``checkpoint_dir`` (the
-    ModelCheckpoint's naming, a file or a DeepSpeed directory), a zip-format torch checkpoint file, or a
-    DeepSpeed checkpoint directory. Cheap checks only: the file is read once, by Lightning."""
+    """CheckpointError unless ``ckpt_path`` is None, a Lightning keyword or remote path, ``"last"`` with a
+    ``last*.ckpt`` in ``checkpoint_dir`` (the ModelCheckpoint's naming, a file or a DeepSpeed directory), a
+    zip-format torch checkpoint file, or a DeepSpeed checkpoint directory. Cheap checks only: the file is read
+    once, by Lightning."""
     if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return  # Lightning's own keywords, model-registry and remote (fsspec) paths: left to Lightning
     if ckpt_path == "last":
