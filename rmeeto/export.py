@@ -72,12 +72,13 @@ def _unwrap(model: nn.Module, use_ema: bool) -> tuple[VisionMamba, str | None, M
     if isinstance(model, VisionMamba):
         name = next((n for n, cfg in VARIANTS.items() if cfg == model.cfg), None)
         return model, name, None
-    from rmeeto.lit.module import RMeeToModule  # imported here: exporting a bare model needs no Lightning
+    # imported here: exporting a bare model needs no Lightning
+    from rmeeto.lit.callbacks import ema_weights
+    from rmeeto.lit.module import RMeeToModule
 
     if not isinstance(model, RMeeToModule):
         raise TypeError(f"expected a VisionMamba or an RMeeToModule, got {type(model).__name__}")
-    ema = model.frozen.ema
-    return model.model, model.hparams.model, ema.module.state_dict() if ema is not None and use_ema else None
+    return model.model, model.hparams.model, ema_weights(model) if use_ema else None
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, ema_state: Mapping[str, Tensor] | None = None,

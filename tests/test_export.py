@@ -16,6 +16,7 @@ import rmeeto.reduction
 from rmeeto import export
 from rmeeto.data import WebDatasetDataModule
 from rmeeto.lit import ExportCallback, RMeeToModule
+from rmeeto.lit.callbacks import EMA
 from rmeeto.models import CheckpointError
 
 TINY = {"img_size": 32, "depth": 4, "embed_dim": 32}
@@ -59,17 +60,19 @@ def test_load_gives_identical_logits_with_the_reduction(tmp_path, reduction):
 
 def test_lit_module_exports_its_ema_weights(tmp_path):
     module = RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2}, ema_decay=0.5)
-    module._prepare_frozen()
+    (ema,) = module.configure_callbacks()  # the EMA callback of the training run
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ema], enable_progress_bar=False)
+    ema.setup(module.trainer, module, "fit")
     with torch.no_grad():
         for p in module.model.parameters():
             p.add_(0.01)
-    module.frozen.ema.update(module.model)  # EMA now halfway between start and live weights
+    ema.ema.update(module.model)  # EMA now halfway between start and live weights
     export.save(module, tmp_path / "ema")
     export.save(module, tmp_path / "live", use_ema=False)
 
     x = images()
     with torch.no_grad():
-        ema_logits = module.frozen.ema.module.eval()(x)
+        ema_logits = ema.ema.module.eval()(x)
         live_logits = module.model.eval()(x)
         assert not torch.allclose(ema_logits, live_logits)
         assert torch.equal(export.load(tmp_path / "ema")(x), ema_logits)
@@ -102,7 +105,8 @@ def test_export_callback_writes_at_the_end_of_fit(tmp_path, demo_shards):
     config = json.loads((tmp_path / "export/config.json").read_text())
     assert config["extra"]["global_step"] == 2 and config["weights"]["ema"] is True
     with torch.no_grad():
-        assert torch.equal(export.load(tmp_path / "export")(images()), module.frozen.ema.module(images()))
+        (ema,) = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+        assert torch.equal(export.load(tmp_path / "export")(images()), ema.ema.module(images()))
 
 
 def test_missing_or_corrupt_files_raise_errors_naming_them(tmp_path):

@@ -23,14 +23,19 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.safetensors``), an export directory, or
-    an ``hf-hub:owner/name[@revision]/path`` reference (downloaded into the Hugging Face cache)."""
+    """Tensors of a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.safetensors``), an export directory, a DeepSpeed
+    checkpoint directory (its fp32 weights), or an ``hf-hub:owner/name[@revision]/path`` reference (downloaded
+    into the Hugging Face cache)."""
     from rmeeto import hub  # imported here: hub imports CheckpointError from this module
 
     if hub.is_hub_spec(path):
         path = hub.fetch(hub.parse(path))
     path = Path(path)
     if path.is_dir():
+        from rmeeto.models.deepspeed_checkpoint import is_deepspeed_checkpoint, read_deepspeed_weights
+
+        if is_deepspeed_checkpoint(path):
+            return _unwrap(read_deepspeed_weights(path), path)
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
