@@ -118,7 +118,7 @@ def test_unwritable_output_dirs_fail_before_training(demo_shards, tmp_path, caps
         main(args, trainer_defaults={"callbacks": [counter]})
     assert counter.batches == 0
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "export").exists()
-    assert "selective scan backend on cpu: " in capsys.readouterr().out
+    assert "scan backend: cpu (device cpu" in capsys.readouterr().out
 
 
 class BrokenShard(IterableDataset):

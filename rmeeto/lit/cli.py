@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -37,7 +36,7 @@ from rmeeto.lit.callbacks import (
 from rmeeto.lit.module import RMeeToModule
 from rmeeto.models import CheckpointError
 from rmeeto.models.deepspeed_checkpoint import is_deepspeed_checkpoint
-from rmeeto.ops.dispatch import resolve_backend
+from rmeeto.ops import backend_summary
 
 #: Errors a user causes (bad checkpoint, corrupt shard, impossible r, unknown model, bad path, bad option): shown
 #: as one line. Anything else keeps its traceback.
@@ -67,11 +66,6 @@ def check_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | None) -> None:
         raise CheckpointError(f"--ckpt_path {path}: not a PyTorch checkpoint (not in torch.save's zip format)")
 
 
-def scan_backend(device: torch.device) -> str:
-    """Name of the selective-scan backend the model's layers use on ``device``."""
-    return resolve_backend(torch.empty(0, device=device))
-
-
 class RMeeToCLI(LightningCLI):
     """LightningCLI with the pipeline's callbacks, the fit/validate/test subcommands and checks of
     ``--ckpt_path`` before anything is built."""
@@ -99,7 +93,7 @@ class RMeeToCLI(LightningCLI):
 
     def _report_backend(self) -> None:
         device = self.trainer.strategy.root_device
-        rank_zero_only(print)(f"selective scan backend on {device}: {scan_backend(device)}")
+        rank_zero_only(print)(backend_summary(device))
 
     before_fit = before_validate = before_test = _report_backend
 
