@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from rmeeto import export
+from rmeeto.lit.callbacks import ema_weights
 
 
 class PushToHub(Callback):
@@ -51,8 +52,7 @@ class PushToHub(Callback):
     def notes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, object]:
         """Step, epoch, and the last validation top-1 (%) of the exported weights with its dataset."""
         notes: dict[str, object] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
-        ema = getattr(getattr(pl_module, "frozen", None), "ema", None)
-        key = "val_ema/acc1" if ema is not None and self.use_ema else "val/acc1"
+        key = "val_ema/acc1" if ema_weights(pl_module) is not None and self.use_ema else "val/acc1"
         top1 = trainer.callback_metrics.get(key)
         if top1 is not None:
             notes["top1"] = round(100 * float(top1), 2)
