@@ -34,6 +34,7 @@ from rmeeto.data import (
     validate_split,
     write_shards,
 )
+from rmeeto.data import reader
 from rmeeto.data.reader import read_shards
 from rmeeto.data.shards import ShardIndex, write_index
 from rmeeto.data.transforms import train_transform
@@ -76,11 +77,13 @@ def read_all(root: Path, split: str) -> list[dict]:
     return list(read_shards({"url": url} for url in list_shards(root, split)))
 
 
-def key_and_shard(src: Iterator[dict], transform: object, policy: ErrorPolicy, decode: object = None
-                  ) -> Iterator[tuple[str, str]]:
-    """Stand-in for ``pipelines.to_tensors`` that reports which sample came out, without decoding."""
-    for sample in policy.filter(src):
-        yield sample["key"], sample["shard"]
+def key_and_shard(sample: dict) -> tuple[str, str]:
+    """Stand-in decoder that reports which sample came out, without decoding."""
+    return sample["key"], sample["shard"]
+
+
+def identity(x: object) -> object:
+    return x
 
 
 def labels_of(loader: torch.utils.data.DataLoader) -> list[int]:
@@ -167,9 +170,12 @@ def test_train_transform_survives_zero_bit_posterize() -> None:
 
 
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 2)])
-def test_train_loader_epoch_length(demo_shards: Path, world_size: int, num_workers: int) -> None:
+def test_train_loader_epoch_length(demo_shards: Path, monkeypatch: pytest.MonkeyPatch, world_size: int,
+                                   num_workers: int) -> None:
+    monkeypatch.setenv("RANK", str(world_size - 1))  # read by webdataset, as under torchrun
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
     dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=32, num_workers=num_workers,
-                              shuffle_buffer=200, rank=world_size - 1, world_size=world_size)
+                              shuffle_buffer=200)
     dm.setup("fit")
     assert dm.num_classes == 10 and dm.mean == read_index(demo_shards, "train").mean
     loader = dm.train_dataloader()
@@ -184,18 +190,18 @@ def test_train_loader_epoch_length(demo_shards: Path, world_size: int, num_worke
 
 
 def test_train_shards_disjoint_across_ranks(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipelines, "to_tensors", key_and_shard)
     urls = list_shards(demo_shards, "train")
     counts = list(read_index(demo_shards, "train").shards.values())
-    readers = {(rank, worker): pipelines.train_pipeline(
-        urls, counts, batch_size=32, transform=None, policy=ErrorPolicy(), rank=rank, world_size=2,
-        shuffle_buffer=50) for rank in range(2) for worker in range(2)}
+    readers = {(rank, worker): pipelines.TrainStream(
+        urls, counts, batch_size=32, transform=identity, decode=key_and_shard, policy=ErrorPolicy(), rank=rank,
+        world_size=2, shuffle_buffer=50) for rank in range(2) for worker in range(2)}
     monkeypatch.setenv("NUM_WORKERS", "2")  # read by webdataset's worker info, as inside a DataLoader worker
-    for _epoch in range(2):
+    for epoch in range(2):
         seen: dict[int, list[tuple[str, str]]] = {0: [], 1: []}
-        for (rank, worker), pipeline in readers.items():
+        for (rank, worker), stream in readers.items():
             monkeypatch.setenv("WORKER", str(worker))
-            items = list(pipeline)
+            stream.epoch = epoch
+            items = [item for item, _ in stream]
             assert len(items) == 11 * 32  # 22 batches per rank, half per worker
             seen[rank] += items
         keys = [key for items in seen.values() for key, _ in items]
@@ -203,28 +209,65 @@ def test_train_shards_disjoint_across_ranks(demo_shards: Path, monkeypatch: pyte
         assert {s for _, s in seen[0]}.isdisjoint({s for _, s in seen[1]})
 
 
-@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (3, 4), (1, 0)])
+def test_eval_parts_cover_each_sample_once() -> None:
+    counts = [5, 7, 3]
+    for readers in (1, 2, 3, 4, 7, 8):
+        parts = pipelines.eval_parts(counts, readers)
+        assert len(parts) == readers
+        samples = [(shard, i) for part in parts for shard, start, stop in part for i in range(start, stop)]
+        assert sorted(samples) == [(s, i) for s, n in enumerate(counts) for i in range(n)]
+        shards_read = [{shard for shard, start, stop in part if stop > start} for part in parts]
+        if readers <= len(counts):  # whole shards: no shard is opened by two readers
+            assert all(a.isdisjoint(b) for i, a in enumerate(shards_read) for b in shards_read[i + 1:])
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (3, 4), (1, 0), (4, 5)])
 def test_eval_sees_every_sample_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_size: int,
                                      num_workers: int) -> None:
-    keys = make_split(tmp_path, "val", shards=10, per_shard=7)  # 10 shards: by shard for 4 readers, by sample for 12
-    monkeypatch.setattr(pipelines, "to_tensors", key_and_shard)
+    keys = make_split(tmp_path, "val", shards=10, per_shard=7)  # 10 shards: whole for 4 readers, cut for 12, 20
     urls, counts = list_shards(tmp_path, "val"), list(read_index(tmp_path, "val").shards.values())
     monkeypatch.setenv("NUM_WORKERS", str(max(1, num_workers)))
+    opened: list[tuple[str, int]] = []
+    real_open_at = reader.open_at
+
+    def recording_open_at(url: str, start: int) -> tuple:
+        stream, position = real_open_at(url, start)
+        opened.append((url, stream.tell()))
+        return stream, position
+
+    monkeypatch.setattr(reader, "open_at", recording_open_at)
     seen = []
     for rank in range(world_size):
         for worker in range(max(1, num_workers)):
             monkeypatch.setenv("WORKER", str(worker))
-            seen += [key for key, _ in pipelines.eval_pipeline(
-                urls, counts, transform=None, policy=ErrorPolicy(), rank=rank, world_size=world_size,
-                num_workers=num_workers)]
+            mine = [key for (key, _), _ in pipelines.EvalStream(
+                urls, counts, transform=identity, decode=key_and_shard, policy=ErrorPolicy(), rank=rank,
+                world_size=world_size)]
+            assert mine == sorted(mine, key=keys.index)  # file order
+            seen += mine
     assert sorted(seen) == sorted(keys)
+    # Each reader starts reading where its samples start: one open per shard piece, at distinct offsets.
+    assert len(opened) == len(set(opened)) >= min(len(urls), world_size * max(1, num_workers))
 
 
-def test_val_loader_two_ranks_two_workers(demo_shards: Path) -> None:
+def test_read_shard_range_starts_at_its_first_sample(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", shards=1, per_shard=6)
+    url = list_shards(tmp_path, "val")[0]
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()  # s0_i.cls, s0_i.jpg per sample
+    assert reader.sample_offset(url, 4) == members[8].offset
+    assert [s["key"] for s in reader.read_shard(url, 6, start=4, stop=6)] == ["s0_4", "s0_5"]
+    assert [s["key"] for s in reader.read_shard(url, 6, start=1, stop=3)] == ["s0_1", "s0_2"]
+    short = list(reader.read_shard(url, 8, start=4, stop=8))  # the index promises 8 samples
+    assert isinstance(short[-1], ShardError) and "index says 8" in str(short[-1]) and short[-1].lost == 2
+
+
+def test_val_loader_two_ranks_two_workers(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     labels = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in range(2):
-        dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=50, num_workers=2, rank=rank,
-                                  world_size=2)
+        monkeypatch.setenv("RANK", str(rank))
+        dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=50, num_workers=2)
         for x, y in dm.val_dataloader():
             assert x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
             labels += y.tolist()

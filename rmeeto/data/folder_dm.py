@@ -10,10 +10,32 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from rmeeto.data.pipelines import dist_info
-from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+from rmeeto.data.pipelines import rank_info
+from rmeeto.data.transforms import RAND_AUGMENT, ImageTransform, eval_transform, train_transform
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted class folder names of ``folder``; a missing folder or one without class folders is an error."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageFolder split {folder} does not exist (expected {folder}/<class>/<image>)")
+    try:
+        return find_classes(str(folder))[0]
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(f"ImageFolder split {folder} has no class folders "
+                                f"(expected {folder}/<class>/<image>)") from exn
+
+
+def image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
+    """torchvision's ImageFolder over ``folder``, with the project's error for a missing or empty tree."""
+    class_folders(folder)
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as exn:  # torchvision: "Found no valid file for the classes ..."
+        raise FileNotFoundError(f"ImageFolder split {folder} has class folders but no images "
+                                f"({', '.join(IMG_EXTENSIONS)})") from exn
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -23,7 +45,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     Training shuffles and drops the last partial batch; under DDP Lightning swaps in a
     ``DistributedSampler``. Validation keeps every sample exactly once over ranks: when torch.distributed
     is initialized it uses Lightning's ``UnrepeatedDistributedSampler`` (no padding), which Lightning
-    leaves in place. ``mean``/``std`` default to ImageNet's.
+    leaves in place. ``mean``/``std`` default to ImageNet's (timm's).
+
+    A tree with only ``val_dir`` serves evaluation (``validate``/``test``): classes then come from it. A
+    missing or empty folder raises ``FileNotFoundError`` naming it.
     """
 
     def __init__(
@@ -51,27 +76,38 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
         self.crop_scale, self.hflip = crop_scale, hflip
-        self.mean, self.std = mean, std
+        self.mean = tuple(mean or IMAGENET_DEFAULT_MEAN)
+        self.std = tuple(std or IMAGENET_DEFAULT_STD)
 
     @cached_property
     def train_set(self) -> ImageFolder:
         transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
                                     self.mean, self.std, self.crop_scale, self.hflip)
-        return ImageFolder(str(self.root / self.train_dir), transform=transform)
+        return image_folder(self.root / self.train_dir, transform)
 
     @cached_property
     def val_set(self) -> ImageFolder:
-        val_set = ImageFolder(str(self.root / self.val_dir), transform=eval_transform(self.img_size, self.mean,
-                                                                                        self.std))
+        val_set = image_folder(self.root / self.val_dir, eval_transform(self.img_size, self.mean, self.std))
         if val_set.classes != self.classes:
             raise ValueError(f"{self.root / self.val_dir} has classes {val_set.classes[:5]}..., "
-                             f"train has {self.classes[:5]}...")
+                             f"{self.root / self.train_dir} has {self.classes[:5]}...")
         return val_set
 
     @cached_property
     def classes(self) -> list[str]:
-        """Sorted class folder names of the train split (found without listing the images)."""
-        return find_classes(str(self.root / self.train_dir))[0]
+        """Sorted class folder names of the train split, or of the val split in a val-only tree (found
+        without listing the images)."""
+        folder = self.root / self.train_dir
+        if not folder.is_dir():
+            folder = self.root / self.val_dir
+        return class_folders(folder)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the folders the stage reads exist and hold images."""
+        if stage in ("validate", "test"):
+            _ = self.val_set
+        else:
+            _ = self.train_set, self.val_set
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +124,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        rank, world_size = dist_info()
+        rank, world_size = rank_info()
         sampler = (UnrepeatedDistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
                    if world_size > 1 else None)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,

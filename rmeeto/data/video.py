@@ -9,9 +9,9 @@ a sample holds a clip instead of an image, in one of two layouts, plus ``<key>.c
 
 Reading keeps the image pipeline's guarantees by being it (:mod:`rmeeto.data.pipelines` with ``check_clip``
 and ``decode_clip``): training
-deals each epoch's shard permutation to ranks and workers (``EpochShards``), repeats each reader's own
-shards through a shuffle buffer and stops every rank after the same number of full batches
-(``worker_share``); evaluation reads every clip exactly once over all ranks and workers, in file order.
+deals each epoch's shard permutation to ranks and workers (``TrainStream``), repeats each reader's own
+shards through a seeded shuffle buffer, stops every rank after the same number of full batches and resumes
+mid-epoch (``ResumableLoader``); evaluation reads every clip exactly once over all ranks and workers.
 Only the sample check (clip instead of image) and the decoding differ; failures are ``ShardError`` items
 handled by the same ``ErrorPolicy``.
 """
@@ -202,14 +202,12 @@ class VideoDataModule(WebDatasetDataModule):
         std: tuple[float, float, float] | None = None,
         on_error: OnError = "raise",
         num_classes: int | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(root, train_split, val_split, img_size=img_size, batch_size=batch_size,
                          num_workers=num_workers, shuffle_buffer=shuffle_buffer, auto_augment=None, reprob=0.0,
                          crop_scale=crop_scale, mean=mean, std=std, on_error=on_error, num_classes=num_classes,
-                         seed=seed, rank=rank, world_size=world_size)
+                         seed=seed)
         self.num_frames = num_frames
 
     def transform(self, train: bool) -> ClipTransform:
