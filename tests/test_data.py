@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from torchvision import transforms as T
 
 from rmeeto.data import (
@@ -402,6 +405,39 @@ def test_image_folder_datamodule(tmp_path: Path) -> None:
     assert sorted(labels_of(dm.val_dataloader())) == [0, 0, 1, 1, 2, 2]
 
 
+def test_image_folder_val_only_tree_evaluates(tmp_path: Path) -> None:
+    make_folder_tree(tmp_path, {"val": 2})
+    dm = ImageFolderDataModule(str(tmp_path), img_size=32, batch_size=4, num_workers=0, mean=(0.5, 0.5, 0.5))
+    dm.setup("validate")
+    assert dm.classes == ["cat", "dog", "emu"] and dm.val_num_samples == 6
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.std == IMAGENET_DEFAULT_STD
+    images = torch.cat([x for x, _ in dm.val_dataloader()])
+    expected = eval_transform(32, (0.5,) * 3, IMAGENET_DEFAULT_STD)(Image.open(tmp_path / "val/cat/cat.0.png"))
+    torch.testing.assert_close(images[0], expected)  # the mean/std setting normalises the eval images
+    with pytest.raises(FileNotFoundError, match=f"ImageFolder split {tmp_path / 'train'} does not exist"):
+        dm.setup("fit")
+
+
+def test_image_folder_empty_trees_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'val'} does not exist"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'val'} has no class folders"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+    (tmp_path / "val" / "cat").mkdir()
+    (tmp_path / "val" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="has class folders but no images"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+
+
+def test_datamodules_default_to_imagenet_normalisation(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", shards=1, per_shard=2)  # an index without mean/std
+    dm = WebDatasetDataModule(str(tmp_path))
+    assert dm.mean == IMAGENET_DEFAULT_MEAN and dm.std == IMAGENET_DEFAULT_STD
+    assert WebDatasetDataModule(str(tmp_path), mean=(0.1, 0.2, 0.3)).mean == (0.1, 0.2, 0.3)
+    assert ImageFolderDataModule(str(tmp_path)).mean == IMAGENET_DEFAULT_MEAN
+
+
 # --- data/make_shards.py ---------------------------------------------------------------------------
 
 
@@ -452,3 +488,106 @@ def test_index_mismatch_is_reported(tmp_path: Path) -> None:
     write_index(tmp_path, ShardIndex(index.split, {**index.shards, "val-000001.tar": 4}, index.num_classes))
     with pytest.raises(ShardError, match="3 samples, the index says 4"):
         validate_split(tmp_path, "val")
+
+
+# --- resume and reproducibility ----------------------------------------------------------------------
+
+
+class Linear(L.LightningModule):
+    """A linear classifier; asks for ``estimated_stepping_batches`` as RMeeToModule does (``ask_steps``)."""
+
+    def __init__(self, size: int, ask_steps: bool = True) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3 * size * size, 3)
+        self.ask_steps = ask_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(batch[0].flatten(1)), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.ask_steps:
+            assert self.trainer.estimated_stepping_batches == 2 * 12
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Killed(Exception):
+    """Stands for a kill mid-epoch."""
+
+
+class Recorder(L.Callback):
+    """Hashes of the images trained on, and the losses; raises before batch ``stop_at`` (a kill)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.images: list[str] = []
+        self.losses: list[float] = []
+        self.stop_at = stop_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.stop_at:
+            raise Killed  # no checkpoint beyond the last one written
+        self.images += [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in batch[0]]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(root: Path, recorder: Recorder, ckpt_dir: Path | None = None, ckpt_path: str | None = None,
+        ask_steps: bool = True, seed: int = 0, num_workers: int = 2) -> None:
+    L.seed_everything(seed)
+    dm = WebDatasetDataModule(str(root), img_size=16, batch_size=8, num_workers=num_workers, shuffle_buffer=20)
+    callbacks: list[L.Callback] = [recorder]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=ckpt_dir is not None,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=callbacks)
+    trainer.fit(Linear(16, ask_steps), datamodule=dm, ckpt_path=ckpt_path)
+
+
+@pytest.fixture
+def small_split(tmp_path: Path) -> Path:
+    """4 train shards x 24 samples (12 batches of 8 per epoch), 1 val shard."""
+    make_split(tmp_path, "train", shards=4, per_shard=24)
+    make_split(tmp_path, "val", shards=1, per_shard=8)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("stop_at", "ask_steps"), [(5, True), (17, False)])
+def test_killed_fit_resumes_the_epoch_where_it_stopped(small_split: Path, tmp_path: Path, stop_at: int,
+                                                       ask_steps: bool) -> None:
+    whole = Recorder()
+    fit(small_split, whole, ask_steps=ask_steps)
+    assert len(whole.images) == 2 * 12 * 8
+
+    killed = Recorder(stop_at=stop_at)
+    with pytest.raises(Killed):
+        fit(small_split, killed, tmp_path / "ckpt", ask_steps=ask_steps)
+    assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["global_step"] == stop_at
+    resumed = Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(small_split, resumed, tmp_path / "ckpt", str(tmp_path / "ckpt/last.ckpt"), ask_steps=ask_steps)
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    # The same images (samples and their augmentation), in the same order: nothing twice, nothing skipped.
+    assert killed.images + resumed.images == whole.images
+    assert killed.losses + resumed.losses == pytest.approx(whole.losses)
+
+
+def test_runs_with_the_same_seed_log_the_same_losses(small_split: Path) -> None:
+    first, second, other = Recorder(), Recorder(), Recorder()
+    fit(small_split, first, num_workers=1)
+    fit(small_split, second, num_workers=1)
+    fit(small_split, other, num_workers=1, seed=1)
+    assert first.losses == second.losses and len(first.losses) == 24
+    assert first.images == second.images
+    assert other.images != first.images  # the seed, not a constant, drives shuffling and augmentation
+
+
+def test_loader_state_is_checked(small_split: Path) -> None:
+    loader = WebDatasetDataModule(str(small_split), img_size=16, batch_size=8, num_workers=0).train_dataloader()
+    with pytest.raises(ValueError, match="13 batches done, an epoch has 12"):
+        loader.load_state_dict({"epoch": 0, "batches": 13})
+    with pytest.raises(ValueError, match="lacks an int 'epoch'"):
+        loader.load_state_dict({"batches": 3})
+    loader.load_state_dict({"epoch": 0, "batches": 12})  # a finished epoch: the next pass is epoch 1
+    assert len(list(loader)) == 12 and loader.state_dict() == {"epoch": 1, "batches": 12}
