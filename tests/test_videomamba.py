@@ -202,17 +202,18 @@ def test_demo_clips_move_in_the_labelled_direction():
         assert (step > 0).all() if label in (0, 2) else (step < 0).all(), (CLASSES[label], centre)
 
 
-def test_video_loaders_batches_and_exact_once_validation(video_shards):
+def test_video_loaders_batches_and_exact_once_validation(video_shards, monkeypatch):
     data = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, shuffle_buffer=32)
     data.setup("fit")
     clips, labels = next(iter(data.train_dataloader()))
     assert clips.shape == (16, 3, 8, 32, 32) and clips.dtype == torch.float32 and labels.dtype == torch.int64
     assert len(data.train_dataloader()) == 128 // 16
-    for world_size in (2, 3):  # 2 val shards: split by shard, then by sample
+    for world_size in (2, 3):  # 2 val shards: whole shards, then shards cut into sample ranges
         seen = []
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))  # ranks as webdataset reads them under torchrun
         for rank in range(world_size):
-            part = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, rank=rank,
-                                   world_size=world_size)
+            monkeypatch.setenv("RANK", str(rank))
+            part = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0)
             seen += [int(y) for _, batch in part.val_dataloader() for y in batch]
             assert len(part.train_dataloader()) == 128 // world_size // 16
         assert len(seen) == data.val_num_samples == 64 and sorted(seen) == sorted([0, 1, 2, 3] * 16)
