@@ -10,7 +10,6 @@ import json
 import os
 import tarfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -34,10 +33,10 @@ from rmeeto.data import (
     mixup_fn,
     pipelines,
     read_index,
+    reader,
     validate_split,
     write_shards,
 )
-from rmeeto.data import reader
 from rmeeto.data.reader import read_shards
 from rmeeto.data.shards import ShardIndex, write_index
 from rmeeto.data.transforms import train_transform

@@ -21,12 +21,10 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
@@ -34,16 +32,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from rmeeto.data.reader import IMAGE_EXTENSIONS, OnError, Sample, check_label, decode_image
-from rmeeto.data.shards import (
-    PART_SUFFIX,
-    SHARD_PATTERN,
-    ShardError,
-    ShardIndex,
-    _finish_shard,
-    encode_jpeg,
-    shard_name,
-    write_index,
-)
+from rmeeto.data.shards import ShardError, ShardIndex, encode_jpeg, write_shards
 from rmeeto.data.webdataset_dm import WebDatasetDataModule
 
 FrameFormat = Literal["npy", "jpg"]
@@ -78,28 +67,11 @@ def write_clip_shards(
     std: Sequence[float] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> ShardIndex:
-    """Write ``(key, uint8 T×H×W×3 clip, label)`` samples as ``out_dir/{split}-NNNNNN.tar`` shards of
-    ``max_per_shard`` clips (each finished shard renamed from ``.part``), then the index."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / (SHARD_PATTERN.format(split=split) + PART_SUFFIX))
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, maxsize=float("inf"), post=_finish_shard,
-                         verbose=0, mtime=0.0) as writer:
-        for key, clip, label in samples:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"clip {key!r}: label {label} out of range for num_classes={num_classes}")
-            writer.write(_encode_clip(key, clip, label, frame_format))
-        written = writer.total
-    if written == 0:
-        raise ValueError(f"no clips to write for split {split!r}")
-    counts = {shard_name(split, n): min(max_per_shard, written - n * max_per_shard)
-              for n in range(-(-written // max_per_shard))}
-    index = ShardIndex(split=split, shards=counts, num_classes=num_classes,
-                       classes=list(classes) if classes is not None else None,
-                       mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
-                       meta={"frame_format": frame_format, **(meta or {})})
-    write_index(out, index)
-    return index
+    """Write ``(key, uint8 T×H×W×3 clip, label)`` samples with ``write_shards`` (shards of ``max_per_shard``
+    clips, then the index, whose meta records the ``frame_format``)."""
+    records = (_encode_clip(key, clip, label, frame_format) for key, clip, label in samples)
+    return write_shards(records, out_dir, split, max_per_shard, num_classes=num_classes, classes=classes,
+                        mean=mean, std=std, meta={"frame_format": frame_format, **(meta or {})})
 
 
 # ----------------------------------------------------------------------------- reading
