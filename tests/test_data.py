@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from torchvision import transforms as T
 
 from rmeeto.data import (
+    Augment,
     ErrorPolicy,
     ImageFolderDataModule,
     ShardError,
@@ -590,3 +592,28 @@ def test_loader_state_is_checked(small_split: Path) -> None:
         loader.load_state_dict({"batches": 3})
     loader.load_state_dict({"epoch": 0, "batches": 12})  # a finished epoch: the next pass is epoch 1
     assert len(list(loader)) == 12 and loader.state_dict() == {"epoch": 1, "batches": 12}
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_config_data_sections_build(config: Path) -> None:
+    """Every recipe's ``data:`` section parses and builds as LightningCLI would (typos and old keys fail)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    section = yaml.safe_load(config.read_text())["data"]
+    dm = parser.instantiate_classes(parser.parse_object({"data": section})).data
+    assert isinstance(dm, L.LightningDataModule) and isinstance(dm.augment, Augment)
+
+
+def test_config_data_section_with_an_unknown_key_fails() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    section = {"class_path": "rmeeto.data.WebDatasetDataModule", "init_args": {"root": "x", "reprob": 0.0}}
+    with pytest.raises(Exception, match="reprob"):  # the key moved under augment
+        parser.parse_object({"data": section})

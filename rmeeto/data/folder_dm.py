@@ -5,16 +5,15 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from rmeeto.data.base import Triple, VisionDataModule
 from rmeeto.data.pipelines import rank_info
-from rmeeto.data.transforms import RAND_AUGMENT, ImageTransform, eval_transform, train_transform
+from rmeeto.data.transforms import Augment, ImageTransform
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -38,7 +37,7 @@ def image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
                                 f"({', '.join(IMG_EXTENSIONS)})") from exn
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(VisionDataModule):
     """Same transforms and batches as ``WebDatasetDataModule`` (``(B, 3, img_size, img_size)`` float32,
     ``(B,)`` int64), read from class folders; labels are sorted-class-name indices.
 
@@ -59,35 +58,22 @@ class ImageFolderDataModule(L.LightningDataModule):
         img_size: int = 224,
         batch_size: int = 128,
         num_workers: int = 8,
-        auto_augment: str | None = RAND_AUGMENT,
-        reprob: float = 0.25,
-        color_jitter: float = 0.3,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = Augment(),
+        mean: Triple | None = None,
+        std: Triple | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(img_size, batch_size, num_workers, augment, mean, std)
+        self.save_settings()
         self.root = Path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
-        self.img_size = img_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
-        self.crop_scale, self.hflip = crop_scale, hflip
-        self.mean = tuple(mean or IMAGENET_DEFAULT_MEAN)
-        self.std = tuple(std or IMAGENET_DEFAULT_STD)
 
     @cached_property
     def train_set(self) -> ImageFolder:
-        transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                    self.mean, self.std, self.crop_scale, self.hflip)
-        return image_folder(self.root / self.train_dir, transform)
+        return image_folder(self.root / self.train_dir, self.transform(True))
 
     @cached_property
     def val_set(self) -> ImageFolder:
-        val_set = image_folder(self.root / self.val_dir, eval_transform(self.img_size, self.mean, self.std))
+        val_set = image_folder(self.root / self.val_dir, self.transform(False))
         if val_set.classes != self.classes:
             raise ValueError(f"{self.root / self.val_dir} has classes {val_set.classes[:5]}..., "
                              f"{self.root / self.train_dir} has {self.classes[:5]}...")
@@ -130,6 +116,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

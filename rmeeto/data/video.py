@@ -31,11 +31,15 @@ from torch import Tensor
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
+from rmeeto.data.base import Triple
 from rmeeto.data.reader import IMAGE_EXTENSIONS, OnError, Sample, check_label, decode_image
 from rmeeto.data.shards import ShardError, ShardIndex, encode_jpeg, write_shards
+from rmeeto.data.transforms import Augment
 from rmeeto.data.webdataset_dm import WebDatasetDataModule
 
 FrameFormat = Literal["npy", "jpg"]
+#: clip augmentation: random-resized crop and flip only
+CLIP_AUGMENT = Augment(auto_augment=None, reprob=0.0, color_jitter=0.0)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -121,13 +125,14 @@ class ClipTransform:
     """uint8 T×H×W×3 clip → normalised float 3×num_frames×img_size×img_size.
 
     Training: random frame per segment, one random-resized crop (``crop_scale``, aspect 3/4–4/3) and one
-    horizontal flip (p = 0.5) for all frames. Evaluation: middle frame per segment, resize of the short
-    side to ``img_size``, centre crop. Mean/std default to ImageNet's.
+    horizontal flip (probability ``hflip``) for all frames. Evaluation: middle frame per segment, resize of
+    the short side to ``img_size``, centre crop. Mean/std default to ImageNet's.
     """
 
     def __init__(self, num_frames: int, img_size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, hflip: float = 0.5):
         self.num_frames, self.img_size, self.train, self.crop_scale = num_frames, img_size, train, crop_scale
+        self.hflip = hflip
         self.mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1, 1)
         self.std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1, 1)
 
@@ -138,7 +143,7 @@ class ClipTransform:
         if self.train:
             top, left, height, width = RandomResizedCrop.get_params(video, list(self.crop_scale), [3 / 4, 4 / 3])
             video = TF.resized_crop(video, top, left, height, width, size, antialias=True)
-            if torch.rand(()) < 0.5:
+            if torch.rand(()) < self.hflip:
                 video = video.flip(-1)
         else:
             video = TF.center_crop(TF.resize(video, self.img_size, antialias=True), size)
@@ -153,7 +158,9 @@ class VideoDataModule(WebDatasetDataModule):
     Indexes, ``num_classes``/mean/std defaults, error policies, ``setup`` checks and the DDP guarantees are
     those of :class:`~rmeeto.data.WebDatasetDataModule`: every rank yields the same number of full training
     batches per epoch from disjoint shards, and validation sees every clip exactly once over all ranks and
-    workers (``val_num_samples``). Augmentation: see :class:`ClipTransform` (no RandAugment, no erasing).
+    workers (``val_num_samples``). Augmentation: see :class:`ClipTransform`; of ``augment`` it uses
+    ``crop_scale`` and ``hflip`` (``auto_augment``, ``reprob`` and ``color_jitter`` must stay off: they are
+    image-only and would otherwise be silently ignored).
     """
 
     check = staticmethod(check_clip)
@@ -169,18 +176,21 @@ class VideoDataModule(WebDatasetDataModule):
         batch_size: int = 8,
         num_workers: int = 8,
         shuffle_buffer: int = 200,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = CLIP_AUGMENT,
+        mean: Triple | None = None,
+        std: Triple | None = None,
         on_error: OnError = "raise",
         num_classes: int | None = None,
         seed: int | None = None,
     ) -> None:
+        image_only = {name: getattr(augment, name) for name in ("auto_augment", "reprob", "color_jitter")}
+        if any(image_only.values()):
+            raise ValueError(f"clips take only augment.crop_scale and augment.hflip; turn off {image_only}")
         super().__init__(root, train_split, val_split, img_size=img_size, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, auto_augment=None, reprob=0.0,
-                         crop_scale=crop_scale, mean=mean, std=std, on_error=on_error, num_classes=num_classes,
-                         seed=seed)
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, augment=augment, mean=mean,
+                         std=std, on_error=on_error, num_classes=num_classes, seed=seed)
         self.num_frames = num_frames
 
     def transform(self, train: bool) -> ClipTransform:
-        return ClipTransform(self.num_frames, self.img_size, train, tuple(self.crop_scale), self.mean, self.std)
+        return ClipTransform(self.num_frames, self.img_size, train, tuple(self.augment.crop_scale), self.mean,
+                             self.std, self.augment.hflip)

@@ -8,19 +8,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch import Tensor
 from torch.utils.data import DataLoader
 
+from rmeeto.data.base import Triple, VisionDataModule
 from rmeeto.data.pipelines import ResumableLoader, eval_pipeline, train_pipeline
 from rmeeto.data.reader import Check, ErrorPolicy, OnError, Sample, check_image, decode_image
 from rmeeto.data.shards import ShardIndex, index_path, list_shards, read_index
-from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+from rmeeto.data.transforms import Augment
 
 
-class WebDatasetDataModule(L.LightningDataModule):
+class WebDatasetDataModule(VisionDataModule):
     """Train/val loaders over ``root/{split}-NNNNNN.tar`` shards described by ``root/{split}-index.json``.
 
     Batches are ``(images (B, 3, img_size, img_size) float32, labels (B,) int64)``.
@@ -40,6 +38,7 @@ class WebDatasetDataModule(L.LightningDataModule):
     Ranks come from torch.distributed (or ``RANK``/``WORLD_SIZE``), as webdataset reads them.
     ``num_classes`` defaults to the train index's (the val index's when there is no train split, for
     evaluation only); ``mean``/``std`` to that index's when it has them, else to ImageNet's (timm's).
+    ``augment``: the training augmentation (``rmeeto.data.Augment``).
     ``on_error="skip"`` warns about and skips unreadable shards/samples and counts them in
     ``skipped_samples``; ``"raise"`` raises ``ShardError``.
 
@@ -59,28 +58,18 @@ class WebDatasetDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 8,
         shuffle_buffer: int = 5000,
-        auto_augment: str | None = RAND_AUGMENT,
-        reprob: float = 0.25,
-        color_jitter: float = 0.3,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = Augment(),
+        mean: Triple | None = None,
+        std: Triple | None = None,
         on_error: OnError = "raise",
         num_classes: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(img_size, batch_size, num_workers, augment, mean, std)
+        self.save_settings()
         self.root = Path(root)
         self.train_split, self.val_split = train_split, val_split
-        self.img_size = img_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
-        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
-        self.crop_scale, self.hflip = crop_scale, hflip
-        self._mean, self._std = mean, std
         self._num_classes = num_classes
         self._seed = seed
         self.on_error = on_error
@@ -119,12 +108,12 @@ class WebDatasetDataModule(L.LightningDataModule):
         return self.reference_index.classes
 
     @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self._mean or self.reference_index.mean or IMAGENET_DEFAULT_MEAN)
+    def default_mean(self) -> Triple:
+        return self.reference_index.mean or super().default_mean
 
     @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self._std or self.reference_index.std or IMAGENET_DEFAULT_STD)
+    def default_std(self) -> Triple:
+        return self.reference_index.std or super().default_std
 
     @property
     def seed(self) -> int:
@@ -169,13 +158,6 @@ class WebDatasetDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loader_state = state.get("train_loader")
 
-    def transform(self, train: bool) -> Callable[[Any], Tensor]:
-        """The per-sample transform of the train or eval loader (subclasses: other kinds of samples)."""
-        if train:
-            return train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                   self.mean, self.std, self.crop_scale, self.hflip)
-        return eval_transform(self.img_size, self.mean, self.std)
-
     def train_dataloader(self) -> ResumableLoader:
         dataset = train_pipeline(
             list_shards(self.root, self.train_split), list(self.train_index.shards.values()),
@@ -198,6 +180,3 @@ class WebDatasetDataModule(L.LightningDataModule):
         )
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
