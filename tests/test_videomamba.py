@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 import rmeeto
 import rmeeto.reduction as R
+from rmeeto.data import Augment
 from rmeeto.data.pipelines import eval_pipeline
 from rmeeto.data.reader import ErrorPolicy, read_shards
 from rmeeto.data.shards import ShardError
@@ -278,7 +279,7 @@ def test_short_fit_of_a_reduced_videomamba_lowers_the_loss(video_shards):
     module = RMeeToModule(model="videomamba_demo", reduction={"method": "rmeeto", "r": 8}, lr=3e-3, min_lr=1e-4,
                           warmup_steps=2, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
     data = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, shuffle_buffer=64,
-                           crop_scale=(0.8, 1.0))
+                           augment=Augment(auto_augment=None, reprob=0.0, color_jitter=0.0, crop_scale=(0.8, 1.0)))
     recorder = LossRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=32, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
