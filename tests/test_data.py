@@ -605,7 +605,7 @@ def test_config_data_sections_build(config: Path) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     section = yaml.safe_load(config.read_text())["data"]
-    dm = parser.instantiate_classes(parser.parse_object({"data": section})).data
+    dm = parser.instantiate(parser.parse_object({"data": section})).data
     assert isinstance(dm, L.LightningDataModule) and isinstance(dm.augment, Augment)
 
 
