@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.util
 import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,11 +17,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from torchvision import transforms as T
 
 from rmeeto.data import (
+    Augment,
     ErrorPolicy,
     ImageFolderDataModule,
     ShardError,
@@ -31,6 +35,7 @@ from rmeeto.data import (
     mixup_fn,
     pipelines,
     read_index,
+    reader,
     validate_split,
     write_shards,
 )
@@ -76,11 +81,13 @@ def read_all(root: Path, split: str) -> list[dict]:
     return list(read_shards({"url": url} for url in list_shards(root, split)))
 
 
-def key_and_shard(src: Iterator[dict], transform: object, policy: ErrorPolicy, decode: object = None
-                  ) -> Iterator[tuple[str, str]]:
-    """Stand-in for ``pipelines.to_tensors`` that reports which sample came out, without decoding."""
-    for sample in policy.filter(src):
-        yield sample["key"], sample["shard"]
+def key_and_shard(sample: dict) -> tuple[str, str]:
+    """Stand-in decoder that reports which sample came out, without decoding."""
+    return sample["key"], sample["shard"]
+
+
+def identity(x: object) -> object:
+    return x
 
 
 def labels_of(loader: torch.utils.data.DataLoader) -> list[int]:
@@ -167,9 +174,12 @@ def test_train_transform_survives_zero_bit_posterize() -> None:
 
 
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 2)])
-def test_train_loader_epoch_length(demo_shards: Path, world_size: int, num_workers: int) -> None:
+def test_train_loader_epoch_length(demo_shards: Path, monkeypatch: pytest.MonkeyPatch, world_size: int,
+                                   num_workers: int) -> None:
+    monkeypatch.setenv("RANK", str(world_size - 1))  # read by webdataset, as under torchrun
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
     dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=32, num_workers=num_workers,
-                              shuffle_buffer=200, rank=world_size - 1, world_size=world_size)
+                              shuffle_buffer=200)
     dm.setup("fit")
     assert dm.num_classes == 10 and dm.mean == read_index(demo_shards, "train").mean
     loader = dm.train_dataloader()
@@ -184,18 +194,18 @@ def test_train_loader_epoch_length(demo_shards: Path, world_size: int, num_worke
 
 
 def test_train_shards_disjoint_across_ranks(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipelines, "to_tensors", key_and_shard)
     urls = list_shards(demo_shards, "train")
     counts = list(read_index(demo_shards, "train").shards.values())
-    readers = {(rank, worker): pipelines.train_pipeline(
-        urls, counts, batch_size=32, transform=None, policy=ErrorPolicy(), rank=rank, world_size=2,
-        shuffle_buffer=50) for rank in range(2) for worker in range(2)}
+    readers = {(rank, worker): pipelines.TrainStream(
+        urls, counts, batch_size=32, transform=identity, decode=key_and_shard, policy=ErrorPolicy(), rank=rank,
+        world_size=2, shuffle_buffer=50) for rank in range(2) for worker in range(2)}
     monkeypatch.setenv("NUM_WORKERS", "2")  # read by webdataset's worker info, as inside a DataLoader worker
-    for _epoch in range(2):
+    for epoch in range(2):
         seen: dict[int, list[tuple[str, str]]] = {0: [], 1: []}
-        for (rank, worker), pipeline in readers.items():
+        for (rank, worker), stream in readers.items():
             monkeypatch.setenv("WORKER", str(worker))
-            items = list(pipeline)
+            stream.epoch = epoch
+            items = [item for item, _ in stream]
             assert len(items) == 11 * 32  # 22 batches per rank, half per worker
             seen[rank] += items
         keys = [key for items in seen.values() for key, _ in items]
@@ -203,28 +213,65 @@ def test_train_shards_disjoint_across_ranks(demo_shards: Path, monkeypatch: pyte
         assert {s for _, s in seen[0]}.isdisjoint({s for _, s in seen[1]})
 
 
-@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (3, 4), (1, 0)])
+def test_eval_parts_cover_each_sample_once() -> None:
+    counts = [5, 7, 3]
+    for readers in (1, 2, 3, 4, 7, 8):
+        parts = pipelines.eval_parts(counts, readers)
+        assert len(parts) == readers
+        samples = [(shard, i) for part in parts for shard, start, stop in part for i in range(start, stop)]
+        assert sorted(samples) == [(s, i) for s, n in enumerate(counts) for i in range(n)]
+        shards_read = [{shard for shard, start, stop in part if stop > start} for part in parts]
+        if readers <= len(counts):  # whole shards: no shard is opened by two readers
+            assert all(a.isdisjoint(b) for i, a in enumerate(shards_read) for b in shards_read[i + 1:])
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 2), (3, 4), (1, 0), (4, 5)])
 def test_eval_sees_every_sample_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_size: int,
                                      num_workers: int) -> None:
-    keys = make_split(tmp_path, "val", shards=10, per_shard=7)  # 10 shards: by shard for 4 readers, by sample for 12
-    monkeypatch.setattr(pipelines, "to_tensors", key_and_shard)
+    keys = make_split(tmp_path, "val", shards=10, per_shard=7)  # 10 shards: whole for 4 readers, cut for 12, 20
     urls, counts = list_shards(tmp_path, "val"), list(read_index(tmp_path, "val").shards.values())
     monkeypatch.setenv("NUM_WORKERS", str(max(1, num_workers)))
+    opened: list[tuple[str, int]] = []
+    real_open_at = reader.open_at
+
+    def recording_open_at(url: str, start: int) -> tuple:
+        stream, position = real_open_at(url, start)
+        opened.append((url, stream.tell()))
+        return stream, position
+
+    monkeypatch.setattr(reader, "open_at", recording_open_at)
     seen = []
     for rank in range(world_size):
         for worker in range(max(1, num_workers)):
             monkeypatch.setenv("WORKER", str(worker))
-            seen += [key for key, _ in pipelines.eval_pipeline(
-                urls, counts, transform=None, policy=ErrorPolicy(), rank=rank, world_size=world_size,
-                num_workers=num_workers)]
+            mine = [key for (key, _), _ in pipelines.EvalStream(
+                urls, counts, transform=identity, decode=key_and_shard, policy=ErrorPolicy(), rank=rank,
+                world_size=world_size)]
+            assert mine == sorted(mine, key=keys.index)  # file order
+            seen += mine
     assert sorted(seen) == sorted(keys)
+    # Each reader starts reading where its samples start: one open per shard piece, at distinct offsets.
+    assert len(opened) == len(set(opened)) >= min(len(urls), world_size * max(1, num_workers))
 
 
-def test_val_loader_two_ranks_two_workers(demo_shards: Path) -> None:
+def test_read_shard_range_starts_at_its_first_sample(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", shards=1, per_shard=6)
+    url = list_shards(tmp_path, "val")[0]
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()  # s0_i.cls, s0_i.jpg per sample
+    assert reader.sample_offset(url, 4) == members[8].offset
+    assert [s["key"] for s in reader.read_shard(url, 6, start=4, stop=6)] == ["s0_4", "s0_5"]
+    assert [s["key"] for s in reader.read_shard(url, 6, start=1, stop=3)] == ["s0_1", "s0_2"]
+    short = list(reader.read_shard(url, 8, start=4, stop=8))  # the index promises 8 samples
+    assert isinstance(short[-1], ShardError) and "index says 8" in str(short[-1]) and short[-1].lost == 2
+
+
+def test_val_loader_two_ranks_two_workers(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     labels = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in range(2):
-        dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=50, num_workers=2, rank=rank,
-                                  world_size=2)
+        monkeypatch.setenv("RANK", str(rank))
+        dm = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=50, num_workers=2)
         for x, y in dm.val_dataloader():
             assert x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
             labels += y.tolist()
@@ -359,6 +406,39 @@ def test_image_folder_datamodule(tmp_path: Path) -> None:
     assert sorted(labels_of(dm.val_dataloader())) == [0, 0, 1, 1, 2, 2]
 
 
+def test_image_folder_val_only_tree_evaluates(tmp_path: Path) -> None:
+    make_folder_tree(tmp_path, {"val": 2})
+    dm = ImageFolderDataModule(str(tmp_path), img_size=32, batch_size=4, num_workers=0, mean=(0.5, 0.5, 0.5))
+    dm.setup("validate")
+    assert dm.classes == ["cat", "dog", "emu"] and dm.val_num_samples == 6
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.std == IMAGENET_DEFAULT_STD
+    images = torch.cat([x for x, _ in dm.val_dataloader()])
+    expected = eval_transform(32, (0.5,) * 3, IMAGENET_DEFAULT_STD)(Image.open(tmp_path / "val/cat/cat.0.png"))
+    torch.testing.assert_close(images[0], expected)  # the mean/std setting normalises the eval images
+    with pytest.raises(FileNotFoundError, match=f"ImageFolder split {tmp_path / 'train'} does not exist"):
+        dm.setup("fit")
+
+
+def test_image_folder_empty_trees_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'val'} does not exist"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'val'} has no class folders"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+    (tmp_path / "val" / "cat").mkdir()
+    (tmp_path / "val" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="has class folders but no images"):
+        ImageFolderDataModule(str(tmp_path)).setup("validate")
+
+
+def test_datamodules_default_to_imagenet_normalisation(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", shards=1, per_shard=2)  # an index without mean/std
+    dm = WebDatasetDataModule(str(tmp_path))
+    assert dm.mean == IMAGENET_DEFAULT_MEAN and dm.std == IMAGENET_DEFAULT_STD
+    assert WebDatasetDataModule(str(tmp_path), mean=(0.1, 0.2, 0.3)).mean == (0.1, 0.2, 0.3)
+    assert ImageFolderDataModule(str(tmp_path)).mean == IMAGENET_DEFAULT_MEAN
+
+
 # --- data/make_shards.py ---------------------------------------------------------------------------
 
 
@@ -409,3 +489,131 @@ def test_index_mismatch_is_reported(tmp_path: Path) -> None:
     write_index(tmp_path, ShardIndex(index.split, {**index.shards, "val-000001.tar": 4}, index.num_classes))
     with pytest.raises(ShardError, match="3 samples, the index says 4"):
         validate_split(tmp_path, "val")
+
+
+# --- resume and reproducibility ----------------------------------------------------------------------
+
+
+class Linear(L.LightningModule):
+    """A linear classifier; asks for ``estimated_stepping_batches`` as RMeeToModule does (``ask_steps``)."""
+
+    def __init__(self, size: int, ask_steps: bool = True) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3 * size * size, 3)
+        self.ask_steps = ask_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(batch[0].flatten(1)), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.ask_steps:
+            assert self.trainer.estimated_stepping_batches == 2 * 12
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Killed(Exception):
+    """Stands for a kill mid-epoch."""
+
+
+class Recorder(L.Callback):
+    """Hashes of the images trained on, and the losses; raises before batch ``stop_at`` (a kill)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.images: list[str] = []
+        self.losses: list[float] = []
+        self.stop_at = stop_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.stop_at:
+            raise Killed  # no checkpoint beyond the last one written
+        self.images += [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in batch[0]]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(root: Path, recorder: Recorder, ckpt_dir: Path | None = None, ckpt_path: str | None = None,
+        ask_steps: bool = True, seed: int = 0, num_workers: int = 2) -> None:
+    L.seed_everything(seed)
+    dm = WebDatasetDataModule(str(root), img_size=16, batch_size=8, num_workers=num_workers, shuffle_buffer=20)
+    callbacks: list[L.Callback] = [recorder]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=ckpt_dir is not None,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=callbacks)
+    trainer.fit(Linear(16, ask_steps), datamodule=dm, ckpt_path=ckpt_path)
+
+
+@pytest.fixture
+def small_split(tmp_path: Path) -> Path:
+    """4 train shards x 24 samples (12 batches of 8 per epoch), 1 val shard."""
+    make_split(tmp_path, "train", shards=4, per_shard=24)
+    make_split(tmp_path, "val", shards=1, per_shard=8)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("stop_at", "ask_steps"), [(5, True), (17, False)])
+def test_killed_fit_resumes_the_epoch_where_it_stopped(small_split: Path, tmp_path: Path, stop_at: int,
+                                                       ask_steps: bool) -> None:
+    whole = Recorder()
+    fit(small_split, whole, ask_steps=ask_steps)
+    assert len(whole.images) == 2 * 12 * 8
+
+    killed = Recorder(stop_at=stop_at)
+    with pytest.raises(Killed):
+        fit(small_split, killed, tmp_path / "ckpt", ask_steps=ask_steps)
+    assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["global_step"] == stop_at
+    resumed = Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(small_split, resumed, tmp_path / "ckpt", str(tmp_path / "ckpt/last.ckpt"), ask_steps=ask_steps)
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    # The same images (samples and their augmentation), in the same order: nothing twice, nothing skipped.
+    assert killed.images + resumed.images == whole.images
+    assert killed.losses + resumed.losses == pytest.approx(whole.losses)
+
+
+def test_runs_with_the_same_seed_log_the_same_losses(small_split: Path) -> None:
+    first, second, other = Recorder(), Recorder(), Recorder()
+    fit(small_split, first, num_workers=1)
+    fit(small_split, second, num_workers=1)
+    fit(small_split, other, num_workers=1, seed=1)
+    assert first.losses == second.losses and len(first.losses) == 24
+    assert first.images == second.images
+    assert other.images != first.images  # the seed, not a constant, drives shuffling and augmentation
+
+
+def test_loader_state_is_checked(small_split: Path) -> None:
+    loader = WebDatasetDataModule(str(small_split), img_size=16, batch_size=8, num_workers=0).train_dataloader()
+    with pytest.raises(ValueError, match="13 batches done, an epoch has 12"):
+        loader.load_state_dict({"epoch": 0, "batches": 13})
+    with pytest.raises(ValueError, match="lacks an int 'epoch'"):
+        loader.load_state_dict({"batches": 3})
+    loader.load_state_dict({"epoch": 0, "batches": 12})  # a finished epoch: the next pass is epoch 1
+    assert len(list(loader)) == 12 and loader.state_dict() == {"epoch": 1, "batches": 12}
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_config_data_sections_build(config: Path) -> None:
+    """Every recipe's ``data:`` section parses and builds as LightningCLI would (typos and old keys fail)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    section = yaml.safe_load(config.read_text())["data"]
+    dm = parser.instantiate(parser.parse_object({"data": section})).data
+    assert isinstance(dm, L.LightningDataModule) and isinstance(dm.augment, Augment)
+
+
+def test_config_data_section_with_an_unknown_key_fails() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    section = {"class_path": "rmeeto.data.WebDatasetDataModule", "init_args": {"root": "x", "reprob": 0.0}}
+    with pytest.raises(Exception, match="reprob"):  # the key moved under augment
+        parser.parse_object({"data": section})

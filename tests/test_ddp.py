@@ -32,7 +32,7 @@ def run_rank(shards: Path, out: Path) -> None:
 
     torch.set_num_threads(1)
 
-    def deterministic(img_size: int, auto_augment: Any, reprob: Any, color_jitter: Any, mean: Any, std: Any, *_: Any):
+    def deterministic(img_size: int, augment: Any, mean: Any, std: Any):
         # Training images must identify their sample, so the random crop/flip is replaced by the eval transform.
         return eval_transform(img_size, mean, std)
 

@@ -14,7 +14,7 @@ import torch
 import rmeeto
 import rmeeto.reduction
 from rmeeto import export
-from rmeeto.data import WebDatasetDataModule
+from rmeeto.data import Augment, WebDatasetDataModule
 from rmeeto.lit import ExportCallback, RMeeToModule
 from rmeeto.lit.callbacks import EMA
 from rmeeto.models import CheckpointError
@@ -96,8 +96,8 @@ def test_export_callback_writes_at_the_end_of_fit(tmp_path, demo_shards):
     L.seed_everything(0)
     module = RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2}, mixup=0.0, cutmix=0.0,
                           ema_decay=0.9)
-    data = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=16, num_workers=0, auto_augment=None,
-                                reprob=0.0)
+    data = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=16, num_workers=0,
+                                augment=Augment(auto_augment=None, reprob=0.0))
     trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[ExportCallback(str(tmp_path / "export"))])

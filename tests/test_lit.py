@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from timm.utils import ModelEmaV3
 
-from rmeeto.data import WebDatasetDataModule
+from rmeeto.data import Augment, WebDatasetDataModule
 from rmeeto.lit import EMA, ExactOnceValidation, Reduction, RMeeToModule, distillation_loss
 from rmeeto.lit.callbacks import ema_weights
 from rmeeto.lit.optim import cosine_schedule, param_groups
@@ -51,7 +51,7 @@ def load_train_script() -> Any:
 
 def datamodule(root: Path, batch_size: int = 16) -> WebDatasetDataModule:
     return WebDatasetDataModule(str(root), img_size=32, batch_size=batch_size, num_workers=0, shuffle_buffer=200,
-                                auto_augment=None, reprob=0.0)
+                                augment=Augment(auto_augment=None, reprob=0.0))
 
 
 def trainer(**kwargs: Any) -> L.Trainer:

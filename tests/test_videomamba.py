@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 import rmeeto
 import rmeeto.reduction as R
+from rmeeto.data import Augment
 from rmeeto.data.pipelines import eval_pipeline
 from rmeeto.data.reader import ErrorPolicy, read_shards
 from rmeeto.data.shards import ShardError
@@ -202,17 +203,18 @@ def test_demo_clips_move_in_the_labelled_direction():
         assert (step > 0).all() if label in (0, 2) else (step < 0).all(), (CLASSES[label], centre)
 
 
-def test_video_loaders_batches_and_exact_once_validation(video_shards):
+def test_video_loaders_batches_and_exact_once_validation(video_shards, monkeypatch):
     data = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, shuffle_buffer=32)
     data.setup("fit")
     clips, labels = next(iter(data.train_dataloader()))
     assert clips.shape == (16, 3, 8, 32, 32) and clips.dtype == torch.float32 and labels.dtype == torch.int64
     assert len(data.train_dataloader()) == 128 // 16
-    for world_size in (2, 3):  # 2 val shards: split by shard, then by sample
+    for world_size in (2, 3):  # 2 val shards: whole shards, then shards cut into sample ranges
         seen = []
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))  # ranks as webdataset reads them under torchrun
         for rank in range(world_size):
-            part = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, rank=rank,
-                                   world_size=world_size)
+            monkeypatch.setenv("RANK", str(rank))
+            part = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0)
             seen += [int(y) for _, batch in part.val_dataloader() for y in batch]
             assert len(part.train_dataloader()) == 128 // world_size // 16
         assert len(seen) == data.val_num_samples == 64 and sorted(seen) == sorted([0, 1, 2, 3] * 16)
@@ -277,7 +279,7 @@ def test_short_fit_of_a_reduced_videomamba_lowers_the_loss(video_shards):
     module = RMeeToModule(model="videomamba_demo", reduction={"method": "rmeeto", "r": 8}, lr=3e-3, min_lr=1e-4,
                           warmup_steps=2, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
     data = VideoDataModule(str(video_shards), img_size=32, batch_size=16, num_workers=0, shuffle_buffer=64,
-                           crop_scale=(0.8, 1.0))
+                           augment=Augment(auto_augment=None, reprob=0.0, color_jitter=0.0, crop_scale=(0.8, 1.0)))
     recorder = LossRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=32, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -5,25 +5,49 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from rmeeto.data.pipelines import dist_info
-from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+from rmeeto.data.base import Triple, VisionDataModule
+from rmeeto.data.pipelines import rank_info
+from rmeeto.data.transforms import Augment, ImageTransform
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+def class_folders(folder: Path) -> list[str]:
+    """Sorted class folder names of ``folder``; a missing folder or one without class folders is an error."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageFolder split {folder} does not exist (expected {folder}/<class>/<image>)")
+    try:
+        return find_classes(str(folder))[0]
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(f"ImageFolder split {folder} has no class folders "
+                                f"(expected {folder}/<class>/<image>)") from exn
+
+
+def image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
+    """torchvision's ImageFolder over ``folder``, with the project's error for a missing or empty tree."""
+    class_folders(folder)
+    try:
+        return ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as exn:  # torchvision: "Found no valid file for the classes ..."
+        raise FileNotFoundError(f"ImageFolder split {folder} has class folders but no images "
+                                f"({', '.join(IMG_EXTENSIONS)})") from exn
+
+
+class ImageFolderDataModule(VisionDataModule):
     """Same transforms and batches as ``WebDatasetDataModule`` (``(B, 3, img_size, img_size)`` float32,
     ``(B,)`` int64), read from class folders; labels are sorted-class-name indices.
 
     Training shuffles and drops the last partial batch; under DDP Lightning swaps in a
     ``DistributedSampler``. Validation keeps every sample exactly once over ranks: when torch.distributed
     is initialized it uses Lightning's ``UnrepeatedDistributedSampler`` (no padding), which Lightning
-    leaves in place. ``mean``/``std`` default to ImageNet's.
+    leaves in place. ``mean``/``std`` default to ImageNet's (timm's).
+
+    A tree with only ``val_dir`` serves evaluation (``validate``/``test``): classes then come from it. A
+    missing or empty folder raises ``FileNotFoundError`` naming it.
     """
 
     def __init__(
@@ -34,44 +58,42 @@ class ImageFolderDataModule(L.LightningDataModule):
         img_size: int = 224,
         batch_size: int = 128,
         num_workers: int = 8,
-        auto_augment: str | None = RAND_AUGMENT,
-        reprob: float = 0.25,
-        color_jitter: float = 0.3,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = Augment(),
+        mean: Triple | None = None,
+        std: Triple | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(img_size, batch_size, num_workers, augment, mean, std)
+        self.save_settings()
         self.root = Path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
-        self.img_size = img_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
-        self.crop_scale, self.hflip = crop_scale, hflip
-        self.mean, self.std = mean, std
 
     @cached_property
     def train_set(self) -> ImageFolder:
-        transform = train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                    self.mean, self.std, self.crop_scale, self.hflip)
-        return ImageFolder(str(self.root / self.train_dir), transform=transform)
+        return image_folder(self.root / self.train_dir, self.transform(True))
 
     @cached_property
     def val_set(self) -> ImageFolder:
-        val_set = ImageFolder(str(self.root / self.val_dir), transform=eval_transform(self.img_size, self.mean,
-                                                                                        self.std))
+        val_set = image_folder(self.root / self.val_dir, self.transform(False))
         if val_set.classes != self.classes:
             raise ValueError(f"{self.root / self.val_dir} has classes {val_set.classes[:5]}..., "
-                             f"train has {self.classes[:5]}...")
+                             f"{self.root / self.train_dir} has {self.classes[:5]}...")
         return val_set
 
     @cached_property
     def classes(self) -> list[str]:
-        """Sorted class folder names of the train split (found without listing the images)."""
-        return find_classes(str(self.root / self.train_dir))[0]
+        """Sorted class folder names of the train split, or of the val split in a val-only tree (found
+        without listing the images)."""
+        folder = self.root / self.train_dir
+        if not folder.is_dir():
+            folder = self.root / self.val_dir
+        return class_folders(folder)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check that the folders the stage reads exist and hold images."""
+        if stage in ("validate", "test"):
+            _ = self.val_set
+        else:
+            _ = self.train_set, self.val_set
 
     @property
     def num_classes(self) -> int:
@@ -88,12 +110,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        rank, world_size = dist_info()
+        rank, world_size = rank_info()
         sampler = (UnrepeatedDistributedSampler(self.val_set, num_replicas=world_size, rank=rank, shuffle=False)
                    if world_size > 1 else None)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from rmeeto.data.shards import ShardError, is_pattern, list_shards, read_index
 
@@ -89,29 +90,63 @@ def check_label(raw: Mapping[str, Any], shard: str, num_classes: int | None) -> 
     return label
 
 
-def read_shard(url: str, expected: int | None = None, num_classes: int | None = None, check: Check = check_image
-               ) -> Iterator[Sample | ShardError]:
-    """Samples of one shard in file order, each through ``check`` (images by default; clips:
-    ``rmeeto.data.video.check_clip``); a read failure or a count differing from ``expected`` ends it
-    with one ``ShardError`` item (``lost`` = samples missing against ``expected``, at least 1)."""
+def sample_offset(path: str, index: int) -> int:
+    """Byte offset of the tar header that starts the ``index``-th sample of a local shard (a sample is a run
+    of members sharing a key). ``tarfile`` reads only the headers here: it seeks past each member's data."""
+    with tarfile.open(path) as tar:
+        number, last_key = -1, None
+        for member in tar:
+            key = base_plus_ext(member.name)[0]
+            if key != last_key:
+                number, last_key = number + 1, key
+            if number == index:
+                return member.offset
+    raise ValueError(f"the shard has {number + 1} samples, not more than {index}")
+
+
+def open_at(url: str, start: int) -> tuple[IO[bytes], int]:
+    """``url`` opened at its ``start``-th sample where it is a local file (then returns ``(stream, start)``),
+    else at its beginning (``(stream, 0)``: the caller skips ``start`` samples)."""
+    if start == 0 or "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return wds.gopen(url, "rb"), 0
+    offset = sample_offset(url, start)
+    stream = open(url, "rb")  # noqa: SIM115 (closed by the caller's with-block)
+    stream.seek(offset)
+    return stream, start
+
+
+def read_shard(url: str, expected: int | None = None, num_classes: int | None = None, check: Check = check_image,
+               start: int = 0, stop: int | None = None) -> Iterator[Sample | ShardError]:
+    """Samples ``start..stop-1`` (default: all) of one shard in file order, each through ``check`` (images by
+    default; clips: ``rmeeto.data.video.check_clip``); a read failure or a count differing from ``expected``
+    (the shard's count in the index) ends it with one ``ShardError`` item (``lost`` = samples of the range
+    missing against ``expected``, at least 1). A local shard is read from ``start``'s byte offset on."""
+    stop = expected if stop is None else stop
+    wanted = None if stop is None else stop - start
     seen, last_key = 0, None
     try:
-        with wds.gopen(url, "rb") as stream:
+        stream, position = open_at(url, start)
+        with stream:
             files = tar_file_expander([{"url": url, "stream": stream}])
             for raw in group_by_keys(files):
+                position += 1
+                if position <= start:
+                    continue
+                if stop is not None and position > stop and stop != expected:
+                    return  # the rest of the shard is another reader's range
                 last_key = raw["__key__"]
                 seen += 1
                 yield check(raw, url, num_classes)
     except Exception as exn:  # tarfile, gopen and webdataset raise many types; all mean an unreadable shard
-        where = f"after sample {last_key!r}" if last_key is not None else "before the first sample"
+        where = f"after sample {last_key!r}" if last_key is not None else f"before sample {start}"
         detail = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
-        lost = max(1, expected - seen) if expected is not None else 1
+        lost = max(1, wanted - seen) if wanted is not None else 1
         yield ShardError(f"corrupt, truncated or missing shard ({where}): {type(exn).__name__}: {detail}",
                          url, lost=lost)
         return
-    if expected is not None and seen != expected:
-        yield ShardError(f"shard has {seen} samples, the index says {expected}", url,
-                         key=last_key, lost=max(1, expected - seen))
+    if wanted is not None and seen != wanted:
+        yield ShardError(f"shard has {start + seen} samples, the index says {expected}", url,
+                         key=last_key, lost=max(1, wanted - seen))
 
 
 def read_shards(shards: Iterable[Mapping[str, str]], expected: Mapping[str, int] | None = None,

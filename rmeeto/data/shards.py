@@ -121,13 +121,17 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def _encode_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a ``{"__key__", "jpg", "cls"}`` sample and turn it into the bytes ShardWriter stores."""
-    key, image, label = sample["__key__"], sample["jpg"], sample["cls"]
+    """Check a ``{"__key__", "cls", <files>}`` sample and turn it into what ShardWriter stores: a PIL image
+    under ``"jpg"`` becomes JPEG bytes, the label an int; other files (clips' ``.npy``/frames) pass as given."""
+    key = sample["__key__"]
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits keys there)")
-    if isinstance(image, Image.Image):
-        image = encode_jpeg(image)
-    return {"__key__": key, "jpg": bytes(image), "cls": int(label)}
+    record = {**sample, "cls": int(sample["cls"])}
+    if record["cls"] < 0:
+        raise ValueError(f"sample {key!r}: negative label {record['cls']}")
+    if isinstance(record.get("jpg"), Image.Image):
+        record["jpg"] = encode_jpeg(record["jpg"])
+    return record
 
 
 def completed_shards(out_dir: str | os.PathLike, split: str) -> int:
@@ -151,7 +155,8 @@ def write_shards(
     meta: Mapping[str, Any] | None = None,
     start_shard: int = 0,
 ) -> ShardIndex:
-    """Write ``samples`` as ``out_dir/{split}-NNNNNN.tar`` shards of ``max_per_shard`` samples and the index.
+    """Write ``samples`` (images: ``{"__key__", "jpg", "cls"}``; clips: see ``rmeeto.data.video``) as
+    ``out_dir/{split}-NNNNNN.tar`` shards of ``max_per_shard`` samples, then the index.
 
     Each shard is written to ``*.tar.part`` and renamed when complete. ``start_shard=k`` resumes an
     interrupted run: shards ``0..k-1`` must exist, each holding ``max_per_shard`` samples, and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
@@ -15,33 +16,40 @@ EVAL_CROP_PCT = 0.875
 ImageTransform = Callable[[Image.Image], Tensor]
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation settings (the DeiT/Vim recipe by default), shared by every DataModule.
+
+    ``crop_scale``: area fraction range of the random-resized crop; ``hflip``: horizontal flip probability;
+    ``auto_augment``: a timm RandAugment/AutoAugment policy string or None; ``reprob``: random-erasing
+    probability; ``color_jitter``: only acts without ``auto_augment`` (timm disables it under RandAugment,
+    as the DeiT/Vim recipe ``--color-jitter 0.3 --aa rand-m9-mstd0.5-inc1`` does).
+    """
+
+    auto_augment: str | None = RAND_AUGMENT
+    reprob: float = 0.25
+    color_jitter: float = 0.3
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+
+
 def train_transform(
     img_size: int = 224,
-    auto_augment: str | None = RAND_AUGMENT,
-    reprob: float = 0.25,
-    color_jitter: float = 0.3,
+    augment: Augment = Augment(),
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    hflip: float = 0.5,
 ) -> ImageTransform:
-    """PIL image → normalised float tensor (3, img_size, img_size) with the DeiT/Vim training augmentation.
-
-    Random-resized crop (bicubic, area fraction in ``crop_scale``), horizontal flip with probability
-    ``hflip``, RandAugment, random erasing (pixel mode).
-    ``color_jitter`` only acts when ``auto_augment`` is None: timm disables it under RandAugment,
-    which is also what the DeiT/Vim recipe (``--color-jitter 0.3 --aa rand-m9-mstd0.5-inc1``) does.
-    Mean/std default to ImageNet's.
-    """
+    """PIL image → normalised float tensor (3, img_size, img_size) with the training ``augment``: random-resized
+    crop (bicubic), horizontal flip, RandAugment, random erasing (pixel mode). Mean/std default to ImageNet's."""
     transform = create_transform(
         input_size=img_size,
         is_training=True,
-        scale=tuple(crop_scale),
-        hflip=hflip,
-        auto_augment=auto_augment or None,
-        color_jitter=color_jitter,
+        scale=tuple(augment.crop_scale),
+        hflip=augment.hflip,
+        auto_augment=augment.auto_augment or None,
+        color_jitter=augment.color_jitter,
         interpolation="bicubic",
-        re_prob=reprob,
+        re_prob=augment.reprob,
         re_mode="pixel",
         re_count=1,
         mean=tuple(mean or IMAGENET_DEFAULT_MEAN),

@@ -9,9 +9,9 @@ a sample holds a clip instead of an image, in one of two layouts, plus ``<key>.c
 
 Reading keeps the image pipeline's guarantees by being it (:mod:`rmeeto.data.pipelines` with ``check_clip``
 and ``decode_clip``): training
-deals each epoch's shard permutation to ranks and workers (``EpochShards``), repeats each reader's own
-shards through a shuffle buffer and stops every rank after the same number of full batches
-(``worker_share``); evaluation reads every clip exactly once over all ranks and workers, in file order.
+deals each epoch's shard permutation to ranks and workers (``TrainStream``), repeats each reader's own
+shards through a seeded shuffle buffer, stops every rank after the same number of full batches and resumes
+mid-epoch (``ResumableLoader``); evaluation reads every clip exactly once over all ranks and workers.
 Only the sample check (clip instead of image) and the decoding differ; failures are ``ShardError`` items
 handled by the same ``ErrorPolicy``.
 """
@@ -21,32 +21,25 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
+from rmeeto.data.base import Triple
 from rmeeto.data.reader import IMAGE_EXTENSIONS, OnError, Sample, check_label, decode_image
-from rmeeto.data.shards import (
-    PART_SUFFIX,
-    SHARD_PATTERN,
-    ShardError,
-    ShardIndex,
-    _finish_shard,
-    encode_jpeg,
-    shard_name,
-    write_index,
-)
+from rmeeto.data.shards import ShardError, ShardIndex, encode_jpeg, write_shards
+from rmeeto.data.transforms import Augment
 from rmeeto.data.webdataset_dm import WebDatasetDataModule
 
 FrameFormat = Literal["npy", "jpg"]
+#: clip augmentation: random-resized crop and flip only
+CLIP_AUGMENT = Augment(auto_augment=None, reprob=0.0, color_jitter=0.0)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -78,28 +71,11 @@ def write_clip_shards(
     std: Sequence[float] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> ShardIndex:
-    """Write ``(key, uint8 T×H×W×3 clip, label)`` samples as ``out_dir/{split}-NNNNNN.tar`` shards of
-    ``max_per_shard`` clips (each finished shard renamed from ``.part``), then the index."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / (SHARD_PATTERN.format(split=split) + PART_SUFFIX))
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, maxsize=float("inf"), post=_finish_shard,
-                         verbose=0, mtime=0.0) as writer:
-        for key, clip, label in samples:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"clip {key!r}: label {label} out of range for num_classes={num_classes}")
-            writer.write(_encode_clip(key, clip, label, frame_format))
-        written = writer.total
-    if written == 0:
-        raise ValueError(f"no clips to write for split {split!r}")
-    counts = {shard_name(split, n): min(max_per_shard, written - n * max_per_shard)
-              for n in range(-(-written // max_per_shard))}
-    index = ShardIndex(split=split, shards=counts, num_classes=num_classes,
-                       classes=list(classes) if classes is not None else None,
-                       mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
-                       meta={"frame_format": frame_format, **(meta or {})})
-    write_index(out, index)
-    return index
+    """Write ``(key, uint8 T×H×W×3 clip, label)`` samples with ``write_shards`` (shards of ``max_per_shard``
+    clips, then the index, whose meta records the ``frame_format``)."""
+    records = (_encode_clip(key, clip, label, frame_format) for key, clip, label in samples)
+    return write_shards(records, out_dir, split, max_per_shard, num_classes=num_classes, classes=classes,
+                        mean=mean, std=std, meta={"frame_format": frame_format, **(meta or {})})
 
 
 # ----------------------------------------------------------------------------- reading
@@ -149,13 +125,14 @@ class ClipTransform:
     """uint8 T×H×W×3 clip → normalised float 3×num_frames×img_size×img_size.
 
     Training: random frame per segment, one random-resized crop (``crop_scale``, aspect 3/4–4/3) and one
-    horizontal flip (p = 0.5) for all frames. Evaluation: middle frame per segment, resize of the short
-    side to ``img_size``, centre crop. Mean/std default to ImageNet's.
+    horizontal flip (probability ``hflip``) for all frames. Evaluation: middle frame per segment, resize of
+    the short side to ``img_size``, centre crop. Mean/std default to ImageNet's.
     """
 
     def __init__(self, num_frames: int, img_size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, hflip: float = 0.5):
         self.num_frames, self.img_size, self.train, self.crop_scale = num_frames, img_size, train, crop_scale
+        self.hflip = hflip
         self.mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(3, 1, 1, 1)
         self.std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(3, 1, 1, 1)
 
@@ -166,7 +143,7 @@ class ClipTransform:
         if self.train:
             top, left, height, width = RandomResizedCrop.get_params(video, list(self.crop_scale), [3 / 4, 4 / 3])
             video = TF.resized_crop(video, top, left, height, width, size, antialias=True)
-            if torch.rand(()) < 0.5:
+            if torch.rand(()) < self.hflip:
                 video = video.flip(-1)
         else:
             video = TF.center_crop(TF.resize(video, self.img_size, antialias=True), size)
@@ -181,7 +158,9 @@ class VideoDataModule(WebDatasetDataModule):
     Indexes, ``num_classes``/mean/std defaults, error policies, ``setup`` checks and the DDP guarantees are
     those of :class:`~rmeeto.data.WebDatasetDataModule`: every rank yields the same number of full training
     batches per epoch from disjoint shards, and validation sees every clip exactly once over all ranks and
-    workers (``val_num_samples``). Augmentation: see :class:`ClipTransform` (no RandAugment, no erasing).
+    workers (``val_num_samples``). Augmentation: see :class:`ClipTransform`; of ``augment`` it uses
+    ``crop_scale`` and ``hflip`` (``auto_augment``, ``reprob`` and ``color_jitter`` must stay off: they are
+    image-only and would otherwise be silently ignored).
     """
 
     check = staticmethod(check_clip)
@@ -197,20 +176,21 @@ class VideoDataModule(WebDatasetDataModule):
         batch_size: int = 8,
         num_workers: int = 8,
         shuffle_buffer: int = 200,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = CLIP_AUGMENT,
+        mean: Triple | None = None,
+        std: Triple | None = None,
         on_error: OnError = "raise",
         num_classes: int | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        seed: int | None = None,
     ) -> None:
+        image_only = {name: getattr(augment, name) for name in ("auto_augment", "reprob", "color_jitter")}
+        if any(image_only.values()):
+            raise ValueError(f"clips take only augment.crop_scale and augment.hflip; turn off {image_only}")
         super().__init__(root, train_split, val_split, img_size=img_size, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, auto_augment=None, reprob=0.0,
-                         crop_scale=crop_scale, mean=mean, std=std, on_error=on_error, num_classes=num_classes,
-                         seed=seed, rank=rank, world_size=world_size)
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, augment=augment, mean=mean,
+                         std=std, on_error=on_error, num_classes=num_classes, seed=seed)
         self.num_frames = num_frames
 
     def transform(self, train: bool) -> ClipTransform:
-        return ClipTransform(self.num_frames, self.img_size, train, tuple(self.crop_scale), self.mean, self.std)
+        return ClipTransform(self.num_frames, self.img_size, train, tuple(self.augment.crop_scale), self.mean,
+                             self.std, self.augment.hflip)

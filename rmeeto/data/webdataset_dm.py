@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from rmeeto.data.pipelines import dist_info, eval_pipeline, train_pipeline
+from rmeeto.data.base import Triple, VisionDataModule
+from rmeeto.data.pipelines import ResumableLoader, eval_pipeline, train_pipeline
 from rmeeto.data.reader import Check, ErrorPolicy, OnError, Sample, check_image, decode_image
 from rmeeto.data.shards import ShardIndex, index_path, list_shards, read_index
-from rmeeto.data.transforms import RAND_AUGMENT, eval_transform, train_transform
+from rmeeto.data.transforms import Augment
 
 
-class WebDatasetDataModule(L.LightningDataModule):
+class WebDatasetDataModule(VisionDataModule):
     """Train/val loaders over ``root/{split}-NNNNNN.tar`` shards described by ``root/{split}-index.json``.
 
     Batches are ``(images (B, 3, img_size, img_size) float32, labels (B,) int64)``.
@@ -27,18 +27,20 @@ class WebDatasetDataModule(L.LightningDataModule):
     same on every rank, drawn from ``seed``) to ranks and then workers, and each reader repeats its own
     shards through a sample shuffle buffer until it has its share of the epoch: every rank yields exactly
     ``train_num_samples // world_size // batch_size`` full batches per epoch (also the loader's ``len()``),
-    and ranks read disjoint shards within an epoch.
+    and ranks read disjoint shards within an epoch. Shuffling and augmentation derive from ``seed``
+    (default: the run's ``seed_everything`` seed), so runs repeat, and the training loader is a
+    ``ResumableLoader``: a run resumed from a mid-epoch checkpoint continues the epoch's stream.
 
     Validation/test do not shuffle and see every sample of ``val_split`` exactly once over all ranks and
-    workers (per-rank counts may differ): shards are split over ranks and workers when there are at least
-    ``world_size * max(1, num_workers)`` of them, else samples are. ``val_num_samples`` is what the ranks'
-    counts add up to (minus ``val_skipped_samples``).
+    workers (per-rank counts may differ), each sample read by one reader (see ``eval_parts``).
+    ``val_num_samples`` is what the ranks' counts add up to (minus ``val_skipped_samples``).
 
-    ``rank``/``world_size`` default to torch.distributed (when initialized) and can be injected for tests.
-    ``num_classes``, ``mean``/``std`` default to the train index's values (the val index's when there is no
-    train split, for evaluation only), mean/std else to ImageNet's. ``on_error="skip"`` warns about
-    and skips unreadable shards/samples and counts them in ``skipped_samples``; ``"raise"`` raises
-    ``ShardError``. Workers are persistent so the per-epoch shard order advances.
+    Ranks come from torch.distributed (or ``RANK``/``WORLD_SIZE``), as webdataset reads them.
+    ``num_classes`` defaults to the train index's (the val index's when there is no train split, for
+    evaluation only); ``mean``/``std`` to that index's when it has them, else to ImageNet's (timm's).
+    ``augment``: the training augmentation (``rmeeto.data.Augment``).
+    ``on_error="skip"`` warns about and skips unreadable shards/samples and counts them in
+    ``skipped_samples``; ``"raise"`` raises ``ShardError``.
 
     A subclass for other samples (clips: ``rmeeto.data.video.VideoDataModule``) sets ``check``/``decode``
     and overrides :meth:`transform`.
@@ -56,34 +58,23 @@ class WebDatasetDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 8,
         shuffle_buffer: int = 5000,
-        auto_augment: str | None = RAND_AUGMENT,
-        reprob: float = 0.25,
-        color_jitter: float = 0.3,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        augment: Augment = Augment(),
+        mean: Triple | None = None,
+        std: Triple | None = None,
         on_error: OnError = "raise",
         num_classes: int | None = None,
-        seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        seed: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["rank", "world_size"])
+        super().__init__(img_size, batch_size, num_workers, augment, mean, std)
+        self.save_settings()
         self.root = Path(root)
         self.train_split, self.val_split = train_split, val_split
-        self.img_size = img_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
-        self.auto_augment, self.reprob, self.color_jitter = auto_augment, reprob, color_jitter
-        self.crop_scale, self.hflip = crop_scale, hflip
-        self._mean, self._std = mean, std
         self._num_classes = num_classes
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
+        self._seed = seed
         self.on_error = on_error
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict[str, int] | None = None
 
     @cached_property
     def train_policy(self) -> ErrorPolicy:
@@ -117,12 +108,17 @@ class WebDatasetDataModule(L.LightningDataModule):
         return self.reference_index.classes
 
     @property
-    def mean(self) -> tuple[float, float, float] | None:
-        return self._mean or self.reference_index.mean
+    def default_mean(self) -> Triple:
+        return self.reference_index.mean or super().default_mean
 
     @property
-    def std(self) -> tuple[float, float, float] | None:
-        return self._std or self.reference_index.std
+    def default_std(self) -> Triple:
+        return self.reference_index.std or super().default_std
+
+    @property
+    def seed(self) -> int:
+        """The ``seed`` setting, else the seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0."""
+        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
     def train_num_samples(self) -> int:
@@ -153,40 +149,34 @@ class WebDatasetDataModule(L.LightningDataModule):
                                  f"num_classes={self.num_classes}")
             list_shards(self.root, index.split)
 
-    def _dist(self) -> tuple[int, int]:
-        rank, world_size = dist_info()
-        return (rank if self.rank is None else self.rank,
-                world_size if self.world_size is None else self.world_size)
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, also kept here because Lightning drops the loader's own state on
+        resume when ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (Lightning
+        issue #20550): the DataModule's state is restored before that call creates the loader."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loader_state = state.get("train_loader")
 
-    def transform(self, train: bool) -> Callable[[Any], Tensor]:
-        """The per-sample transform of the train or eval loader (subclasses: other kinds of samples)."""
-        if train:
-            return train_transform(self.img_size, self.auto_augment, self.reprob, self.color_jitter,
-                                   self.mean, self.std, self.crop_scale, self.hflip)
-        return eval_transform(self.img_size, self.mean, self.std)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world_size = self._dist()
+    def train_dataloader(self) -> ResumableLoader:
         dataset = train_pipeline(
             list_shards(self.root, self.train_split), list(self.train_index.shards.values()),
-            batch_size=self.batch_size, transform=self.transform(True), policy=self.train_policy, rank=rank,
-            world_size=world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-            num_classes=self.num_classes, check=self.check, decode=self.decode,
+            batch_size=self.batch_size, transform=self.transform(True), policy=self.train_policy,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, num_classes=self.num_classes, check=self.check,
+            decode=self.decode,
         )
-        return self._loader(dataset)
+        self._train_loader = ResumableLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                             pin_memory=torch.cuda.is_available())
+        if self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
-        rank, world_size = self._dist()
         dataset = eval_pipeline(
             list_shards(self.root, self.val_split), list(self.val_index.shards.values()),
-            transform=self.transform(False), policy=self.val_policy, rank=rank, world_size=world_size,
-            num_workers=self.num_workers, num_classes=self.num_classes, check=self.check, decode=self.decode,
+            transform=self.transform(False), policy=self.val_policy, num_classes=self.num_classes,
+            check=self.check, decode=self.decode,
         )
-        return self._loader(dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
