@@ -97,13 +97,16 @@ def test_export_callback_writes_at_the_end_of_fit(tmp_path, demo_shards):
     module = RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2}, mixup=0.0, cutmix=0.0,
                           ema_decay=0.9)
     data = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=16, num_workers=0,
-                                augment=Augment(auto_augment=None, reprob=0.0))
+                                augment=Augment(auto_augment=None, reprob=0.0), mean=(0.1, 0.2, 0.3),
+                                std=(0.4, 0.5, 0.6))
     trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[ExportCallback(str(tmp_path / "export"))])
     trainer.fit(module, datamodule=data)
     config = json.loads((tmp_path / "export/config.json").read_text())
     assert config["extra"]["global_step"] == 2 and config["weights"]["ema"] is True
+    assert config["data"] == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}  # the run's normalisation
+    assert export.load(tmp_path / "export").pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
     with torch.no_grad():
         (ema,) = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
         assert torch.equal(export.load(tmp_path / "export")(images()), ema.ema.module(images()))

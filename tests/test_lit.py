@@ -294,6 +294,7 @@ def test_recipe_configs_parse(capsys):
             assert model["lr"] == 2e-5 and model["min_lr"] == 1e-6 and model["weight_decay"] == 0.05
             assert model["reduction"]["r"] == {"ti": 5, "s": 11, "b": 11}[size]
             assert model["distill"] == (kind == "official")
+            assert model["pretrained"].startswith(f"hf-hub:hustvl/Vim-{dict(ti='tiny', s='small', b='base')[size]}")
             assert model["ema_decay"] == (0.996 if size == "b" else None)
             trainer_config = config["trainer"]
             assert trainer_config["devices"] == 8 and trainer_config["num_nodes"] == 1

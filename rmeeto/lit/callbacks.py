@@ -136,6 +136,21 @@ class ValidationSkips(Protocol):
     def val_skipped_samples(self) -> int: ...
 
 
+@runtime_checkable
+class Normalized(Protocol):
+    """A datamodule that normalises images with a per-channel ``mean`` and ``std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def normalization(datamodule: Any) -> dict[str, tuple[float, ...] | None]:
+    """``mean``/``std`` keywords for :func:`rmeeto.export.save`: the datamodule's, else None (the model's own)."""
+    if isinstance(datamodule, Normalized):
+        return {"mean": tuple(datamodule.mean), "std": tuple(datamodule.std)}
+    return {"mean": None, "std": None}
+
+
 def skipped_samples(datamodule: Any) -> int:
     return datamodule.val_skipped_samples if isinstance(datamodule, ValidationSkips) else 0
 
@@ -267,5 +282,5 @@ class ExportCallback(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.export_dir is None or not trainer.is_global_zero:
             return
-        export.save(pl_module, self.export_dir, use_ema=self.use_ema,
+        export.save(pl_module, self.export_dir, use_ema=self.use_ema, **normalization(trainer.datamodule),
                     extra={"global_step": trainer.global_step, "epoch": trainer.current_epoch})

@@ -69,7 +69,7 @@ class RMeeToModule(L.LightningModule):
         self,
         model: str = "vim_demo",
         model_overrides: dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         reduction: Reduction | None = None,
         lr: float = 2e-5,
         min_lr: float = 1e-6,

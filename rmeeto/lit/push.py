@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from rmeeto import export
-from rmeeto.lit.callbacks import ema_weights
+from rmeeto.lit.callbacks import ema_weights, normalization
 
 
 class PushToHub(Callback):
@@ -44,7 +44,8 @@ class PushToHub(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="rmeeto-push-") as tmp:
             directory = Path(self.export_dir or Path(tmp) / "export")
-            export.save(pl_module, directory, use_ema=self.use_ema, extra=self.notes(trainer, pl_module))
+            export.save(pl_module, directory, use_ema=self.use_ema, extra=self.notes(trainer, pl_module),
+                        **normalization(trainer.datamodule))
             self.url = export.push_to_hub(directory, self.repo_id, token=self.token, private=self.private,
                                           revision=self.revision)
         rank_zero_info(f"pushed the export to {self.url}")
