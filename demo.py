@@ -25,6 +25,7 @@ from rmeeto.evaluate import (
     evaluate_configs,
     format_table,
     plan_configs,
+    reduction_amount,
     rows_as_dicts,
 )
 from rmeeto.export import load as load_export
@@ -68,7 +69,7 @@ def main() -> None:
     seconds = retrain(OUT / "run")
     retrained = load_export(OUT / "run" / "export")
     reducer = retrained.token_reducer
-    r, blocks = reducer.schedule.amounts[0], reducer.schedule.blocks
+    r, blocks = reduction_amount(reducer), reducer.schedule.blocks
     base_acc = accuracy(base, dm.val_dataloader(), dm.num_classes, desc="unreduced")
     R.apply(base, "rmeeto", r=r, blocks=blocks)
     free_acc = accuracy(base, dm.val_dataloader(), dm.num_classes, desc="training-free")
