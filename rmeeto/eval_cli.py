@@ -129,7 +129,8 @@ def is_demo(s: EvalSettings) -> bool:
 
 
 def check_settings(s: EvalSettings) -> None:
-    """Errors that need no model or data: FLOPs cuts outside (0, 1), sizes below 1, the demo with overrides."""
+    """Errors that need no model or data: FLOPs cuts outside (0, 1), sizes below 1, a missing image, an
+    unusable device, the demo weights with architecture overrides."""
     bad = [c for c in s.cuts if not 0 < c < 1]
     if bad:
         raise ValueError(f"--cuts {' '.join(map(str, bad))}: a FLOPs cut is a fraction in (0, 1)")
@@ -137,6 +138,14 @@ def check_settings(s: EvalSettings) -> None:
         value = getattr(s, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} {value}: must be at least 1")
+    if s.visualize is not None and not Path(s.visualize).is_file():
+        raise FileNotFoundError(f"--visualize {s.visualize}: no such image file")
+    try:
+        device = torch.device(s.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {s.device!r}: not a device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {s.device}: CUDA is not available here")
     if is_demo(s) and s.model_args:
         raise ValueError("--model_args need --checkpoint: the bundled demo weights fit the demo architecture only")
 
@@ -226,12 +235,12 @@ def visualize(s: EvalSettings, model: nn.Module, methods: list[str], out: Path) 
     return paths
 
 
+@torch.no_grad()
 def run(s: EvalSettings) -> list[Row]:
     """Evaluate as ``s`` says and write the results; returns the table's rows (none for --visualize)."""
     check_settings(s)
     out = Path(s.out)
     check_writable(out)
-    torch.set_grad_enabled(False)
     model = load_model(s).to(s.device)
     methods = resolve_methods(model, s.methods)
     if s.visualize:

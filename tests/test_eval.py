@@ -150,7 +150,7 @@ def test_impossible_cuts_exit_non_zero_with_the_reason(vim_checkpoint, demo_shar
     assert not (tmp_path / "out" / "results.json").exists(), "refused before evaluating"
 
 
-@pytest.mark.parametrize("case", ["random_bytes", "missing", "unknown_model", "no_data", "bad_flag"])
+@pytest.mark.parametrize("case", ["random_bytes", "missing", "unknown_model", "no_data", "bad_flag", "no_image"])
 def test_known_errors_are_one_line_naming_the_culprit(vim_checkpoint, demo_shards, tmp_path, capsys, case):
     bad = tmp_path / "random.pth"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -161,6 +161,8 @@ def test_known_errors_are_one_line_naming_the_culprit(vim_checkpoint, demo_shard
         "no_data": (args("vim_demo", VIM, vim_checkpoint, tmp_path / "empty", tmp_path / "o"),
                     "empty: neither shards", 1),
         "bad_flag": (["--cuts", "[0.2]", "--no_such_flag", "1"], "--no_such_flag", 2),
+        "no_image": (args("vim_demo", VIM, vim_checkpoint, None, tmp_path / "o", "--visualize", "nope.jpg"),
+                     "--visualize nope.jpg: no such image file", 1),
     }[case]
     assert eval_cli.main(argv) == code
     err = capsys.readouterr().err
