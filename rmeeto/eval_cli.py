@@ -22,6 +22,7 @@ import csv
 import json
 import sys
 import tempfile
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import timm
 import torch
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 from torch import nn
 
 import rmeeto
@@ -108,8 +109,12 @@ class EvalSettings:
 FLAGS = ("training_free",)  # booleans given as bare flags (--training_free / --no_training_free)
 
 
+class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+    """jsonargparse's help with the description (this module's examples) kept as written."""
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="eval.py", description=__doc__, exit_on_error=False)
+    parser = ArgumentParser(prog="eval.py", description=__doc__, exit_on_error=False, formatter_class=HelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="settings from a YAML file")
     parser.add_class_arguments(EvalSettings, as_group=False, skip=set(FLAGS))
     parser.add_argument("--training_free", action=ActionYesNo, default=None,
