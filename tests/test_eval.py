@@ -150,10 +150,12 @@ def test_impossible_cuts_exit_non_zero_with_the_reason(vim_checkpoint, demo_shar
     assert not (tmp_path / "out" / "results.json").exists(), "refused before evaluating"
 
 
-@pytest.mark.parametrize("case", ["random_bytes", "missing", "unknown_model", "no_data", "bad_flag", "no_image"])
+@pytest.mark.parametrize("case", ["random_bytes", "missing", "unknown_model", "no_data", "bad_flag", "no_image",
+                                  "yaml_typo"])
 def test_known_errors_are_one_line_naming_the_culprit(vim_checkpoint, demo_shards, tmp_path, capsys, case):
     bad = tmp_path / "random.pth"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "eval.yaml").write_text("model: vim_demo\ncutz: [0.2]\n")
     argv, expected, code = {
         "random_bytes": (args("vim_demo", VIM, bad, demo_shards, tmp_path / "o"), f"{bad}: not a readable", 1),
         "missing": (args("vim_demo", VIM, tmp_path / "nope.pth", demo_shards, tmp_path / "o"), "nope.pth", 1),
@@ -161,6 +163,7 @@ def test_known_errors_are_one_line_naming_the_culprit(vim_checkpoint, demo_shard
         "no_data": (args("vim_demo", VIM, vim_checkpoint, tmp_path / "empty", tmp_path / "o"),
                     "empty: neither shards", 1),
         "bad_flag": (["--cuts", "[0.2]", "--no_such_flag", "1"], "--no_such_flag", 2),
+        "yaml_typo": (["--config", str(tmp_path / "eval.yaml")], "'cutz' is not accepted", 2),
         "no_image": (args("vim_demo", VIM, vim_checkpoint, None, tmp_path / "o", "--visualize", "nope.jpg"),
                      "--visualize nope.jpg: no such image file", 1),
     }[case]
