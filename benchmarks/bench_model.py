@@ -17,30 +17,11 @@ import torch
 import rmeeto
 import rmeeto.models.mamba as mamba
 import rmeeto.reduction as R
-from rmeeto.evaluate import throughputs
+from rmeeto.evaluate import example_input
 from rmeeto.flops import count
-from rmeeto.ops import get_backend
+from rmeeto.speed import MAX_SPREAD, MIN_REPS, backend_line, measure, reducer_share
 
-
-def reducer_share(model, x, reps: int) -> float:
-    """Fraction of the reduced forward's wall time spent inside the token reducer."""
-    inner, spent = model.token_reducer, [0.0]
-
-    def timed(i, state):
-        start = time.perf_counter()
-        out = inner(i, state)
-        spent[0] += time.perf_counter() - start
-        return out
-
-    model.token_reducer = timed
-    model(x)  # warm-up
-    spent[0] = 0.0
-    start = time.perf_counter()
-    for _ in range(reps):
-        model(x)
-    total = time.perf_counter() - start
-    model.token_reducer = inner
-    return spent[0] / total
+UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or a spread over ±{MAX_SPREAD:.0%}"
 
 
 def op_shares(model, x, reps: int = 3) -> dict[str, float]:
@@ -106,23 +87,25 @@ def main() -> None:
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     model = rmeeto.create_model(args.model).eval()
-    x = torch.randn(args.batch, 3, 224, 224)
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads, scan backend {get_backend()}")
+    x = example_input(model, args.batch)
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {backend_line('cpu')}")
 
     base_g = count(model)
     reducer = R.apply(model, "rmeeto", r=args.r)
     red_g = count(model)
-    base_speed, red_speed = throughputs(model, [None, reducer], args.batch, reps=args.reps)  # round-robin
-    rows = [("unreduced", base_g, args.batch / base_speed), (f"R-MeeTo r={args.r}", red_g, args.batch / red_speed)]
+    base, reduced = measure(model, [None, reducer], x, reps=args.reps)  # interleaved rounds
     share = reducer_share(model, x, args.reps)
     R.remove(model)
 
-    print(f"\n{'model':<16} {'GFLOPs':>8} {'ms/batch':>9} {'img/s':>8}")
-    for label, g, t in rows:
-        print(f"{label:<16} {g:>8.3f} {1e3 * t:>9.1f} {args.batch / t:>8.1f}")
-    speedup, ideal = red_speed / base_speed, base_g / red_g
-    print(f"\nmeasured speedup {speedup:.3f}×, FLOPs ratio {ideal:.3f}×, quotient {speedup / ideal:.3f} "
-          f"(authors on H100, Vim-S: 1.10/1.42 = 0.77)")
+    print(f"\n{'model':<16} {'GFLOPs':>8} {'ms/batch':>9} {'img/s':>8} {'±IQR':>6}")
+    for label, g, speed in (("unreduced", base_g, base), (f"R-MeeTo r={args.r}", red_g, reduced)):
+        print(f"{label:<16} {g:>8.3f} {1e3 * args.batch / speed.images_per_s:>9.1f} {speed.images_per_s:>8.1f} "
+              f"{speed.spread:>6.0%}")
+    ideal = base_g / red_g
+    print(f"\nmeasured speedup {reduced.speedup:.3f}× ±{reduced.speedup_spread:.0%} (median and IQR of "
+          f"{reduced.reps} paired rounds{'' if reduced.trusted else UNTRUSTED}), "
+          f"FLOPs ratio {ideal:.3f}×, quotient {reduced.speedup / ideal:.3f} "
+          "(authors on H100, Vim-S: 1.10/1.42 = 0.77)")
     print(f"time inside the token reducer: {100 * share:.2f}% of the reduced forward")
 
     shares = op_shares(model, x)

@@ -23,6 +23,12 @@ from rmeeto.reduction.reducer import TokenReduction
 DROPPED = -1
 
 
+def first_cls_index(state: TokenState) -> int:
+    """Where cls sits in the first image of ``state``: ``cls_index`` is an int or a per-image (B,) tensor."""
+    index = state.cls_index
+    return int(index[0]) if isinstance(index, Tensor) and index.dim() else int(index)
+
+
 def group_map(source: Tensor, cls_index: int, cls_origin: int, grid: tuple[int, int]) -> np.ndarray:
     """One image's N×N₀ source counts → H_p×W_p map: for each original patch, the index (in output
     order, cls excluded) of the token that holds it, or :data:`DROPPED`."""
@@ -52,10 +58,10 @@ def capture_states(model: nn.Module, reducer: TokenReduction, image: Tensor) -> 
     return states
 
 
-def merge_maps(model: nn.Module, image: Tensor, method: str = "rmeeto", **params: Any) -> list[np.ndarray]:
+def merge_maps(model: nn.Module, image: Tensor, method: str = "rmeeto", **params: Any) -> dict[int, np.ndarray]:
     """Group maps of one image (3×H×W or 1×3×H×W) under ``method`` (``params`` as for
-    :func:`rmeeto.reduction.apply`): per reduction point an H_p×W_p int array giving, for each
-    patch, the output token (cls excluded) that holds it, or -1 where it was dropped.
+    :func:`rmeeto.reduction.apply`): block index of each reduction point → an H_p×W_p int array giving,
+    for each patch, the output token (cls excluded) that holds it, or -1 where it was dropped.
 
     Works for any image model with ``cfg.img_size``/``patch_size`` wherever its cls token sits (Vim: the
     middle; VideoMamba, DeiT: first). The model's previous reducer, if any, is restored afterwards.
@@ -73,8 +79,11 @@ def merge_maps(model: nn.Module, image: Tensor, method: str = "rmeeto", **params
         states = capture_states(model, reducer, image)
     finally:
         attach(model, previous)
-    return [group_map(s.source[0], s.cls_index, cls_origin(s.source[0], s.cls_index), (side, side))
-            for s in states]
+    maps = {}
+    for block, state in zip(reducer.schedule.blocks, states, strict=True):
+        cls = first_cls_index(state)
+        maps[block] = group_map(state.source[0], cls, cls_origin(state.source[0], cls), (side, side))
+    return maps
 
 
 def cls_origin(source: Tensor, cls_index: int) -> int:
@@ -116,22 +125,26 @@ def borders(pixel_ids: np.ndarray) -> np.ndarray:
     return edge
 
 
-def draw_merge_maps(image: Tensor | np.ndarray, maps: Sequence[np.ndarray], path: str | Path) -> Path:
-    """Save a PNG: the image, then one panel per reduction point with every group of patches in its
-    mean colour, white borders between groups and dropped patches black."""
+def draw_merge_maps(image: Tensor | np.ndarray, maps: Mapping[int, np.ndarray], path: str | Path,
+                    title: str | None = None) -> Path:
+    """Save a PNG: the image, then one panel per reduction point (``maps``: block → group ids, as
+    :func:`merge_maps` gives) with every group of patches in its mean colour, white borders between
+    groups and dropped patches black; ``title`` (e.g. the method and the cut) above them all."""
     rgb = to_rgb(image)
-    fig = Figure(figsize=(2.2 * (len(maps) + 1), 2.4))
+    fig = Figure(figsize=(2.2 * (len(maps) + 1), 2.4 + 0.3 * bool(title)))
     axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
     axes[0].imshow(rgb)
     axes[0].set_title("image", fontsize=8)
-    for k, (ax, ids) in enumerate(zip(axes[1:], maps, strict=True), start=1):
+    for ax, (block, ids) in zip(axes[1:], maps.items(), strict=True):
         pixel_ids = upsample(ids, rgb.shape[:2])
         panel = group_colours(rgb, pixel_ids)
         panel[borders(pixel_ids)] = 1.0
         ax.imshow(panel)
-        ax.set_title(f"point {k}: {len(np.unique(ids[ids >= 0]))} groups", fontsize=8)
+        ax.set_title(f"before block {block}: {len(np.unique(ids[ids >= 0]))} groups", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png", dpi=120)

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 import rmeeto
 import rmeeto.reduction as R
+from rmeeto.demo_recipe import METHODS, load_base, retrain, val_data
 from rmeeto.evaluate import accuracy
 from rmeeto.flops import count_config
 from rmeeto.models import model_config
@@ -29,7 +30,31 @@ from rmeeto.reduction.reducer import Schedule
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "outputs" / "demo"
 DOCS = ROOT / "docs"
-sys.path.insert(0, str(ROOT))
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (/proc/cpuinfo), else the platform's."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    """Names of the CUDA GPUs this process sees (none without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def machine_line() -> str:
+    """What ran the numbers below: CPU model and core count, and the GPUs or their absence."""
+    gpus = gpu_names()
+    gpu_text = (f"GPU: {', '.join(gpus)}; the speeds below are CPU speeds" if gpus else
+                "no GPU was visible to this run, so no GPU speed is measured here")
+    return f"{cpu_name()}, {os.cpu_count()} cores; {gpu_text}"
 
 
 def flops_table() -> list[str]:
@@ -49,7 +74,7 @@ def load_rows(path: Path) -> list[dict]:
 
 def method_table(rows: list[dict], methods: list[str]) -> list[str]:
     """top-1 per method (rows) and FLOPs cut (columns)."""
-    cuts = sorted({r["target_cut"] for r in rows if r["method"] != "none"})
+    cuts = sorted({r["target_cut"] for r in rows if r["method"] in methods})
     base = next(r for r in rows if r["method"] == "none")
     lines = ["| method | " + " | ".join(f"−{c:.0%} FLOPs" for c in cuts) + " |", "|---" * (len(cuts) + 1) + "|",
              f"| none (unreduced, {base['gflops']:.4f} GFLOPs) | " + " | ".join(f"{base['top1']:.2f}" for _ in cuts)
@@ -76,11 +101,7 @@ def retraining_curve(metrics_csv: Path, start: float) -> list[tuple[float, float
 def shuffled_retrain(run_dir: Path) -> Path:
     """Re-train the demo with the odd-even shuffled order (the paper's order ablation)."""
     if not (run_dir / "export" / "config.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/demo.yaml"),
-                        "--model.reduction", json.dumps({"method": "rmeeto", "r": 8, "order": "odd_even"}),
-                        "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-                        "--checkpoint.dirpath", str(run_dir / "checkpoints"),
-                        "--export.export_dir", str(run_dir / "export")], check=True, cwd=ROOT)
+        retrain(run_dir, "--model.reduction", json.dumps({"method": "rmeeto", "r": 8, "order": "odd_even"}), root=ROOT)
     return run_dir
 
 
@@ -112,9 +133,9 @@ def holds(claim: bool) -> str:
 
 
 def findings(free: list[dict], order_free: dict[str, float], order_trained: dict[str, float],
-             curve: list[tuple[float, float]], summary: dict[str, float]) -> list[str]:
+             curve: list[tuple[float, float]], summary: dict[str, float], cores: int) -> list[str]:
     """The papers' claims, each checked against the demo's numbers (every number computed here)."""
-    cuts = sorted({r["target_cut"] for r in free if r["method"] != "none"})
+    cuts = sorted({r["target_cut"] for r in free if r["method"] in METHODS})
     gaps = {c: top1(free, "rmeeto", c) - top1(free, "prune", c) for c in cuts
             if top1(free, "rmeeto", c) is not None and top1(free, "prune", c) is not None}
     gap_text = ", ".join(f"{g:+.1f} at −{c:.0%}" for c, g in gaps.items())
@@ -137,9 +158,9 @@ def findings(free: list[dict], order_free: dict[str, float], order_trained: dict
         f"the demo Vim from {summary['base']:.1f} % to {summary['free']:.1f} % without training; after "
         f"{first[0]:.2f} epoch of re-training it is at {first[1]:.1f} %, after {curve[-1][0]:.0f} epochs "
         f"{summary['retrained']:.1f} % ({recovered:.0%} of the loss recovered, {summary['seconds']:.0f} s on "
-        f"2 CPU cores). {holds(recovered > 0.5)} (more than half of the loss recovered).")
+        f"{cores} CPU cores). {holds(recovered > 0.5)} (more than half of the loss recovered).")
     for cut in cuts:
-        scored = sorted(((top1(free, m, cut), m) for m in {r["method"] for r in free} - {"none"}
+        scored = sorted(((top1(free, m, cut), m) for m in METHODS
                          if top1(free, m, cut) is not None), reverse=True)
         mtr, evit = top1(free, "mtr", cut), top1(free, "evit", cut)
         if mtr is None or evit is None:
@@ -157,10 +178,9 @@ def main() -> None:
     DOCS.mkdir(exist_ok=True)
     free = load_rows(DEMO / "training_free" / "results.json")
     retrained = load_rows(DEMO / "retrained" / "results.json")
-    from demo import val_loaders  # the demo's own evaluation data
-
-    loaders, num_classes = val_loaders(ROOT / "data" / "demo", 64)
-    base = rmeeto.create_model("vim_demo", pretrained=ROOT / "checkpoints" / "vim_demo").eval()
+    base = load_base(ROOT)
+    dm = val_data(base, ROOT)
+    loaders, num_classes = dm.val_dataloader, dm.num_classes
     exported = rmeeto.export.load(DEMO / "run" / "export")
     r, blocks = exported.token_reducer.schedule.r[0], exported.token_reducer.schedule.blocks
     torch.set_grad_enabled(False)
@@ -183,16 +203,17 @@ def main() -> None:
     summary = {"base": base_top1, "free": order_free["ordered"], "retrained": order_trained["ordered"], "r": r,
                "seconds": seconds}
     shutil.copy(DEMO / "training_free" / "accuracy_vs_gflops.png", DOCS / "results_training_free.png")
-    methods = [m for m in dict.fromkeys(r["method"] for r in free) if m != "none"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in free)]
     ordered_curve = curves["R-MeeTo ordered"]
     page = [
         "# Results", "",
-        "Produced by `scripts/results.py` after `make demo` and `make bench`, on this project's CPU machine (2 cores,",
-        "AMD EPYC). Demo numbers come from the digits demo (a tiny Vim, 64×64 images, 65 tokens, 360 validation",
-        "images). ImageNet numbers need the public weights and ImageNet, which this machine does not have: no",
-        "ImageNet accuracy is claimed here.", "",
+        "Produced by `scripts/results.py` after `make demo` and `make bench`, on this machine "
+        f"({machine_line()}).",
+        "Demo numbers come from the digits demo (a tiny Vim, 64×64 images, 65 tokens, 360 validation images).",
+        "ImageNet numbers need the public weights and ImageNet, which this run did not have: no ImageNet accuracy",
+        "is claimed here.", "",
         "## Do the papers' findings hold on the demo?", "",
-        *findings(free, order_free, order_trained, ordered_curve, summary), "",
+        *findings(free, order_free, order_trained, ordered_curve, summary, os.cpu_count()), "",
         "## FLOPs beside the papers' tables", "", *flops_table(), "",
         "## The demo run (make demo)", "", (DEMO / "summary.md").read_text().strip(), "",
         "## Training-free: methods at equal FLOPs (demo checkpoint, top-1 %)", "",
@@ -211,8 +232,7 @@ def main() -> None:
           for i in range(len(ordered_curve))], "",
         "## Speed on this CPU", "", "Selective-scan backends (`benchmarks/bench_scan.py`):", "",
         "```", bench_text("bench_scan.txt"), "```", "", "Vim-S (`benchmarks/bench_model.py`):", "",
-        "```", bench_text("bench_model.txt"), "```", "",
-        "No GPU was available to this session; GPU speed is not measured here.",
+        "```", bench_text("bench_model.txt"), "```",
     ]
     (DOCS / "results.md").write_text("\n".join(page) + "\n")
     print(f"wrote {DOCS / 'results.md'}")

@@ -8,6 +8,7 @@ import rmeeto
 import rmeeto.reduction as R
 from rmeeto import viz
 from rmeeto.models.deit import create_deit
+from rmeeto.models.vim import TokenState
 from rmeeto.reduction.reducer import Schedule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,8 +31,8 @@ def image():
 def test_merge_maps_give_one_group_per_patch_and_one_group_per_token(vim, image, name, amount, prunes):
     maps = viz.merge_maps(vim, image, name, r=amount, blocks=BLOCKS)
     counts = Schedule(BLOCKS, (amount,) * 3).token_counts(R.make_method(name), 65, 4)
-    assert len(maps) == len(BLOCKS)
-    for ids, block in zip(maps, BLOCKS, strict=True):
+    assert list(maps) == list(BLOCKS), "one map per reduction point, keyed by block"
+    for block, ids in maps.items():
         tokens = counts[block][0]
         assert ids.shape == (8, 8) and np.issubdtype(ids.dtype, np.integer)
         groups = np.unique(ids[ids >= 0])
@@ -53,7 +54,7 @@ def test_merge_maps_follow_a_first_cls_token(image, family, name, amount):
                                     num_classes=10, d_state=8)
     maps = viz.merge_maps(model.eval(), image, name, r=amount, blocks=BLOCKS)
     counts = Schedule(BLOCKS, (amount,) * 3).token_counts(R.make_method(name), 65, 4)
-    for ids, block in zip(maps, BLOCKS, strict=True):
+    for block, ids in maps.items():
         assert ids.shape == (8, 8) and (ids >= 0).all()
         assert np.array_equal(np.unique(ids), np.arange(counts[block][0] - 1))
 
@@ -85,7 +86,7 @@ def test_group_map_reads_the_source_counts():
 
 def test_draw_merge_maps_writes_a_png(vim, image, tmp_path):
     maps = viz.merge_maps(vim, image, "utr", r=0.3, blocks=BLOCKS)
-    path = viz.draw_merge_maps(image, maps, tmp_path / "merge.png")
+    path = viz.draw_merge_maps(image, maps, tmp_path / "merge.png", title="utr at −30% FLOPs")
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
@@ -105,3 +106,9 @@ def test_plot_accuracy_vs_flops_writes_a_png(tmp_path):
             {"method": "evit", "gflops": 4.1, "top1": 75.8}]
     data = viz.plot_accuracy_vs_flops(rows, tmp_path / "acc.png").read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_first_cls_index_reads_an_int_or_a_per_image_tensor():
+    hidden = torch.zeros(2, 5, 4)
+    assert viz.first_cls_index(TokenState(hidden, None, 2)) == 2
+    assert viz.first_cls_index(TokenState(hidden, None, torch.tensor([3, 1]))) == 3

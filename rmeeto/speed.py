@@ -1,0 +1,157 @@
+"""Forward speed of a model under several token reducers, measured so that the ratios can be trusted.
+
+Reducers are timed round-robin on one batch (the order reversed every other round), after warm-up
+rounds, so drift and bursts of load on a shared machine hit every reducer alike. Each round gives one
+time per reducer; a reducer's speedup is the median over rounds of (first reducer's time / its time in
+the same round), and its spread is the interquartile range of those per-round ratios relative to
+their median. A figure is *trusted* when it rests on at least :data:`MIN_REPS` rounds and its spread
+is at most :data:`MAX_SPREAD`; rounds are added (up to ``max_reps``) while some spread is larger.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import rmeeto.reduction as R
+from rmeeto.models.vim import TokenReducer, TokenState
+
+#: Fewest timed rounds behind a trusted figure.
+MIN_REPS = 5
+#: Largest relative interquartile range of a trusted figure (±10 % agreement between runs needs about this).
+MAX_SPREAD = 0.10
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One reducer's measured speed; spreads are interquartile ranges relative to the median."""
+
+    images_per_s: float
+    spread: float
+    speedup: float  # over the first reducer measured, median of per-round ratios
+    speedup_spread: float
+    reps: int
+
+    @property
+    def trusted(self) -> bool:
+        return self.reps >= MIN_REPS and max(self.spread, self.speedup_spread) <= MAX_SPREAD
+
+
+def default_speed_batch(device: str | torch.device) -> int:
+    """A batch at which compute, not per-op launch overhead, dominates: 128 on a GPU, 32 on a CPU."""
+    return 128 if torch.device(device).type == "cuda" else 32
+
+
+def relative_iqr(values: Sequence[float]) -> float:
+    """(Q3 − Q1) / median of ``values``; 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
+def summarise(times: Sequence[Sequence[float]], batch_size: int) -> list[Speed]:
+    """Per-reducer rounds of forward seconds (reducers × rounds, paired by round) → one :class:`Speed`
+    each, speedups against the first reducer."""
+    rates = [[batch_size / t for t in row] for row in times]
+    speeds = []
+    for row, row_rates in zip(times, rates, strict=True):
+        ratios = [base / t for base, t in zip(times[0], row, strict=True)]
+        speeds.append(Speed(statistics.median(row_rates), relative_iqr(row_rates), statistics.median(ratios),
+                            relative_iqr(ratios), len(row)))
+    return speeds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_forward(model: nn.Module, x: Tensor) -> float:
+    _sync(x.device)
+    start = time.perf_counter()
+    model(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor, warmup: int = 2,
+            reps: int = 7, max_reps: int | None = None) -> list[Speed]:
+    """Speed of ``model`` on the batch ``x`` (B×…) with each of ``reducers`` attached in turn (None:
+    unreduced), speedups against ``reducers[0]``. Runs ``warmup`` untimed rounds, then ``reps`` timed
+    ones, then more (up to ``max_reps``, default ``2 * reps``) while any figure is not yet trusted.
+    The model's own reducer is restored afterwards."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
+    max_reps = max(reps, 2 * reps if max_reps is None else max_reps)
+    model.eval()
+    previous = model.token_reducer
+    times: list[list[float]] = [[] for _ in reducers]
+    try:
+        for i in range(warmup + max_reps):
+            order = list(enumerate(reducers))
+            for k, reducer in order[::-1] if i % 2 else order:
+                R.attach(model, reducer)
+                seconds = _timed_forward(model, x)
+                if i >= warmup:
+                    times[k].append(seconds)
+            done = i + 1 - warmup
+            if done >= reps and all(s.trusted for s in summarise(times, len(x))):
+                break
+    finally:
+        R.attach(model, previous)
+    return summarise(times, len(x))
+
+
+@torch.no_grad()
+def reducer_share(model: nn.Module, x: Tensor, reps: int = 3) -> float:
+    """Fraction of the forward's wall time (on ``x``) spent inside the model's token reducer."""
+    inner, spent = model.token_reducer, [0.0]
+    if inner is None:
+        return 0.0
+
+    def timed(block: int, state: TokenState) -> TokenState:
+        _sync(x.device)
+        start = time.perf_counter()
+        out = inner(block, state)
+        _sync(x.device)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    model.token_reducer = timed
+    try:
+        model(x)  # warm-up
+        spent[0], total = 0.0, 0.0
+        for _ in range(reps):
+            total += _timed_forward(model, x)
+    finally:
+        model.token_reducer = inner
+    return spent[0] / total
+
+
+def with_reducer(model: nn.Module, reducer: TokenReducer | None, fn: Callable[[], float]) -> float:
+    """``fn()`` with ``reducer`` attached to ``model``; the model's own reducer is restored afterwards."""
+    previous = model.token_reducer
+    R.attach(model, reducer)
+    try:
+        return fn()
+    finally:
+        R.attach(model, previous)
+
+
+def backend_line(device: str | torch.device) -> str:
+    """One line naming the selective-scan backend that tensors on ``device`` use."""
+    import rmeeto.ops
+
+    summary = getattr(rmeeto.ops, "backend_summary", None)  # H-ops' summary once merged (contracts.md)
+    if summary is not None:
+        return summary(device)
+    from rmeeto.ops.dispatch import resolve_backend
+
+    return f"scan backend: {resolve_backend(torch.empty(0, device=device))}"
