@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The whole story on the bundled digits demo, on a CPU in a few minutes.
 
-1. training-free table: the demo Vim with every reducer at 10/20/30 % fewer FLOPs;
+1. training-free table: the demo Vim with every reducer at 10/20/30 % fewer FLOPs, and random dropping over
+   several seeds at equal FLOPs and at MTR's token count (rmeeto.findings);
 2. R-MeeTo re-training of the merged model for a few epochs (train.py, configs/demo.yaml);
 3. the same table for the re-trained weights, with the re-trained reducer as its last row, and the export;
 4. a summary, whose speeds are that last row's. Everything lands in outputs/demo/.
@@ -29,6 +30,7 @@ from rmeeto.evaluate import (
     rows_as_dicts,
 )
 from rmeeto.export import load as load_export
+from rmeeto.findings import as_dicts, format_random_rows, random_baseline
 from rmeeto.speed import backend_line
 
 OUT = Path("outputs/demo")
@@ -64,6 +66,10 @@ def main() -> None:
     print(backend_line("cpu"))
     torch.set_grad_enabled(False)
     table("demo Vim, training-free", base, dm, OUT / "training_free")
+    print("\n== random dropping over seeds, at equal FLOPs and at MTR's tokens ==")
+    random_rows = random_baseline(base, dm.val_dataloader, dm.num_classes, CUTS)
+    print(format_random_rows(random_rows))
+    (OUT / "training_free" / "random_baseline.json").write_text(json.dumps(as_dicts(random_rows), indent=2))
 
     print("\n== R-MeeTo re-training (configs/demo.yaml) ==")
     seconds = retrain(OUT / "run")

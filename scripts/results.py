@@ -22,6 +22,7 @@ import rmeeto
 import rmeeto.reduction as R
 from rmeeto.demo_recipe import METHODS, load_base, retrain, val_data
 from rmeeto.evaluate import accuracy
+from rmeeto.findings import RandomRow, format_random_rows
 from rmeeto.flops import count_config
 from rmeeto.models import model_config
 from rmeeto.reduction.methods import BipartiteMerge
@@ -132,8 +133,32 @@ def holds(claim: bool) -> str:
     return "**holds here**" if claim else "**does not hold here**"
 
 
+def noise_points(top1: float, images: int) -> float:
+    """Half-width of a 95 % binomial interval, in points, of a top-1 of ``top1`` % on ``images`` images."""
+    p = top1 / 100
+    return 196 * (p * (1 - p) / images) ** 0.5
+
+
+def random_findings(rows: list[dict], images: int, setting: str) -> list[str]:
+    """MTR against random dropping over several seeds, at equal FLOPs and at MTR's token count."""
+    lines = []
+    for cut in sorted({r["cut"] for r in rows}):
+        at = {r["match"]: r for r in rows if r["cut"] == cut}
+        flops, tokens = at["flops"], at["tokens"]
+        mtr, noise = flops["mtr_top1"], noise_points(flops["mtr_top1"], images)
+        lines.append(
+            f"- **MTR vs random dropping at −{cut:.0%} FLOPs** ({setting}, {len(flops['top1_seeds'])} seeds): MTR "
+            f"{mtr:.1f} %; random at equal FLOPs {flops['top1_mean']:.1f} ± {flops['top1_std']:.1f} % "
+            f"(r={flops['r']:.4g}, it removes fewer tokens, MTR pays for its matching), random at MTR's tokens (r={tokens['r']:.4g}) "
+            f"{tokens['top1_mean']:.1f} ± {tokens['top1_std']:.1f} %. MTR ahead at equal FLOPs "
+            f"{holds(mtr > flops['top1_mean'])}, at equal tokens {holds(mtr > tokens['top1_mean'])}; "
+            f"{'beyond' if abs(mtr - tokens['top1_mean']) > noise + tokens['top1_std'] else 'within'} the noise "
+            f"(±{noise:.1f} points, 95 % on {images} images, plus the seeds' spread).")
+    return lines
+
+
 def findings(free: list[dict], order_free: dict[str, float], order_trained: dict[str, float],
-             curve: list[tuple[float, float]], summary: dict[str, float], cores: int) -> list[str]:
+             curve: list[tuple[float, float]], summary: dict[str, float], cores: int, images: int) -> list[str]:
     """The papers' claims, each checked against the demo's numbers (every number computed here)."""
     cuts = sorted({r["target_cut"] for r in free if r["method"] in METHODS})
     gaps = {c: top1(free, "rmeeto", c) - top1(free, "prune", c) for c in cuts
@@ -169,7 +194,9 @@ def findings(free: list[dict], order_free: dict[str, float], order_trained: dict
         lines.append(f"- **MTR vs EViT and the others at −{cut:.0%} FLOPs, training-free** (MTR Table 1): "
                      f"{ranking}. MTR ahead of EViT {holds(mtr > evit)}; MTR best of all "
                      f"{holds(scored[0][1] == 'mtr')}.")
-    lines.append("- On 360 validation images one image is 0.28 points; differences of a point or two are noise.")
+    lines.append(f"- What is noise here: on {images} validation images one image is {100 / images:.2f} points, and a "
+                 f"95 % binomial interval around 80 % top-1 is ±{noise_points(80, images):.1f} points (±"
+                 f"{noise_points(95, images):.1f} around 95 %): differences smaller than that are not findings.")
     return lines
 
 
@@ -177,6 +204,7 @@ def main() -> None:
     torch.manual_seed(0)
     DOCS.mkdir(exist_ok=True)
     free = load_rows(DEMO / "training_free" / "results.json")
+    random_rows = load_rows(DEMO / "training_free" / "random_baseline.json")
     retrained = load_rows(DEMO / "retrained" / "results.json")
     base = load_base(ROOT)
     dm = val_data(base, ROOT)
@@ -184,7 +212,8 @@ def main() -> None:
     exported = rmeeto.export.load(DEMO / "run" / "export")
     r, blocks = exported.token_reducer.schedule.r[0], exported.token_reducer.schedule.blocks
     torch.set_grad_enabled(False)
-    base_top1 = accuracy(base, loaders(), num_classes, desc="unreduced")["top1"]
+    base_acc = accuracy(base, loaders(), num_classes, desc="unreduced")
+    base_top1, images = base_acc["top1"], base_acc["samples"]
     order_free = {}
     for order in ("ordered", "odd_even", "unordered"):
         R.apply(base, "rmeeto", r=r, blocks=blocks, order=order)
@@ -213,11 +242,22 @@ def main() -> None:
         "ImageNet numbers need the public weights and ImageNet, which this run did not have: no ImageNet accuracy",
         "is claimed here.", "",
         "## Do the papers' findings hold on the demo?", "",
-        *findings(free, order_free, order_trained, ordered_curve, summary, os.cpu_count()), "",
+        *findings(free, order_free, order_trained, ordered_curve, summary, os.cpu_count(), images),
+        *random_findings(random_rows, images, "digits demo"), "",
+        "Choices where the papers are silent or where we follow one paper's rule (each is an option):",
+        "MTR merges a source into a target by the plain mean of the token vectors, as its paper says",
+        "(`op=\"wavg\"` weights by token size instead); MTR and the baselines it is compared with (EViT, PuMer,",
+        "UTR, HSA, random) put cls back after exactly the survivors that preceded it (MTR's reordering by",
+        "original position), while R-MeeTo keeps its authors' `int(p·(N−r)/N)`; random dropping draws anew for",
+        "every image from one seeded generator; MTR's hybrid merges the more important half of the sources and",
+        "prunes the rest; the L1/L2 distance ablations compare L2-normalised vectors, as the authors' code does.",
+        "",
         "## FLOPs beside the papers' tables", "", *flops_table(), "",
         "## The demo run (make demo)", "", (DEMO / "summary.md").read_text().strip(), "",
         "## Training-free: methods at equal FLOPs (demo checkpoint, top-1 %)", "",
         *method_table(free, methods), "", "![accuracy vs GFLOPs](results_training_free.png)", "",
+        "Random dropping over seeds (mean ± std), at equal FLOPs and at MTR's token count:", "",
+        format_random_rows([RandomRow(**r) for r in random_rows]), "",
         f"The same reducers on the weights re-trained with R-MeeTo r={r:g} (top-1 %):", "",
         *method_table(retrained, methods), "",
         f"## Token order (R-MeeTo r={r:g}, blocks {'/'.join(map(str, blocks))}, top-1 %)", "",
