@@ -149,7 +149,8 @@ def random_findings(rows: list[dict], images: int, setting: str) -> list[str]:
         lines.append(
             f"- **MTR vs random dropping at −{cut:.0%} FLOPs** ({setting}, {len(flops['top1_seeds'])} seeds): MTR "
             f"{mtr:.1f} %; random at equal FLOPs {flops['top1_mean']:.1f} ± {flops['top1_std']:.1f} % "
-            f"(r={flops['r']:.4g}, it removes fewer tokens, MTR pays for its matching), random at MTR's tokens (r={tokens['r']:.4g}) "
+            f"(r={flops['r']:.4g}, it removes fewer tokens, MTR pays for its matching), random at MTR's tokens "
+            f"(r={tokens['r']:.4g}) "
             f"{tokens['top1_mean']:.1f} ± {tokens['top1_std']:.1f} %. MTR ahead at equal FLOPs "
             f"{holds(mtr > flops['top1_mean'])}, at equal tokens {holds(mtr > tokens['top1_mean'])}; "
             f"{'beyond' if abs(mtr - tokens['top1_mean']) > noise + tokens['top1_std'] else 'within'} the noise "
