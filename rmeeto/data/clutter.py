@@ -2,10 +2,11 @@
 
 The bundled demo (:mod:`rmeeto.data.demo`) fills the frame with one upscaled 8x8 digit, so nearly every
 token carries part of the object and which tokens a reducer drops matters little. Here a digit
-(``digit_size`` pixels square, e.g. 24: 3x3 to 4x4 patches of 8) sits at a random position on a
-``size`` x ``size`` canvas (64: 64 patches), so most tokens are background, as in ImageNet photos.
+(``digit_size`` pixels square, 32 by default: 4x4 to 5x5 patches of 8) sits at a random position on a
+``size`` x ``size`` canvas (64: 64 patches), so most tokens (39 to 48 of 64) are background, as in ImageNet photos.
 The background is not empty: Gaussian noise plus a few fragments (small inked crops) of other digits
-of the same split, kept clear of the digit so that the label stays that of the one whole digit.
+of the same split, dimmer than the digit and kept clear of it, so that the label stays that of the one
+whole digit.
 
 The split is the demo's (same stratified 1437/360 train/val digits, seed 0); fragments come from the
 same split's digits only. Each train digit is placed ``train_copies`` times (different place and
@@ -38,14 +39,14 @@ from rmeeto.data.transforms import EVAL_CROP_PCT
 
 SOURCE = "rmeeto.data.clutter"
 CLUTTER_SIZE = 64
-DIGIT_SIZE = 24
+DIGIT_SIZE = 32
 TRAIN_COPIES = 4
 SPLITS = {"train": 4, "val": 2}
 SPLIT_NUMBERS = {"train": 0, "val": 1}  # part of each sample's seed
 
 FRAGMENTS = (3, 6)  # fragments per image, inclusive range
 FRAGMENT_SIDE = (6, 12)  # fragment height/width in pixels, inclusive range
-FRAGMENT_GAIN = (0.5, 1.0)  # fragment intensity relative to a digit
+FRAGMENT_GAIN = (0.3, 0.6)  # fragment intensity relative to a digit: dimmer, so the whole digit stands out
 MIN_FRAGMENT_INK = 0.15  # least mean intensity (of 255) a fragment crop must have, so it is not blank
 BACKGROUND_MEAN = 20.0  # noise level on 0..255
 NOISE_STD = 12.0
