@@ -533,9 +533,13 @@ class Recorder(L.Callback):
 
 
 def fit(root: Path, recorder: Recorder, ckpt_dir: Path | None = None, ckpt_path: str | None = None,
-        ask_steps: bool = True, seed: int = 0, num_workers: int = 2) -> None:
+        ask_steps: bool = True, seed: int = 0, num_workers: int = 2, folder: bool = False) -> None:
     L.seed_everything(seed)
-    dm = WebDatasetDataModule(str(root), img_size=16, batch_size=8, num_workers=num_workers, shuffle_buffer=20)
+    if folder:  # an ImageFolder tree of 96 training images, 12 batches of 8 as the shards
+        dm = ImageFolderDataModule(str(root), img_size=16, batch_size=8, num_workers=num_workers,
+                                   augment=Augment(crop_scale=(0.3, 1.0)))
+    else:
+        dm = WebDatasetDataModule(str(root), img_size=16, batch_size=8, num_workers=num_workers, shuffle_buffer=20)
     callbacks: list[L.Callback] = [recorder]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True))
@@ -553,32 +557,43 @@ def small_split(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("stop_at", "ask_steps"), [(5, True), (17, False)])
-def test_killed_fit_resumes_the_epoch_where_it_stopped(small_split: Path, tmp_path: Path, stop_at: int,
-                                                       ask_steps: bool) -> None:
+@pytest.fixture
+def small_folder(tmp_path: Path) -> Path:
+    """An ImageFolder tree of 3 classes x 32 training images (12 batches of 8 per epoch), 2 val each."""
+    make_folder_tree(tmp_path / "tree", {"train": 32, "val": 2})
+    return tmp_path / "tree"
+
+
+@pytest.mark.parametrize(("stop_at", "ask_steps", "folder"), [(5, True, False), (17, False, False),
+                                                              (7, True, True), (15, False, True)])
+def test_killed_fit_resumes_the_epoch_where_it_stopped(request: pytest.FixtureRequest, tmp_path: Path, stop_at: int,
+                                                       ask_steps: bool, folder: bool) -> None:
+    root = request.getfixturevalue("small_folder" if folder else "small_split")
     whole = Recorder()
-    fit(small_split, whole, ask_steps=ask_steps)
+    fit(root, whole, ask_steps=ask_steps, folder=folder)
     assert len(whole.images) == 2 * 12 * 8
 
     killed = Recorder(stop_at=stop_at)
     with pytest.raises(Killed):
-        fit(small_split, killed, tmp_path / "ckpt", ask_steps=ask_steps)
+        fit(root, killed, tmp_path / "ckpt", ask_steps=ask_steps, folder=folder)
     assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["global_step"] == stop_at
     resumed = Recorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(small_split, resumed, tmp_path / "ckpt", str(tmp_path / "ckpt/last.ckpt"), ask_steps=ask_steps)
+        fit(root, resumed, tmp_path / "ckpt", str(tmp_path / "ckpt/last.ckpt"), ask_steps=ask_steps, folder=folder)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     # The same images (samples and their augmentation), in the same order: nothing twice, nothing skipped.
     assert killed.images + resumed.images == whole.images
     assert killed.losses + resumed.losses == pytest.approx(whole.losses)
 
 
-def test_runs_with_the_same_seed_log_the_same_losses(small_split: Path) -> None:
+@pytest.mark.parametrize("folder", [False, True])
+def test_runs_with_the_same_seed_log_the_same_losses(request: pytest.FixtureRequest, folder: bool) -> None:
+    root = request.getfixturevalue("small_folder" if folder else "small_split")
     first, second, other = Recorder(), Recorder(), Recorder()
-    fit(small_split, first, num_workers=1)
-    fit(small_split, second, num_workers=1)
-    fit(small_split, other, num_workers=1, seed=1)
+    fit(root, first, num_workers=1, folder=folder)
+    fit(root, second, num_workers=1, folder=folder)
+    fit(root, other, num_workers=1, seed=1, folder=folder)
     assert first.losses == second.losses and len(first.losses) == 24
     assert first.images == second.images
     assert other.images != first.images  # the seed, not a constant, drives shuffling and augmentation

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
+import webdataset as wds
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from rmeeto.data.base import Triple, VisionDataModule
-from rmeeto.data.pipelines import rank_info
+from rmeeto.data.pipelines import ResumableLoader, rank_info, seeded
 from rmeeto.data.transforms import Augment, ImageTransform
 
 
@@ -37,14 +41,50 @@ def image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
                                 f"({', '.join(IMG_EXTENSIONS)})") from exn
 
 
+class ResumableItems(Dataset):
+    """A map-style dataset whose item i of ``epoch`` is read under generators seeded from (seed, epoch, i), so
+    runs repeat and a resumed epoch augments each sample as the uninterrupted one did. ``epoch`` and ``skip``
+    (batches of the epoch already trained on) are set by :class:`~rmeeto.data.pipelines.ResumableLoader`."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with seeded(wds.utils.make_seed(self.seed, self.epoch, index)):
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's shuffled share of a :class:`ResumableItems` epoch (permutation from seed and epoch, as
+    torch's DistributedSampler draws it), without its first ``skip`` batches. Being a DistributedSampler,
+    Lightning leaves it in place under DDP."""
+
+    dataset: ResumableItems
+
+    def __init__(self, dataset: ResumableItems, batch_size: int) -> None:
+        rank, world_size = rank_info()
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=dataset.seed, drop_last=True)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch = self.dataset.epoch
+        indices = list(super().__iter__())
+        return iter(indices[self.dataset.skip * self.batch_size:])
+
+
 class ImageFolderDataModule(VisionDataModule):
     """Same transforms and batches as ``WebDatasetDataModule`` (``(B, 3, img_size, img_size)`` float32,
     ``(B,)`` int64), read from class folders; labels are sorted-class-name indices.
 
-    Training shuffles and drops the last partial batch; under DDP Lightning swaps in a
-    ``DistributedSampler``. Validation keeps every sample exactly once over ranks: when torch.distributed
-    is initialized it uses Lightning's ``UnrepeatedDistributedSampler`` (no padding), which Lightning
-    leaves in place. ``mean``/``std`` default to ImageNet's (timm's).
+    Training shuffles (each rank its share, from ``seed``: default the run's ``seed_everything`` seed) and
+    drops the last partial batch; its loader resumes mid-epoch where it stopped (Lightning's loader
+    ``state_dict``), with each sample augmented as in an uninterrupted run. Validation keeps every sample
+    exactly once over ranks: when torch.distributed is initialized it uses Lightning's
+    ``UnrepeatedDistributedSampler`` (no padding), which Lightning leaves in place. ``mean``/``std`` default to ImageNet's (timm's).
 
     A tree with only ``val_dir`` serves evaluation (``validate``/``test``): classes then come from it. A
     missing or empty folder raises ``FileNotFoundError`` naming it.
@@ -61,11 +101,15 @@ class ImageFolderDataModule(VisionDataModule):
         augment: Augment = Augment(),
         mean: Triple | None = None,
         std: Triple | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(img_size, batch_size, num_workers, augment, mean, std)
         self.save_settings()
         self.root = Path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
+        self._seed = seed
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict[str, int] | None = None
 
     @cached_property
     def train_set(self) -> ImageFolder:
@@ -104,10 +148,28 @@ class ImageFolderDataModule(VisionDataModule):
         """Samples in the validation folder; summed over ranks, validation sees exactly these."""
         return len(self.val_set)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+    @property
+    def seed(self) -> int:
+        """The ``seed`` setting, else the seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0."""
+        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (kept here too, as WebDatasetDataModule does: Lightning issue #20550)."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loader_state = state.get("train_loader")
+
+    def train_dataloader(self) -> ResumableLoader:
+        items = ResumableItems(self.train_set, self.seed)
+        # workers are not persistent: each pass sends them the dataset with its epoch
+        self._train_loader = ResumableLoader(items, batch_size=self.batch_size, drop_last=True,
+                                             sampler=ResumableSampler(items, self.batch_size),
+                                             num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        if self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = rank_info()

@@ -161,7 +161,9 @@ class TrainStream(IterableDataset):
 
 
 class ResumableLoader(DataLoader):
-    """DataLoader over a ``TrainStream`` that can stop mid-epoch and resume where it stopped.
+    """DataLoader over a ``TrainStream`` (or any dataset with ``epoch`` and ``skip``, the batches of the
+    epoch to leave out, such as :class:`rmeeto.data.folder_dm.ResumableItems`) that can stop mid-epoch and
+    resume where it stopped.
 
     It follows Lightning's loader contract (``state_dict``/``load_state_dict``, saved in checkpoints):
     the state is the epoch and the batches of it yielded so far. Lightning does not prefetch from a loader
@@ -170,9 +172,7 @@ class ResumableLoader(DataLoader):
     Workers are not persistent: each pass sends them the stream with its epoch and resume point.
     """
 
-    dataset: TrainStream
-
-    def __init__(self, dataset: TrainStream, **kwargs: Any) -> None:
+    def __init__(self, dataset: TrainStream | Any, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch, self.batches = -1, 0
         self._resume: tuple[int, int] | None = None
