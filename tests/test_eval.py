@@ -211,6 +211,8 @@ def test_paper_accuracy_printed_beside_the_measured_one(vim_checkpoint, demo_sha
 
 def test_normalisation_comes_from_the_model_when_it_says(demo_shards):
     model = rmeeto.create_model("vim_demo", **VIM)
+    assert model_normalisation(model) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's default cfg
+    model.pretrained_cfg = {}
     assert model_normalisation(model) is None
     model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": [0.25, 0.25, 0.25]}
     norm = model_normalisation(model)

@@ -385,13 +385,13 @@ def test_a_broken_export_is_refused_before_any_upload(hub, tmp_path):
 
 
 def test_push_to_hub_callback_uploads_at_the_end_of_fit(hub, tmp_path, demo_shards):
-    from rmeeto.data import WebDatasetDataModule
+    from rmeeto.data import Augment, WebDatasetDataModule
 
     L.seed_everything(0)
     module = RMeeToModule(model_overrides={"img_size": 32, "depth": 4, "embed_dim": 32},
                           reduction={"method": "rmeeto", "r": 2}, mixup=0.0, cutmix=0.0)
-    data = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=16, num_workers=0, auto_augment=None,
-                                reprob=0.0)
+    data = WebDatasetDataModule(str(demo_shards), img_size=32, batch_size=16, num_workers=0,
+                                augment=Augment(auto_augment=None, reprob=0.0))
     push = PushToHub("me/demo-run", dataset="demo digits")
     trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
