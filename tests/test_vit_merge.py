@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from torch import Tensor
 

@@ -1,9 +1,9 @@
 """Vision Mamba backbone, registry and checkpoint loading."""
 
+from rmeeto.models import deit  # noqa: F401  registers the demo DeiT
 from rmeeto.models.checkpoint import CheckpointError, load_checkpoint
 from rmeeto.models.registry import VARIANTS, create_model, model_config
 from rmeeto.models.videomamba import VideoMamba, VideoMambaConfig  # registers the VideoMamba variants
-from rmeeto.models import deit  # noqa: E402,F401  registers the demo DeiT
 from rmeeto.models.vim import TokenState, VimConfig, VisionMamba
 
 __all__ = [
