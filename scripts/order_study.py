@@ -70,18 +70,21 @@ def training_free(model, loaders, num_classes: int, r: int) -> tuple[list[dict],
     return rows, cut
 
 
-def retrain(layout: str, r: int, run_dir: Path, loaders, num_classes: int) -> dict:
-    """The demo re-training recipe with ``layout`` inside every block; top-1 of the re-trained student."""
+def retrain(layout: str, r: int, epochs: int, run_dir: Path, loaders, num_classes: int) -> dict:
+    """The demo re-training recipe (``epochs`` of it) with ``layout`` inside every block; top-1 of the
+    re-trained student."""
     import train
 
     start = time.perf_counter()
     cli = train.main(["fit", "--config", "configs/demo_deit.yaml", "--model.reduction.method", LAYOUTS[layout],
-                      "--model.reduction.r", str(r), "--trainer.val_check_interval", "1.0",
+                      "--model.reduction.r", str(r), "--trainer.max_epochs", str(epochs),
+                      "--trainer.val_check_interval", "1.0",
                       "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir",
                       str(run_dir), "--checkpoint.dirpath", str(run_dir / "checkpoints")])
     seconds = time.perf_counter() - start
     model = cli.model.model
-    return {"placement": "in_block", "layout": layout, "r": r, "gflops": count(model), "seconds": seconds,
+    return {"placement": "in_block", "layout": layout, "r": r, "epochs": epochs, "gflops": count(model),
+            "seconds": seconds,
             "top1": top1(model, loaders, num_classes, f"re-trained {layout}")}
 
 
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="checkpoints/deit_demo")
     parser.add_argument("--r", type=int, default=6, help="tokens merged per block (in-block placement)")
     parser.add_argument("--out", type=Path, default=Path("outputs/order_study"))
+    parser.add_argument("--epochs", type=int, default=3, help="re-training epochs (the Vim demo's recipe: 3)")
     parser.add_argument("--skip-retrain", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -127,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     for row in free[1:]:
         row["cut"] = 1 - row["gflops"] / free[0]["gflops"]
     retrained = [] if args.skip_retrain else [
-        retrain(layout, args.r, args.out / f"run_{layout}", loaders, num_classes) for layout in LAYOUTS]
+        retrain(layout, args.r, args.epochs, args.out / f"run_{layout}", loaders, num_classes) for layout in LAYOUTS]
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": args.checkpoint, "val_images": 360, "r": args.r, "in_block_cut": cut,
+    result = {"checkpoint": args.checkpoint, "val_images": 360, "r": args.r, "epochs": args.epochs, "in_block_cut": cut,
               "training_free": free, "retrained": retrained}
     (args.out / "order_study.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(free, retrained, args.out / "order_study.png")
