@@ -224,3 +224,17 @@ def test_flops_cut_is_solved_for_the_in_block_placement():
     R.apply(deit, "rmeeto", r=11)  # the released DeiT-S default: 197 → 65 tokens
     counts = deit.token_reducer.schedule.token_counts(deit.token_reducer.method, 197, 12)
     assert counts[-1] == (197 - 11 * 11, 11)
+
+
+# ---------------------------------------------------------------------------------------- registry, export
+def test_demo_deit_is_a_registered_family_that_exports(tmp_path):
+    from rmeeto import export
+
+    torch.manual_seed(0)
+    model = rmeeto.create_model("deit_demo", depth=2).eval()
+    assert isinstance(model, ReducibleViT) and model.vit.blocks[0].norm1.eps == 1e-6  # timm's DeiT LayerNorm
+    export.save(model, tmp_path / "deit")
+    loaded = export.load(tmp_path / "deit")
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.cfg == model.cfg and {"vit.pos_embed", "vit.cls_token"} <= model.no_weight_decay()
