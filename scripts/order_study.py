@@ -115,6 +115,26 @@ def plot(free: list[dict], retrained: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown_table(free: list[dict], retrained: list[dict]) -> str:
+    """The study as a Markdown table: one row per layout, top-1 per placement / stage."""
+    base = free[0]
+    lines = [f"unreduced demo DeiT: {base['gflops']:.4f} GFLOPs, top-1 {base['top1']:.2f} %", "",
+             "| layout | in-block, training-free | between (blocks " + ", ".join(
+                 str(b) for b in next(r for r in free if r["placement"] == "between")["blocks"])
+             + "), training-free | in-block, re-trained |",
+             "|---|---|---|---|"]
+    columns = ([r for r in free if r["placement"] == "in_block"], [r for r in free if r["placement"] == "between"],
+               retrained)
+    for layout in LAYOUTS:
+        cells = []
+        for rows in columns:
+            row = next((r for r in rows if r["layout"] == layout), None)
+            cut = None if row is None else 1 - row["gflops"] / base["gflops"]
+            cells.append("–" if row is None else f"{row['top1']:.2f} (r={row['r']:g}, −{cut:.1%})")
+        lines.append(f"| {layout} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/deit_demo")
@@ -137,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
               "training_free": free, "retrained": retrained}
     (args.out / "order_study.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(free, retrained, args.out / "order_study.png")
+    (args.out / "order_study.md").write_text(markdown_table(free, retrained))
     print(json.dumps(result, indent=2))
 
 
