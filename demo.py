@@ -76,7 +76,7 @@ def main() -> None:
     retrained = load_export(OUT / "run" / "export")
     torch.set_grad_enabled(False)
     reduction = retrained.token_reducer
-    r, blocks = reduction.schedule.amounts[0], reduction.schedule.blocks
+    r, blocks = reduction.schedule.r[0], reduction.schedule.blocks
     merged_acc = accuracy(retrained, loaders(), num_classes, desc="re-trained")
     base_acc = accuracy(base, loaders(), num_classes)
     free = R.apply(base, "rmeeto", r=r, blocks=blocks)

@@ -204,7 +204,7 @@ def evaluate_as_loaded(model, loaders, num_classes: int, args: argparse.Namespac
     speed, base_speed = throughputs(model, [reducer, None], args.speed_batch, device=args.device)
     gflops = count(model)
     return Row("as loaded" if reducer is None else type(reducer.method).__name__, 0.0,
-               0.0 if reducer is None else float(reducer.schedule.amounts[0]), gflops, acc["top1"],
+               0.0 if reducer is None else float(reducer.schedule.r[0]), gflops, acc["top1"],
                acc["top5"], speed, flops_cut=1 - gflops / count_config(model.cfg), speedup=speed / base_speed)
 
 

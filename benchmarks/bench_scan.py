@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rmeeto.ops import available_backends, selective_scan
+from rmeeto.ops import available_backends, backend_summary, selective_scan
 
 
 def make_inputs(b: int, d: int, L: int, n: int) -> dict[str, torch.Tensor]:
@@ -91,6 +91,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.memory_of:
         return measure_memory(args)
+    print(backend_summary("cpu"))
     x = make_inputs(args.batch, args.dim, args.length, args.state)
     backends = [b for b in ("ref", "torch", "cpu") if b in available_backends()]
     modes = {"fwd": fwd_only, "fwd+bwd": fwd_bwd}

@@ -131,7 +131,7 @@ def training_free_table(model: nn.Module, loader_factory, num_classes: int, meth
         R.attach(model, reducer)
         acc = accuracy(model, loader_factory(), num_classes, device, desc=f"{method} {cut:.0%}")
         gflops = count(model)
-        amount = 0.0 if reducer is None else float(reducer.schedule.amounts[0])
+        amount = 0.0 if reducer is None else float(reducer.schedule.r[0])
         rows.append(Row(method, cut if reducer else 0.0, amount, gflops, acc["top1"], acc["top5"], 0.0,
                         flops_cut=1 - gflops / base_gflops))
         reducers.append(reducer)

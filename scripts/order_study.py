@@ -62,7 +62,7 @@ def training_free(model, loaders, num_classes: int, r: int) -> tuple[list[dict],
         for layout, method in LAYOUTS.items():
             amount = {"r": r} if placement == "in_block" else {"flops_cut": cut}
             reducer = R.apply(model, method, placement=placement, **amount)
-            rows.append({"placement": placement, "layout": layout, "r": reducer.schedule.amounts[0],
+            rows.append({"placement": placement, "layout": layout, "r": reducer.schedule.r[0],
                          "blocks": list(reducer.schedule.blocks), "gflops": count(model),
                          "top1": top1(model, loaders, num_classes, f"{placement} {layout}")})
             print(rows[-1], flush=True)

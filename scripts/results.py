@@ -162,7 +162,7 @@ def main() -> None:
     loaders, num_classes = val_loaders(ROOT / "data" / "demo", 64)
     base = rmeeto.create_model("vim_demo", pretrained=ROOT / "checkpoints" / "vim_demo").eval()
     exported = rmeeto.export.load(DEMO / "run" / "export")
-    r, blocks = exported.token_reducer.schedule.amounts[0], exported.token_reducer.schedule.blocks
+    r, blocks = exported.token_reducer.schedule.r[0], exported.token_reducer.schedule.blocks
     torch.set_grad_enabled(False)
     base_top1 = accuracy(base, loaders(), num_classes, desc="unreduced")["top1"]
     order_free = {}

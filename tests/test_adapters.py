@@ -79,18 +79,24 @@ class Point:
     source_out: Tensor
 
 
+def first_cls(state: TokenState) -> int:
+    """The cls index, which these families (cls at index 0) keep the same for every image."""
+    assert (state.cls_index == state.cls_index[0]).all()
+    return int(state.cls_index[0])
+
+
 def run_traced(model: nn.Module, x: Tensor, method: str, amount: float, **options) -> tuple[Tensor, list[Point]]:
     """Logits of ``model`` reduced by ``method`` (tracking sources) and what happened at each point."""
     reducer = R.apply(model, method, r=amount, track_source=True, **options)
     points: list[Point] = []
 
     def traced(block: int, state: TokenState) -> TokenState:
-        n_in, cls_in = state.hidden.shape[1], state.cls_index
+        n_in, cls_in = state.hidden.shape[1], first_cls(state)
         out = reducer(block, state)
         if out is not state:
             residual = None if out.residual is None else tuple(out.residual.shape)
             points.append(Point(block, n_in, cls_in, state.source, state.residual is not None, out.hidden.shape[1],
-                                out.cls_index, residual, out.size.clone(), out.source.clone()))
+                                first_cls(out), residual, out.size.clone(), out.source.clone()))
         return out
 
     traced.inside_blocks = getattr(reducer, "inside_blocks", False)  # where the model calls the reducer

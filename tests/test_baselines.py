@@ -28,7 +28,8 @@ RATIOS = [0.0, 0.1, 0.3, 0.5]
 def signals(b: int = 3, m: int = 20, c: int = 8, seed: int = 0) -> Signals:
     g = torch.Generator().manual_seed(seed)
     return Signals(hidden=torch.randn(b, m, c, generator=g, dtype=torch.float64),
-                   cls=torch.randn(b, c, generator=g, dtype=torch.float64), cls_index=m // 2)
+                   cls=torch.randn(b, c, generator=g, dtype=torch.float64),
+                   cls_index=torch.randint(0, m + 1, (b,), generator=g))
 
 
 def increasing_hosts(groups: list[list[int]]) -> bool:
@@ -53,7 +54,7 @@ def slot_groups(plan: Plan, row: int) -> list[list[int]]:
 def test_plan_removes_exactly_removed_and_keeps_order(name, ratio):
     method, sig = R.make_method(name), signals()
     m = sig.hidden.shape[1]
-    plan = method.plan(sig, ratio)
+    plan = method.plan(sig, method.removed(m, ratio))
     assert plan.num_out == m - method.removed(m, ratio)
     assert plan.dest.min() >= -1 and plan.dest.max() < plan.num_out
     for row in range(plan.dest.shape[0]):
@@ -68,7 +69,7 @@ def test_sizes_add_up(name, ratio):
     method, sig = R.make_method(name), signals()
     m = sig.hidden.shape[1]
     removed = method.removed(m, ratio)
-    plan = method.plan(sig, ratio)
+    plan = method.plan(sig, removed)
     sizes = sum_into_slots(torch.ones(3, m, dtype=torch.float64), plan)
     dropped = {"evit": 0, "pumer": 0, "utr": int(0.5 * removed), "hsa": removed, "random": removed}[name]
     assert torch.all(sizes.sum(1) == m - dropped)
@@ -79,23 +80,39 @@ def test_sizes_add_up(name, ratio):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_batched_plan_equals_per_image_plans(name):
     method, sig = R.make_method(name), signals(b=4)
-    batched = method.plan(sig, 0.3).dest
+    removed = method.removed(20, 0.3)
+    batched = method.plan(sig, removed)
     for i in range(4):
-        one = Signals(sig.hidden[i:i + 1], sig.cls[i:i + 1], sig.cls_index)
-        assert torch.equal(method.plan(one, 0.3).dest[0], batched[i])
+        one = method.plan(Signals(sig.hidden[i:i + 1], sig.cls[i:i + 1], sig.cls_index[i:i + 1]), removed)
+        assert torch.equal(one.dest[0], batched.dest[i]) and one.cls_slot[0] == batched.cls_slot[i]
 
 
-def test_random_drop_is_seeded():
+def test_random_drop_is_seeded_and_draws_anew_for_every_image_and_batch():
     sig = signals(b=4)
-    first, again = RandomDrop(seed=3).plan(sig, 0.4), RandomDrop(seed=3).plan(sig, 0.4)
-    assert torch.equal(first.dest, again.dest)
-    assert not torch.equal(first.dest, RandomDrop(seed=4).plan(sig, 0.4).dest)
+    first, again = RandomDrop(seed=3), RandomDrop(seed=3)
+    plans = [first.plan(sig, 8).dest for _ in range(3)]
+    assert all(torch.equal(p, again.plan(sig, 8).dest) for p in plans), "same seed, same run"
+    assert not torch.equal(plans[0], RandomDrop(seed=4).plan(sig, 8).dest)
+    assert not torch.equal(plans[0], plans[1]), "a second batch gets new draws"
+    assert len({tuple(row.tolist()) for row in plans[0]}) == 4, "each image draws its own tokens"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cls_goes_back_after_exactly_the_survivors_before_it(name):
+    method, sig = R.make_method(name), signals(b=4)
+    plan = method.plan(sig, method.removed(20, 0.3))
+    for i in range(4):
+        groups = slot_groups(plan, i)
+        q = int(plan.cls_slot[i])
+        # cls as a token between candidates p − 1 and p: the slots with it still have increasing hosts
+        cls = [int(sig.cls_index[i]) - 0.5]
+        assert increasing_hosts(groups[:q] + [cls] + groups[q:])
 
 
 def test_evit_fuses_the_least_cls_similar_tokens_at_the_most_important_of_them():
     sig = signals(b=2, m=12)
     removed = EViT().removed(12, 0.25)
-    plan = EViT().plan(sig, 0.25)
+    plan = EViT().plan(sig, removed)
     importance = torch.cosine_similarity(sig.hidden, sig.cls[:, None], dim=-1)
     for row in range(2):
         fused = importance[row].argsort()[:removed + 1]
@@ -192,19 +209,17 @@ def test_reduction_points_on_vim(vim, name):
     _, points = run_points(vim, name, 0.3, images)
     n0, p0 = 65, 32
     for before, after in points:
-        n, p = before.hidden.shape[1], before.cls_index
+        n = before.hidden.shape[1]
         removed = method.removed(n - 1, 0.3)
         assert after.hidden.shape[1] == after.residual.shape[1] == n - removed
-        assert after.cls_index == int(p * (n - removed) / n)
-        cls_row = after.source[:, after.cls_index]
-        assert torch.equal(cls_row, torch.nn.functional.one_hot(torch.tensor(p0), n0).float().expand(2, -1))
-        others = torch.cat([after.source[:, :after.cls_index], after.source[:, after.cls_index + 1:]], 1)
-        assert others[..., p0].sum() == 0, "no other token holds the cls token"
-        assert torch.equal(others.sum(-1), torch.cat([after.size[:, :after.cls_index],
-                                                      after.size[:, after.cls_index + 1:]], 1))
         for row in range(2):
-            groups = [torch.nonzero(r).flatten().tolist() for r in others[row]]
-            assert increasing_hosts(groups)
+            q = int(after.cls_index[row])
+            assert torch.equal(after.source[row, q], torch.nn.functional.one_hot(torch.tensor(p0), n0).float())
+            others = torch.cat([after.source[row, :q], after.source[row, q + 1:]])
+            assert others[:, p0].sum() == 0, "no other token holds the cls token"
+            assert torch.equal(others.sum(-1), torch.cat([after.size[row, :q], after.size[row, q + 1:]]))
+            groups = [torch.nonzero(r).flatten().tolist() for r in others]
+            assert increasing_hosts(groups[:q] + [[p0]] + groups[q:]), "survivors and cls in sequence order"
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)

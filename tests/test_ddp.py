@@ -28,6 +28,7 @@ def run_rank(shards: Path, out: Path) -> None:
 
     from rmeeto.data import WebDatasetDataModule, eval_transform, webdataset_dm
     from rmeeto.lit import RMeeToModule
+    from rmeeto.lit.callbacks import ExactOnceValidation
 
     torch.set_num_threads(1)
 
@@ -62,12 +63,13 @@ def run_rank(shards: Path, out: Path) -> None:
     data = WebDatasetDataModule(str(shards), img_size=32, batch_size=BATCH, num_workers=0, shuffle_buffer=100)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=STEPS,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Recorder()])
+                        enable_model_summary=False, callbacks=[Recorder(), ExactOnceValidation()])
     trainer.fit(module, datamodule=data)
 
 
 def test_two_rank_ddp_splits_training_data_and_counts_validation_once(demo_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: the script must import this checkout's rmeeto, not whichever one the environment has installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, __file__, str(demo_shards), str(tmp_path)], env=env, timeout=170,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -78,7 +80,7 @@ def test_two_rank_ddp_splits_training_data_and_counts_validation_once(demo_shard
     assert [len(r["train"]) for r in ranks] == [STEPS * BATCH] * 2
     assert all(len(t) == STEPS * BATCH for t in train)  # no sample twice within a rank…
     assert not train[0] & train[1]  # …nor on both ranks
-    # Exact-once validation (the module also asserts it against val_num_samples) and reduced metrics.
+    # Exact-once validation (ExactOnceValidation also asserts it against val_num_samples) and reduced metrics.
     assert sum(r["seen"] for r in ranks) == VAL_SAMPLES and all(r["seen"] > 0 for r in ranks)
     accuracy = sum(r["correct"] for r in ranks) / VAL_SAMPLES
     for r in ranks:

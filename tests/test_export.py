@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import lightning as L
 import pytest
+import timm
 import torch
 
 import rmeeto
@@ -13,6 +16,7 @@ import rmeeto.reduction
 from rmeeto import export
 from rmeeto.data import WebDatasetDataModule
 from rmeeto.lit import ExportCallback, RMeeToModule
+from rmeeto.lit.callbacks import EMA
 from rmeeto.models import CheckpointError
 
 TINY = {"img_size": 32, "depth": 4, "embed_dim": 32}
@@ -56,17 +60,19 @@ def test_load_gives_identical_logits_with_the_reduction(tmp_path, reduction):
 
 def test_lit_module_exports_its_ema_weights(tmp_path):
     module = RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2}, ema_decay=0.5)
-    module._prepare_frozen()
+    (ema,) = module.configure_callbacks()  # the EMA callback of the training run
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ema], enable_progress_bar=False)
+    ema.setup(module.trainer, module, "fit")
     with torch.no_grad():
         for p in module.model.parameters():
             p.add_(0.01)
-    module.frozen.ema.update(module.model)  # EMA now halfway between start and live weights
+    ema.ema.update(module.model)  # EMA now halfway between start and live weights
     export.save(module, tmp_path / "ema")
     export.save(module, tmp_path / "live", use_ema=False)
 
     x = images()
     with torch.no_grad():
-        ema_logits = module.frozen.ema.module.eval()(x)
+        ema_logits = ema.ema.module.eval()(x)
         live_logits = module.model.eval()(x)
         assert not torch.allclose(ema_logits, live_logits)
         assert torch.equal(export.load(tmp_path / "ema")(x), ema_logits)
@@ -99,7 +105,8 @@ def test_export_callback_writes_at_the_end_of_fit(tmp_path, demo_shards):
     config = json.loads((tmp_path / "export/config.json").read_text())
     assert config["extra"]["global_step"] == 2 and config["weights"]["ema"] is True
     with torch.no_grad():
-        assert torch.equal(export.load(tmp_path / "export")(images()), module.frozen.ema.module(images()))
+        (ema,) = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+        assert torch.equal(export.load(tmp_path / "export")(images()), ema.ema.module(images()))
 
 
 def test_missing_or_corrupt_files_raise_errors_naming_them(tmp_path):
@@ -133,6 +140,11 @@ def test_missing_or_corrupt_files_raise_errors_naming_them(tmp_path):
 
     config_path.write_text(good_config)
     weights_path.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: these weights are not the ones"):
+        export.load(tmp_path)
+    unhashed = json.loads(good_config)
+    del unhashed["weights"]["sha256"]  # as exports written before the hash
+    config_path.write_text(json.dumps(unhashed))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
         export.load(tmp_path)
     weights_path.unlink()
@@ -150,3 +162,60 @@ def test_export_covers_every_model_family_and_method_class(tmp_path, name, shape
     loaded = export.load(tmp_path)
     x = torch.randn(*shape)
     assert type(loaded) is type(model) and torch.equal(model(x), loaded(x))
+
+
+def test_a_failed_save_leaves_the_previous_export_whole(tmp_path):
+    old = tiny_model(method="rmeeto", r=2)
+    export.save(old, tmp_path / "export")
+    (tmp_path / "export" / "metrics.csv").write_text("step,loss\n")  # a file the user put there
+    new = tiny_model(method="mtr", r=0.3)
+    with torch.no_grad():
+        new.head.weight.add_(1.0)
+    with pytest.raises(TypeError, match="not JSON serializable"):  # fails after the weights are written
+        export.save(new, tmp_path / "export", extra={"when": object()})
+    with torch.no_grad():
+        assert torch.equal(export.load(tmp_path / "export")(images()), old(images()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left behind
+
+    export.save(new, tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(export.load(tmp_path / "export")(images()), new(images()))
+    assert (tmp_path / "export" / "metrics.csv").read_text() == "step,loss\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_weights_of_another_save_are_refused(tmp_path):
+    export.save(tiny_model(method="rmeeto", r=2), tmp_path / "a")
+    other = tiny_model(method="mtr", r=0.3)
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    export.save(other, tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"a/model\.safetensors: these weights are not the ones .*a/config\.json"):
+        export.load(tmp_path / "a")
+
+
+def test_exported_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = export.save(tiny_model(), tmp_path / "export")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644}
+
+
+def test_normalisation_is_stored_and_given_back_as_pretrained_cfg(tmp_path):
+    model = tiny_model()
+    export.save(model, tmp_path / "default")
+    assert export.load(tmp_path / "default").pretrained_cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    export.save(model, tmp_path / "custom", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    config = json.loads((tmp_path / "custom/config.json").read_text())
+    assert config["data"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    loaded = export.load(tmp_path / "custom")
+    resolved = timm.data.resolve_data_config(model=loaded)
+    assert resolved["mean"] == (0.5, 0.5, 0.5) and resolved["std"] == (0.25, 0.25, 0.25)
+    assert resolved["input_size"] == (3, 32, 32)
+    with pytest.raises(ValueError, match="one value per channel"):
+        export.save(model, tmp_path / "bad", mean=(0.5,), std=(0.2, 0.2, 0.2))

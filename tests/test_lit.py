@@ -17,10 +17,14 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from timm.utils import ModelEmaV3
 
 from rmeeto.data import WebDatasetDataModule
-from rmeeto.lit import RMeeToModule, distillation_loss
+from rmeeto.lit import EMA, ExactOnceValidation, Reduction, RMeeToModule, distillation_loss
+from rmeeto.lit.callbacks import ema_weights
 from rmeeto.lit.optim import cosine_schedule, param_groups
+from rmeeto.lit.precision import autocast_dtype, enable_tf32, frozen_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"img_size": 32, "depth": 4, "embed_dim": 32}  # 16 patches + cls on the 32×32 demo shards
@@ -81,7 +85,8 @@ def test_short_fit_lowers_the_loss_and_keeps_an_ema(demo_shards):
     optimizer = fit.optimizers[0]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-5])
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
-    ema = module.frozen.ema.module.state_dict()
+    (ema_callback,) = [cb for cb in fit.callbacks if isinstance(cb, EMA)]  # added by the module for ema_decay
+    ema = ema_callback.weights()
     live = module.model.state_dict()
     assert not torch.allclose(ema["head.weight"], live["head.weight"])
     assert not torch.allclose(ema["head.weight"], start["head.weight"])
@@ -181,9 +186,9 @@ def test_validation_that_misses_samples_is_an_error(demo_shards):
     data = MiscountedData(str(demo_shards), img_size=32, batch_size=60, num_workers=0)
     message = r"validation saw 360 samples \(\+0 skipped as unreadable\) over 1 rank.* split has 361"
     with pytest.raises(RuntimeError, match=message):
-        trainer().validate(module, datamodule=data)
+        trainer(callbacks=[ExactOnceValidation()]).validate(module, datamodule=data)
     fresh = RMeeToModule(model_overrides=TINY, reduction=REDUCTION)
-    trainer().validate(fresh, datamodule=datamodule(demo_shards, batch_size=60))  # the true count passes
+    trainer(callbacks=[ExactOnceValidation()]).validate(fresh, datamodule=datamodule(demo_shards, batch_size=60))
 
 
 def wait_for_checkpoint(path: Path, process: subprocess.Popen, min_step: int, timeout: float = 90) -> None:
@@ -212,7 +217,7 @@ class ResumeProbe(Callback):
         self.start = {
             "global_step": trainer.global_step,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "ema": {k: v.clone() for k, v in pl_module.frozen.ema.module.state_dict().items()},
+            "ema": {k: v.clone() for k, v in ema_weights(pl_module).items()},
             "model": {k: v.clone() for k, v in pl_module.model.state_dict().items()},
         }
 
@@ -263,7 +268,7 @@ def test_killed_run_resumes_step_lr_and_ema(demo_shards, tmp_path):
     progress = (step + 3 - 2) / (max_steps - 2)
     expected_lr = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * progress))
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected_lr)
-    ema_now = cli.model.frozen.ema.module.state_dict()
+    ema_now = ema_weights(cli.model)
     assert not torch.equal(ema_now["head.weight"], start["ema"]["head.weight"])
     final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == step + 3  # saved at the end although not a multiple of every_n_train_steps
@@ -325,3 +330,92 @@ def test_deepspeed_zero2_strategy_builds():
     strategy = cli.trainer.strategy
     assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.config["zero_optimization"]["stage"] == 2
+
+
+class AccumulatingStrategy(SingleDeviceStrategy):
+    """Says it accumulates gradients itself, as DeepSpeed's strategy does: Lightning then calls ``optimizer_step``
+    on every micro-batch and leaves the accumulation boundary to the strategy."""
+
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("strategy", ["lightning", "deepspeed-like"])
+def test_ema_updates_once_per_optimizer_step_under_accumulation(demo_shards, monkeypatch, strategy):
+    updates = []
+    update = ModelEmaV3.update
+    monkeypatch.setattr(ModelEmaV3, "update", lambda self, *a, **kw: updates.append(1) or update(self, *a, **kw))
+    steps = []
+    optimizer_step = RMeeToModule.optimizer_step
+    monkeypatch.setattr(RMeeToModule, "optimizer_step", lambda self, *a, **kw: steps.append(1) or
+                        optimizer_step(self, *a, **kw))
+    module = RMeeToModule(model_overrides=TINY, reduction=REDUCTION, mixup=0.0, cutmix=0.0, ema_decay=0.9)
+    recorder = LossRecorder()
+    kwargs = {"strategy": AccumulatingStrategy(torch.device("cpu"))} if strategy == "deepspeed-like" else {}
+    fit = trainer(max_steps=4, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[recorder], **kwargs)
+    fit.fit(module, datamodule=datamodule(demo_shards))
+    assert len(recorder.losses) == 8 and fit.global_step == 4
+    assert len(steps) == (8 if strategy == "deepspeed-like" else 4)  # the hook the EMA used to hang on
+    assert len(updates) == 4
+
+
+class HeadDtypes(Callback):
+    """Records the dtype of the teacher's and the EMA's head outputs."""
+
+    def __init__(self) -> None:
+        self.dtypes: dict[str, set[torch.dtype]] = {"teacher": set(), "ema": set()}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        record = self.dtypes
+        pl_module.frozen.teacher.head.register_forward_hook(lambda m, i, out: record["teacher"].add(out.dtype))
+        (ema,) = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+        ema.ema.module.head.register_forward_hook(lambda m, i, out: record["ema"].add(out.dtype))
+
+
+def test_teacher_and_ema_run_in_the_training_precision_without_an_ambient_autocast(demo_shards):
+    """bf16-true gives what DeepSpeed's bf16 gives: a bf16 student, bf16 batches and no autocast around the step.
+    The fp32 teacher and EMA still run in bf16 (under their own autocast), not in full fp32."""
+    module = RMeeToModule(model_overrides=TINY, reduction=REDUCTION, mixup=0.0, cutmix=0.0, distill=True,
+                          ema_decay=0.9)
+    probe = HeadDtypes()
+    fit = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, precision="bf16-true", callbacks=[probe])
+    fit.fit(module, datamodule=datamodule(demo_shards))
+    assert probe.dtypes == {"teacher": {torch.bfloat16}, "ema": {torch.bfloat16}}
+    assert math.isfinite(fit.callback_metrics["val_ema/loss"])
+    (ema,) = [cb for cb in fit.callbacks if isinstance(cb, EMA)]
+    assert all(v.dtype == torch.float32 for v in ema.weights().values() if v.is_floating_point())
+
+
+def test_autocast_dtype_and_frozen_forward():
+    assert autocast_dtype("bf16-mixed") == autocast_dtype("bf16-true") == torch.bfloat16
+    assert autocast_dtype("16-mixed") == torch.float16
+    assert autocast_dtype("32-true") is None and autocast_dtype("64-true") is None
+    model = torch.nn.Linear(4, 3)
+    images = torch.randn(2, 4, dtype=torch.bfloat16)
+    assert frozen_forward(model, images, torch.bfloat16).dtype == torch.bfloat16
+    assert frozen_forward(model, images, None).dtype == torch.float32
+
+
+def test_enable_tf32():
+    before = torch.get_float32_matmul_precision()
+    try:
+        enable_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_reduction_config_is_typed():
+    reduction = Reduction(method="rmeeto", r=2, blocks=[1, 3], options={"order": "odd_even"})
+    module = RMeeToModule(model_overrides=TINY, reduction=reduction)
+    assert module.model.token_reducer.schedule.blocks == (1, 3)
+    assert module.model.token_reducer.method.order == "odd_even"
+    # stored as plain data: checkpoints stay loadable with torch.load(weights_only=True)
+    assert module.hparams.reduction == {"method": "rmeeto", "r": 2, "flops_cut": None, "blocks": [1, 3], "interval": 2,
+                                        "parity": "even", "final_tokens": None, "options": {"order": "odd_even"}}
+    assert Reduction(r=8.0).r == 8 and isinstance(Reduction(r=8.0).r, int) and Reduction(r=0.3).r == 0.3
+    with pytest.raises(TypeError, match="rr"):
+        Reduction(method="rmeeto", rr=8)
+    with pytest.raises(ValueError, match="bad option for method 'rmeeto'"):
+        RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2, "options": {"ordr": "x"}})

@@ -43,7 +43,7 @@ def test_state_dict_uses_the_public_checkpoint_names():
 def test_any_size_and_middle_cls():
     model = tiny(img_size=48, patch_size=16, num_classes=3)
     state = model.embed(torch.randn(2, 3, 48, 48))
-    assert state.hidden.shape == (2, 10, 32) and state.cls_index == 4
+    assert state.hidden.shape == (2, 10, 32) and (state.cls_index == 4).all()
     assert torch.allclose(state.hidden[:, 4], (model.cls_token + model.pos_embed[:, 4])[0])
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 3)
     with pytest.raises(ValueError, match="patches"):
@@ -91,16 +91,52 @@ def test_missing_keys_and_corrupt_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
         rmeeto.load_checkpoint(tiny(), tmp_path / "junk.pth")
+    (tmp_path / "random.pth").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                                                        generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    with pytest.raises(CheckpointError) as err:
+        rmeeto.load_checkpoint(tiny(), tmp_path / "random.pth")
+    message = str(err.value)
+    assert "random.pth" in message and "\n" not in message and "weights_only" not in message
     with pytest.raises(CheckpointError, match="not found"):
         rmeeto.load_checkpoint(tiny(), tmp_path / "nope.pth")
 
 
 def test_timm_registry_builds_the_same_model(tmp_path):
-    torch.save(tiny().state_dict(), tmp_path / "w.pth")
-    model = timm.create_model("vim_demo_patch8_64", pretrained=True, pretrained_file=str(tmp_path / "w.pth"),
+    src = tiny()
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    model = timm.create_model("vim_demo_patch8_64", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")),
                               img_size=32, depth=3, embed_dim=32, num_classes=7)
     expected = VimConfig(**{**vars(rmeeto.models.VARIANTS["vim_demo"]), **TINY})
     assert isinstance(model, VisionMamba) and model.cfg == expected
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.pretrained_cfg["file"] == str(tmp_path / "w.pth") and "paper_top1" not in model.pretrained_cfg
+
+
+def test_every_public_checkpoint_is_a_timm_pretrained_tag_with_the_papers_numbers():
+    tags = timm.list_pretrained("vim_*") + timm.list_pretrained("videomamba_*")
+    assert "vim_small_patch16_224_midclstok.in1k" in tags and "vim_small_patch16_224_midclstok.rmeeto_r11" in tags
+    assert "videomamba_tiny_k400_f8.k400" in tags
+    for name in tags:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.hf_hub_id and (cfg.hf_hub_filename or cfg.hf_hub_subfolder), name
+        assert cfg.paper_top1 is not None and 50 < cfg.paper_top1 < 90, name
+        rmeeto.models.registry.resolve_name(name)  # every tag's architecture is a known variant
+    small = timm.models.get_pretrained_cfg("vim_small_patch16_224_midclstok")  # the default tag
+    assert (small.hf_hub_id, small.hf_hub_filename, small.paper_top1) == (
+        "hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", 80.5)
+    retrained = timm.models.get_pretrained_cfg("vim_small_patch16_224_midclstok.rmeeto_r11")
+    assert retrained.paper_gflops < small.paper_gflops and retrained.reduction == {"method": "rmeeto", "r": 11}
+
+
+def test_models_carry_timm_pretrained_cfg_without_paper_numbers_unless_loaded_from_the_registry(tmp_path):
+    model = rmeeto.create_model("vim_small_patch16_224_midclstok.rmeeto_r11", depth=2)
+    cfg = model.pretrained_cfg
+    assert cfg["tag"] == "rmeeto_r11" and cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert "paper_top1" not in cfg  # random init: the paper's 79.9 would be a lie
+    assert timm.data.resolve_data_config(model=model)["std"] == timm.data.IMAGENET_DEFAULT_STD
+    with pytest.raises(CheckpointError, match="vim_demo_patch8_64: no public checkpoint"):
+        rmeeto.create_model("vim_demo", pretrained=True)
 
 
 def _mixer_pair() -> tuple[BiMamba, BiMamba]:
@@ -138,3 +174,17 @@ def test_recording_is_off_by_default():
     model = tiny()
     model(torch.randn(1, 3, 32, 32))
     assert all(layer.mixer.last_record is None for layer in model.layers)
+
+
+def test_stride8_vim_plus_variants_for_the_fine_tuned_checkpoints():
+    """The "Vim+" checkpoints take overlapping 16×16 patches at stride 8: 27² + 1 tokens at 224."""
+    import timm
+
+    model = rmeeto.create_model("vim_tiny_patch16_stride8_224_midclstok.in1k_ft", img_size=64, depth=2)
+    assert model.cfg.num_patches == 7 * 7 and model.pos_embed.shape == (1, 50, 192)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert rmeeto.models.registry.model_config("vim_small_stride8").num_patches == 27 * 27
+    cfg = timm.models.get_pretrained_cfg("vim_small_patch16_stride8_224_midclstok.in1k_ft")
+    assert cfg.hf_hub_filename == "vim_s_midclstok_ft_81p6acc.pth" and cfg.paper_top1 == 81.6
+    with pytest.raises(ValueError, match="does not fit patches of 16 at stride 8"):
+        model(torch.randn(1, 3, 60, 60))

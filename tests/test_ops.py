@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,7 +237,7 @@ _THREADS_PROBE = """
 import os, numba, torch
 from rmeeto.ops.scan_cpu import selective_scan_cpu
 x = torch.randn(1, 4, 5)
-selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5), None, None, None, False)
 print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
 """
 
@@ -369,3 +371,43 @@ def test_shape_errors():
         selective_scan(x["u"], x["delta"], x["A"].t(), x["B"], x["C"])
     with pytest.raises(ValueError, match="C must be B×N×L"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"][..., :2])
+
+
+def test_cuda_tensors_without_mamba_ssm_warn_once_with_the_import_error(monkeypatch):
+    """A broken mamba-ssm is named (reasons, summary) and CUDA tensors warn once, naming the fallback."""
+    err = ImportError("undefined symbol: _ZN3c10 (built for another torch)")
+    monkeypatch.setattr(dispatch.cuda, "_scan_module", lambda: err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_warned_fallback", False)
+    assert "undefined symbol" in dispatch.unavailable_backends()["cuda"] and "cuda" not in available_backends()
+    cuda_like = SimpleNamespace(device=torch.device("cuda"))  # resolve_backend reads only the device
+    with pytest.warns(RuntimeWarning, match=r"undefined symbol.*using the pure-PyTorch `torch` backend"):
+        assert resolve_backend(cuda_like) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend(cuda_like) == "torch"
+    with pytest.raises(ValueError, match="cuda: mamba-ssm does not import: ImportError: undefined symbol"):
+        set_backend("cuda")
+
+
+def test_backend_summary_names_the_backend_in_use():
+    assert dispatch.backend_summary("cpu").startswith(f"scan backend: {resolve_backend(torch.zeros(1))} (device cpu")
+    with use_backend("ref"):
+        assert dispatch.backend_summary(torch.device("cpu")).startswith("scan backend: ref")
+
+
+def test_block_compiles_without_graph_breaks_on_torch_backend():
+    """Dynamo captures a whole Vim block on the `torch` backend as one graph (fullgraph=True fails
+    on any graph break) with the eager numbers and gradients."""
+    torch.manual_seed(0)
+    from rmeeto.models.mamba import BiMamba
+
+    block = BiMamba(16, d_state=4)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    with use_backend("torch"):
+        eager = block(x)
+        (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+        compiled = torch.compile(block, fullgraph=True, backend="eager")(x)
+        (g_comp,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)

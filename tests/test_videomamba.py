@@ -111,7 +111,7 @@ def test_video_embedding_is_videomambas_layout():
     patches = patches.reshape(b, t, n, c).transpose(1, 2).reshape(b * n, t, c) + model.temporal_pos_embedding
     patches = patches.reshape(b, n, t, c).transpose(1, 2).reshape(b, t * n, c)
     state = model.embed(x)
-    assert state.cls_index == 0 and state.residual is None and model.cfg.num_patches == t * n
+    assert (state.cls_index == 0).all() and state.residual is None and model.cfg.num_patches == t * n
     assert "temporal_pos_embedding" in model.no_weight_decay()
     torch.testing.assert_close(state.hidden, torch.cat([cls, patches], dim=1))
     assert model(x).shape == (2, 5)

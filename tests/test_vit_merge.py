@@ -187,7 +187,7 @@ def test_between_placement_is_kept_as_an_option(tiny):
         R.apply(model, "evit", r=0.2, placement="in_block")
     with pytest.raises(ValueError, match="between blocks only"):
         R.apply(rmeeto.create_model("vim_demo", depth=4), "rmeeto", r=2, placement="in_block")
-    with pytest.raises(ValueError, match="unknown metric 'delta'"):
+    with pytest.raises(ValueError, match="unknown metric 'delta' for InBlockMerge"):
         R.apply(model, "rmeeto", r=3, metric="delta")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +23,19 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.safetensors``) or export directory."""
+    """Tensors of a checkpoint file (``.pth``/``.pt``/``.ckpt``/``.safetensors``), an export directory, a DeepSpeed
+    checkpoint directory (its fp32 weights), or an ``hf-hub:owner/name[@revision]/path`` reference (downloaded
+    into the Hugging Face cache)."""
+    from rmeeto import hub  # imported here: hub imports CheckpointError from this module
+
+    if hub.is_hub_spec(path):
+        path = hub.fetch(hub.parse(path))
     path = Path(path)
     if path.is_dir():
+        from rmeeto.models.deepspeed_checkpoint import is_deepspeed_checkpoint, read_deepspeed_weights
+
+        if is_deepspeed_checkpoint(path):
+            return _unwrap(read_deepspeed_weights(path), path)
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -40,8 +51,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(err)})") from err
     return _unwrap(obj, path)
+
+
+def _torch_reason(err: Exception) -> str:
+    """The cause in torch's load error without its advice (its ``weights_only=False`` hint would tell the
+    user to run arbitrary code from a file that is most likely just damaged)."""
+    text = str(err)
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if match:
+        return f"the safe loader refuses it: {match.group(1).strip()}"
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:

@@ -32,10 +32,23 @@ defined for Vim, VideoMamba and DeiT/ViT.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor, nn
 
 from rmeeto.models.vim import TokenReducer, TokenState, VisionMamba
+
+
+class ReducibleConfig(Protocol):
+    num_patches: int
+
+
+class Reducible(Protocol):
+    """The contract above, as a type: what :func:`rmeeto.reduction.apply` needs from a model."""
+
+    layers: nn.ModuleList | nn.Sequential
+    cfg: ReducibleConfig
+    token_reducer: TokenReducer | None
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class MambaBlocks(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Input → B×C: the normed cls token at its current position."""
         state = self.forward_blocks(self.embed(x))
-        return self.norm_f(state.residual + state.hidden)[:, state.cls_index]
+        return state.cls_rows(self.norm_f(state.residual + state.hidden))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rmeeto.ops import causal_conv1d, selective_scan
+from rmeeto.ops import causal_conv1d, fused_inner, mamba_inner, selective_scan
 
 
 @dataclass
@@ -101,7 +101,39 @@ class BiMamba(nn.Module):
         )
         return y, delta, Bm, Cm
 
+    def _forward_fused(self, hidden: Tensor) -> Tensor:
+        """mamba-ssm's mamba_inner_fn per direction (the official Vim's bimamba-v2 path): B×L×C → B×L×C.
+
+        xz is built L-contiguous (2Dᵢ × B·L, as the official code does), so nothing is copied on the
+        way in; conv and Δ are recomputed in the backward. mamba-ssm ships the inner function with
+        out_proj included, so out_proj runs once per direction (linear: same sum up to rounding).
+        """
+        nb, L, _ = hidden.shape
+        xz = (self.in_proj.weight @ hidden.reshape(nb * L, -1).t()).view(-1, nb, L).transpose(0, 1)
+        out = []
+        for suffix, seq in (("", xz), ("_b", xz.flip(-1))):
+            conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
+            dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
+            out.append(
+                mamba_inner(
+                    seq,
+                    conv1d_weight=conv.weight,
+                    conv1d_bias=conv.bias,
+                    x_proj_weight=getattr(self, f"x_proj{suffix}").weight,
+                    delta_proj_weight=dt_proj.weight,
+                    out_proj_weight=self.out_proj.weight,
+                    out_proj_bias=None,
+                    A=-torch.exp(getattr(self, "A_log" if not suffix else "A_b_log").float()),
+                    D=getattr(self, f"D{suffix}").float(),
+                    delta_bias=dt_proj.bias.float(),
+                )
+            )
+        y = out[0] + out[1].flip(1)
+        return y / 2 if self.divide_out else y
+
     def forward(self, hidden: Tensor) -> Tensor:
+        if not self.record and fused_inner(hidden, self.d_conv):
+            return self._forward_fused(hidden)
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         x, z = (F.linear(hidden, w).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L views
         y_f, d_f, b_f, c_f = self._scan(x, z, "")

@@ -25,7 +25,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from rmeeto.models import registry
-from rmeeto.models.vim import TokenState, VimConfig, VisionMamba
+from rmeeto.models.vim import TokenState, VimConfig, VisionMamba, check_patch_multiple
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class VideoMambaConfig(VimConfig):
     tubelet_size: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.patch_stride not in (None, self.patch_size):
+            raise ValueError(f"VideoMamba takes non-overlapping patches; patch_stride={self.patch_stride}")
         if self.num_frames is not None and (self.num_frames < 1 or self.num_frames % self.tubelet_size):
             raise ValueError(f"num_frames={self.num_frames} must be a positive multiple of "
                              f"tubelet_size={self.tubelet_size}")
@@ -97,6 +100,7 @@ class VideoMamba(VisionMamba):
         if x.dim() != expected_dims:
             layout = "B×3×T×H×W clips" if cfg.is_video else "B×3×H×W images"
             raise ValueError(f"this VideoMamba takes {layout}; got a tensor of shape {tuple(x.shape)}")
+        check_patch_multiple(x, cfg.patch_size)
         tokens = self.patch_embed(x)
         if not cfg.is_video:
             tokens = tokens[:, None]  # B×1×M×C: an image is a one-frame clip

@@ -22,15 +22,24 @@ class TokenState:
     """What flows between blocks.
 
     hidden: B×N×C mixer output of the previous block. residual: B×N×C fp32 residual stream (None
-    before block 0). cls_index: position of the cls token. size: B×N token sizes (None = all 1).
-    source: B×N×M bool map of which of the M original tokens each token holds (None = not tracked).
+    before block 0). cls_index: B long, position of each image's cls token (an int is taken as the same
+    position for every image). size: B×N token sizes (None = all 1). source: B×N×M map of how many of
+    the M original tokens each token holds (None = not tracked).
     """
 
     hidden: Tensor
     residual: Tensor | None
-    cls_index: int
+    cls_index: Tensor
     size: Tensor | None = None
     source: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cls_index, int):
+            self.cls_index = torch.full((self.hidden.shape[0],), self.cls_index, device=self.hidden.device)
+
+    def cls_rows(self, x: Tensor) -> Tensor:
+        """B×N×C → B×C: each image's cls token."""
+        return x[torch.arange(x.shape[0], device=x.device), self.cls_index]
 
 
 TokenReducer = Callable[[int, TokenState], TokenState]
@@ -53,10 +62,30 @@ class VimConfig:
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
     divide_out: bool = True
+    patch_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.img_size - self.patch_size) % self.stride:
+            raise ValueError(f"img_size={self.img_size} does not fit patches of {self.patch_size} at stride "
+                             f"{self.stride}: the border pixels would be ignored")
+
+    @property
+    def stride(self) -> int:
+        """Patch stride: ``patch_stride``, or the patch size (non-overlapping patches, the default)."""
+        return self.patch_stride or self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return ((self.img_size - self.patch_size) // self.stride + 1) ** 2
+
+
+def check_patch_multiple(x: Tensor, patch_size: int, stride: int | None = None) -> None:
+    """ValueError unless patches of ``patch_size`` at ``stride`` (default: the patch size) tile the input's
+    height and width (its last two dims) exactly."""
+    stride = stride or patch_size
+    if (x.shape[-1] - patch_size) % stride or (x.shape[-2] - patch_size) % stride:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} does not fit patches of {patch_size} at stride "
+                         f"{stride}: the border pixels would be ignored")
 
 
 class PatchEmbed(nn.Module):
@@ -64,7 +93,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -118,6 +147,7 @@ class VisionMamba(nn.Module):
 
     def embed(self, x: Tensor) -> TokenState:
         """Patchify, insert cls at the middle (index M // 2), add position embedding."""
+        check_patch_multiple(x, self.cfg.patch_size, self.cfg.stride)
         tokens = self.patch_embed(x)
         m = tokens.shape[1]
         if m + 1 != self.pos_embed.shape[1]:
@@ -143,7 +173,7 @@ class VisionMamba(nn.Module):
         state = self.forward_blocks(self.embed(x))
         residual = state.residual + self.drop_path(state.hidden).float()
         hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
-        return hidden[:, state.cls_index]
+        return state.cls_rows(hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))

@@ -4,20 +4,28 @@ Backends: ``ref`` (step loop, the oracle), ``torch`` (chunked pure PyTorch), ``c
 kernels, needs numba) and ``cuda`` (mamba-ssm / causal-conv1d, CUDA tensors only).
 """
 
+from .cuda import mamba_inner
 from .dispatch import (
     available_backends,
+    backend_summary,
     causal_conv1d,
+    fused_inner,
     get_backend,
     selective_scan,
     set_backend,
+    unavailable_backends,
     use_backend,
 )
 
 __all__ = [
     "available_backends",
+    "backend_summary",
     "causal_conv1d",
+    "fused_inner",
     "get_backend",
+    "mamba_inner",
     "selective_scan",
     "set_backend",
+    "unavailable_backends",
     "use_backend",
 ]

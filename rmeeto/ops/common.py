@@ -1,13 +1,38 @@
-"""Shared pre/post-processing around a core scan: delta bias/softplus before, D skip and z gate after."""
+"""The one scan signature (``ScanFn``) and the shared pre/post-processing around a core scan."""
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CoreScan = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-"""core(dt, u, A, B, C) -> y: dt, u B×D×L; A D×N; B, C B×N×L; y B×D×L (all in the compute dtype)."""
+
+class ScanFn(Protocol):
+    """A backend's selective scan; the dispatch always passes all nine arguments, positionally.
+
+    u, delta, z: B×D×L; A: D×N; B, C: B×N×L; D, delta_bias: (D,) or None → y B×D×L in u's dtype
+    (mamba-ssm's ``selective_scan_fn`` contract; ``scan_ref.selective_scan_ref`` is the oracle).
+    """
+
+    def __call__(
+        self,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        z: Tensor | None,
+        delta_bias: Tensor | None,
+        delta_softplus: bool,
+        /,
+    ) -> Tensor: ...
+
+
+class CoreScan(Protocol):
+    """core(dt, u, A, B, C) -> y: dt, u B×D×L; A D×N; B, C B×N×L; y B×D×L (all in the compute dtype)."""
+
+    def __call__(self, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, /) -> Tensor: ...
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -15,32 +40,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def scan_with_core(
-    core: CoreScan,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Selective scan with the recurrence done by ``core``; autograd covers the elementwise parts.
+class WithCore:
+    """A ScanFn whose recurrence is ``core``; autograd covers bias/softplus before and D/z after.
 
-    Computes in ``dtype`` (default: compute_dtype(u.dtype)) and returns B×D×L in u's dtype.
+    Computes in compute_dtype(u.dtype) and returns u's dtype.
     """
-    ct = dtype or compute_dtype(u.dtype)
-    u_c, dt = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    y = core(dt, u_c, A.to(ct), B.to(ct), C.to(ct))
-    if D is not None:
-        y = y + u_c * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    return y.to(u.dtype)
+
+    def __init__(self, core: CoreScan):
+        self.core = core
+
+    def __call__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, /) -> Tensor:  # ScanFn
+        ct = compute_dtype(u.dtype)
+        u_c, dt = u.to(ct), delta.to(ct)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(ct)[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        y = self.core(dt, u_c, A.to(ct), B.to(ct), C.to(ct))
+        if D is not None:
+            y = y + u_c * D.to(ct)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(ct))
+        return y.to(u.dtype)

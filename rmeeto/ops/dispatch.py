@@ -6,12 +6,15 @@ available, else `torch`.
 """
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
 from . import cuda, scan_cpu
+from .common import ScanFn
 from .conv import causal_conv1d_torch, check_activation
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
@@ -19,7 +22,7 @@ from .scan_torch import selective_scan_torch
 ENV_VAR = "RMEETO_SCAN_BACKEND"
 AUTO = "auto"
 
-_SCANS = {
+_SCANS: dict[str, ScanFn] = {
     "ref": selective_scan_ref,
     "torch": selective_scan_torch,
     "cpu": scan_cpu.selective_scan_cpu,
@@ -29,16 +32,23 @@ _DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 """Backends bound to one device type."""
 
 _selected: str | None = None
+_warned_fallback = False
+
+
+def unavailable_backends() -> dict[str, str]:
+    """Backends not usable in this environment, each with the reason (e.g. mamba-ssm's import error)."""
+    reasons = {}
+    if not scan_cpu.AVAILABLE:
+        reasons["cpu"] = "numba does not import (pip install numba)"
+    if not cuda.available():
+        reasons["cuda"] = cuda.unavailable_reason() or "unavailable"
+    return reasons
 
 
 def available_backends() -> list[str]:
     """Backends usable in this environment (``auto`` aside)."""
-    names = ["ref", "torch"]
-    if scan_cpu.AVAILABLE:
-        names.append("cpu")
-    if cuda.available():
-        names.append("cuda")
-    return names
+    unavailable = unavailable_backends()
+    return [name for name in _SCANS if name not in unavailable]
 
 
 def _validate(name: str) -> str:
@@ -46,7 +56,8 @@ def _validate(name: str) -> str:
         return name
     kind = "unavailable" if name in _SCANS else "unknown"
     choices = ", ".join([AUTO, *available_backends()])
-    raise ValueError(f"{kind} scan backend {name!r}; available: {choices}")
+    why = unavailable_backends().get(name)
+    raise ValueError(f"{kind} scan backend {name!r}; available: {choices}" + (f" ({name}: {why})" if why else ""))
 
 
 def set_backend(name: str | None) -> None:
@@ -79,10 +90,35 @@ def resolve_backend(x: Tensor, backend: str | None = None) -> str:
     if name == AUTO:
         if device == "cuda" and cuda.available():
             return "cuda"
+        if device == "cuda":
+            _warn_fallback()
         return "cpu" if device == "cpu" and scan_cpu.AVAILABLE else "torch"
     if _DEVICE.get(name, device) != device:
         raise ValueError(f"scan backend {name!r} needs {_DEVICE[name]} tensors, got {device}")
     return name
+
+
+def _warn_fallback() -> None:
+    """Once per process: CUDA tensors run on the `torch` scan because mamba-ssm is unusable."""
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"CUDA tensors, but the `cuda` scan backend is unavailable ({cuda.unavailable_reason()}); "
+            "using the pure-PyTorch `torch` backend, far slower in training. See docs/cuda.md.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def backend_summary(device: torch.device | str) -> str:
+    """One line naming the scan backend used for tensors on ``device`` (and why not `cuda` there)."""
+    device = torch.device(device)
+    name = resolve_backend(torch.empty(0, device=device))
+    line = f"scan backend: {name} (device {device.type}; available: {', '.join(available_backends())})"
+    if device.type == "cuda" and name != "cuda":
+        line += f"; cuda unavailable: {unavailable_backends().get('cuda')}"
+    return line
 
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
@@ -116,6 +152,14 @@ def selective_scan(
     _check_shapes(u, delta, A, B, C)
     scan = _SCANS[resolve_backend(u, backend)]
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def fused_inner(x: Tensor, conv_width: int, backend: str | None = None) -> bool:
+    """True when tensors like x run on `cuda` and mamba-ssm's mamba_inner_fn can take this block
+    (causal-conv1d imports and supports the conv width)."""
+    return (
+        resolve_backend(x, backend) == "cuda" and cuda.fused_inner_available() and conv_width in cuda.CONV_WIDTHS
+    )
 
 
 def causal_conv1d(

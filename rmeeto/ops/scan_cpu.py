@@ -139,20 +139,10 @@ def _np(tensors) -> list:
     return [x.numpy() for x in tensors]
 
 
-def selective_scan_cpu(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Fused numba selective scan on CPU tensors (same contract as selective_scan_ref; fp32 inside)."""
+def selective_scan_cpu(*args) -> Tensor:  # ScanFn: u, delta, A, B, C, D, z, delta_bias, delta_softplus
+    """Fused numba selective scan on CPU tensors (the ScanFn contract; fp32 inside)."""
     if not AVAILABLE:
         raise RuntimeError("the cpu selective-scan backend needs numba")
-    args = (u, delta, A, B, C, D, z, delta_bias)
-    y = _CpuScan.apply(*(None if x is None else x.float() for x in args), bool(delta_softplus))
-    return y.to(u.dtype)
+    *tensors, softplus = args
+    y = _CpuScan.apply(*(None if x is None else x.float() for x in tensors), bool(softplus))
+    return y.to(args[0].dtype)

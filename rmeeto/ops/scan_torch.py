@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .common import scan_with_core
+from .common import ScanFn, WithCore
 
 _CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 25}
 """Target T·B·D·N per chunk buffer: cache-sized on CPU, few launches on GPU."""
@@ -96,16 +96,5 @@ class _ChunkedScan(torch.autograd.Function):
         return g_dt.permute(1, 2, 0), g_u.permute(1, 2, 0), g_A, g_B.permute(1, 2, 0), g_C.permute(1, 2, 0)
 
 
-def selective_scan_torch(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Chunked pure-PyTorch selective scan (same contract as selective_scan_ref)."""
-    return scan_with_core(_ChunkedScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+selective_scan_torch: ScanFn = WithCore(_ChunkedScan.apply)
+"""Chunked pure-PyTorch selective scan (the ScanFn contract)."""

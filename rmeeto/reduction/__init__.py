@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rmeeto.models.deit import ReducibleViT
-from rmeeto.models.vim import TokenReducer, VisionMamba
+from rmeeto.models.generic import Reducible
+from rmeeto.models.vim import TokenReducer
 from rmeeto.reduction import vit
 from rmeeto.reduction.baselines import HSA, UTR, EViT, PuMer, RandomDrop
 from rmeeto.reduction.methods import MTR, BipartiteMerge, Method
 from rmeeto.reduction.reducer import Schedule, TokenReduction
-from rmeeto.reduction.solver import solve_amount
+from rmeeto.reduction.solver import largest_r, solve_r
 
 #: Method name → factory taking the method's options.
 METHODS: dict[str, Callable[..., Method]] = {
@@ -45,16 +46,15 @@ def make_method(name: str, **options: Any) -> Method:
         raise ValueError(f"bad option for method {name!r}: {err}") from err
 
 
-def apply(model: VisionMamba, method: str = "rmeeto", *, r: float | None = None,
-          flops_cut: float | None = None, blocks: Sequence[int] | None = None, interval: int = 2,
-          parity: str = "even", final_tokens: int | None = None, track_source: bool = False,
-          **options: Any) -> TokenReduction:
+def apply(model: Reducible, method: str = "rmeeto", *, r: float | None = None, flops_cut: float | None = None,
+          blocks: Sequence[int] | None = None, interval: int = 2, parity: str = "even",
+          final_tokens: int | None = None, track_source: bool = False, **options: Any) -> TokenReduction:
     """Attach a reducer to ``model`` (replacing any) and return it.
 
-    r: amount per reduction point (tokens for bipartite methods, a ratio for MTR-style ones), or
-    flops_cut: the FLOPs reduction to solve r for. blocks: explicit reduction points, else every
-    ``interval`` blocks (``parity`` even: 2, 4, …; odd: 1, 3, …). final_tokens: the last point
-    reduces to that many tokens. options: the method's own (see :mod:`.methods`).
+    r: the setting per reduction point (tokens for bipartite methods, a ratio of the current tokens for
+    MTR-style ones), or flops_cut: the FLOPs reduction to solve r for. blocks: explicit reduction points,
+    else every ``interval`` blocks (``parity`` even: 2, 4, …; odd: 1, 3, …). final_tokens: the last point
+    reduces to that many tokens. options: the method's own (see :mod:`.methods`, :mod:`.baselines`).
     ViT/DeiT: ``placement="in_block"`` (the default of the bipartite methods) merges inside every block
     (or ``blocks``) as the authors ran it, see :mod:`.vit`; ``placement="between"`` as for Vim.
     """
@@ -67,26 +67,32 @@ def apply(model: VisionMamba, method: str = "rmeeto", *, r: float | None = None,
         raise ValueError(f"placement={placement!r}: {type(model).__name__} reduces between blocks only ('between')")
     m = make_method(method, **options)
     if (r is None) == (flops_cut is None):
-        raise ValueError("give exactly one of r (amount per reduction point) and flops_cut")
-    if final_tokens is not None and m.amount_kind != "count":
+        raise ValueError("give exactly one of r (setting per reduction point) and flops_cut")
+    if final_tokens is not None and m.r_kind != "count":
         raise ValueError(f"final_tokens needs a token-count method; {method!r} takes a ratio")
-    depth = len(model.layers)
+    depth, n0 = len(model.layers), model.cfg.num_patches + 1
 
-    def schedule_for(amount: float) -> Schedule:
+    def schedule_for(value: float) -> Schedule:
         if blocks is not None:
-            sched = Schedule(tuple(blocks), (amount,) * len(blocks), final_tokens)
-        else:
-            sched = Schedule.every(depth, amount, interval, parity, final_tokens)
-        sched.token_counts(m, model.cfg.num_patches + 1, depth)  # raises if the amount is impossible
-        return sched
+            return Schedule(tuple(blocks), (value,) * len(blocks), final_tokens)
+        return Schedule.every(depth, value, interval, parity, final_tokens)
 
-    amount = solve_amount(model.cfg, m, schedule_for, flops_cut) if flops_cut is not None else r
-    return attach(model, TokenReduction(model, m, schedule_for(amount), track_source=track_source))
+    if flops_cut is not None:
+        r = solve_r(model.cfg, m, schedule_for, flops_cut)
+    schedule = schedule_for(r)
+    try:
+        schedule.removed(m, n0)
+    except ValueError as err:
+        best = largest_r(m, schedule_for, n0, int(r)) if m.r_kind == "count" and r == int(r) else None
+        hint = f"; the largest r this schedule allows is {best}" if best is not None else ""
+        raise ValueError(f"{method} r={r} is impossible on this model ({n0} tokens, blocks "
+                         f"{list(schedule.blocks)}): {err}{hint}") from None
+    return attach(model, TokenReduction(model, m, schedule, track_source=track_source))
 
 
-def attach(model: VisionMamba, reducer: TokenReducer | None) -> TokenReducer | None:
+def attach(model: Reducible, reducer: TokenReducer | None) -> TokenReducer | None:
     """Make ``reducer`` (one that :func:`apply` built earlier, or None) the model's reducer, replacing any;
-    returns it. Switching between prepared reducers this way skips re-solving their amounts."""
+    returns it. Switching between prepared reducers this way skips re-solving their r."""
     remove(model)
     model.token_reducer = reducer
     if isinstance(reducer, TokenReduction | vit.InBlockReduction):
@@ -94,7 +100,7 @@ def attach(model: VisionMamba, reducer: TokenReducer | None) -> TokenReducer | N
     return reducer
 
 
-def remove(model: VisionMamba) -> None:
+def remove(model: Reducible) -> None:
     """Detach the model's reducer, if any."""
     if isinstance(model.token_reducer, TokenReduction | vit.InBlockReduction):
         model.token_reducer.set_recording(False)

@@ -1,10 +1,11 @@
 """Training-free baselines the MTR paper compares with on Vim: EViT, PuMer, UTR, HSA, random drop.
 
-Each is a frozen dataclass implementing :class:`~rmeeto.reduction.methods.Method` whose amount is
-the ratio r of the current non-cls tokens removed at a reduction point (``removed = int(r·M)``).
+Each is a frozen dataclass implementing :class:`~rmeeto.reduction.methods.Method` whose r is the
+ratio of the current non-cls tokens removed at a reduction point (``removed = int(r·M)``).
 As in the MTR paper's comparison ("all methods perform token reduction followed by token
-reordering"), every method keeps the surviving tokens in their original sequence order, and the
-reducer reduces the hidden state and the residual with the same plan.
+reordering"), every method keeps the surviving tokens, cls included, in their original sequence
+order (cls goes back after exactly the survivors that preceded it), and the reducer reduces the
+hidden state and the residual with the same plan.
 
 Overheads use the convention of :func:`~rmeeto.reduction.methods.bipartite_overhead` (multiply-adds
 per image, N tokens before the point with cls, M = N − 1, C = embed dim): 6·N·C to normalise the
@@ -14,19 +15,18 @@ channels (an activation score). Sorting is not counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from rmeeto.reduction.merge import MERGE_OPS, MergeOp, Plan
-from rmeeto.reduction.methods import _check, bipartite_overhead
+from rmeeto.reduction.merge import MergeOp, Plan, mask_of, take_rows
+from rmeeto.reduction.methods import RKind, bipartite_overhead, check_options, ratio_count
 from rmeeto.reduction.plans import best_match, bipartite_plan, finish_plan, importance_order_plan, similarity
 from rmeeto.reduction.signals import Signals
 
 Score = Literal["clip", "l1", "l2", "raw"]
-SCORES: tuple[str, ...] = ("clip", "l1", "l2", "raw")
 
 
 def activation_importance(hidden: Tensor, score: Score = "clip") -> Tensor:
@@ -42,70 +42,44 @@ def activation_importance(hidden: Tensor, score: Score = "clip") -> Tensor:
         return x.abs().sum(-1)
     if score == "l2":
         return x.norm(dim=-1)
-    if score == "raw":
-        return x.mean(-1)
-    raise ValueError(f"unknown activation score {score!r}; choose from {SCORES}")
+    return x.mean(-1)
 
 
-def keep_all(b: int, m: int, device: torch.device) -> Plan:
-    """The identity plan: every one of the M tokens of the B images keeps its slot."""
-    return Plan(torch.arange(m, device=device).expand(b, m), m)
-
-
-def take_rows(x: Tensor, index: Tensor) -> Tensor:
-    """B×M×F, B×K indices → B×K×F rows."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def fuse_plan(importance: Tensor, n_fused: int) -> Plan:
-    """EViT fusion on B×M importance: the ``n_fused`` least important tokens become one token.
+def fuse_plan(importance: Tensor, n_fused: int, cls_index: Tensor | None = None) -> Plan:
+    """EViT fusion on B×M importance: the ``n_fused`` ≤ M least important tokens become one token.
 
     The fused token takes the place of the most important of them; all others stay, in order.
     Removes ``n_fused − 1`` tokens (none when ``n_fused`` ≤ 1).
     """
     b, m = importance.shape
-    if not 0 <= n_fused <= m:
-        raise ValueError(f"cannot fuse n_fused={n_fused} of M={m} tokens")
+    nothing = torch.zeros(b, m, dtype=torch.bool, device=importance.device)
     if n_fused <= 1:
-        return keep_all(b, m, importance.device)
+        return finish_plan(nothing, nothing.long(), 0, cls_index=cls_index)
     fused = importance.argsort(dim=1)[:, :n_fused]  # ascending: the last one is the most important
     host = fused[:, -1:]
-    merged = torch.zeros(b, m, dtype=torch.bool, device=importance.device).scatter_(1, fused, True)
-    merged.scatter_(1, host, False)
-    return finish_plan(~merged, host.expand(b, m), merged, prune=False, order="ordered")
+    merged = mask_of(fused, m).scatter_(1, host, False)
+    return finish_plan(merged, host.expand(b, m), n_fused - 1, cls_index=cls_index)
 
 
-def classified_plan(importance: Tensor, metric: Tensor, n: int, prune_frac: float) -> Plan:
-    """UTR on B×M importance and B×M×F metric; removes ``n`` tokens.
+def classified_plan(importance: Tensor, metric: Tensor, n: int, prune_frac: float,
+                    cls_index: Tensor | None = None) -> Plan:
+    """UTR on B×M importance and B×M×F metric; removes ``n`` ≤ M//2 tokens.
 
     The M//2 least important tokens form set A, the others set B. Each A token connects to its most
     cosine-similar B token; the ``n`` most similar connections are reduced: the int(prune_frac·n)
     least important of their A tokens are dropped, the others merged into their B partner.
     """
     b, m = importance.shape
-    num_a = m // 2
-    if not 0 <= n <= num_a:
-        raise ValueError(f"UTR reduces n={n} tokens, but set A has only {num_a} of M={m} tokens")
-    if n == 0:
-        return keep_all(b, m, importance.device)
     rank = importance.argsort(dim=1)
-    a_idx, b_idx = rank[:, :num_a], rank[:, num_a:]
+    a_idx, b_idx = rank[:, :m // 2], rank[:, m // 2:]
     score, best = best_match(similarity(take_rows(metric, a_idx), take_rows(metric, b_idx)))
     chosen = score.argsort(dim=1, descending=True)[:, :n]
     src = a_idx.gather(1, chosen)
     partner = torch.full((b, m), -1, dtype=torch.long, device=importance.device)
     partner.scatter_(1, src, b_idx.gather(1, best.gather(1, chosen)))
-    merged = torch.zeros(b, m, dtype=torch.bool, device=importance.device).scatter_(1, src, True)
-    plan = finish_plan(~merged, partner, merged, prune=False, order="ordered")
+    plan = finish_plan(mask_of(src, m), partner, n, cls_index=cls_index)
     pruned = src.gather(1, importance.gather(1, src).argsort(dim=1)[:, :int(prune_frac * n)])
-    return Plan(plan.dest.scatter(1, pruned, -1), plan.num_out)
-
-
-def _ratio(name: str, amount: float, m: int, upper: float, closed: bool) -> int:
-    """int(amount·m) after checking the ratio lies in [0, upper] (or [0, upper))."""
-    if not (0 <= amount <= upper if closed else 0 <= amount < upper):
-        raise ValueError(f"{name} ratio r must be in [0, {upper}{']' if closed else ')'}, got {amount}")
-    return int(amount * m)
+    return plan._replace(dest=plan.dest.scatter(1, pruned, -1))
 
 
 @dataclass(frozen=True)
@@ -122,18 +96,17 @@ class EViT:
     """
 
     op: MergeOp = "wavg"
-    amount_kind: ClassVar[str] = "ratio"
+    r_kind: ClassVar[RKind] = "ratio"
     needs_record: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check("merge op", self.op, MERGE_OPS)
+        check_options(self)
 
-    def removed(self, m: int, amount: float) -> int:
-        return _ratio("EViT", amount, m, 1, closed=False)
+    def removed(self, m: int, r: float) -> int:
+        return ratio_count("EViT", r, m, 1, closed=False)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        removed = self.removed(signals.hidden.shape[1], amount)
-        return fuse_plan(signals.importance("cls"), removed + 1)
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        return fuse_plan(signals.importance("cls"), removed + 1, signals.cls_index)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """Normalisation, one dot product per token with cls, the fused tokens' average."""
@@ -152,17 +125,17 @@ class PuMer:
     """
 
     op: MergeOp = "mean"
-    amount_kind: ClassVar[str] = "ratio"
+    r_kind: ClassVar[RKind] = "ratio"
     needs_record: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check("merge op", self.op, MERGE_OPS)
+        check_options(self)
 
-    def removed(self, m: int, amount: float) -> int:
-        return _ratio("PuMer", amount, m, 0.5, closed=True)
+    def removed(self, m: int, r: float) -> int:
+        return ratio_count("PuMer", r, m, 0.5, closed=True)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        return bipartite_plan(signals.hidden, self.removed(signals.hidden.shape[1], amount))
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        return bipartite_plan(signals.hidden, removed, cls_index=signals.cls_index, cls_rule="sequence")
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """The same matching as R-MeeTo's."""
@@ -186,21 +159,20 @@ class UTR:
     q: float = 0.5
     score: Score = "clip"
     op: MergeOp = "mean"
-    amount_kind: ClassVar[str] = "ratio"
+    r_kind: ClassVar[RKind] = "ratio"
     needs_record: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check("score", self.score, SCORES)
-        _check("merge op", self.op, MERGE_OPS)
+        check_options(self)
         if not 0 <= self.q <= 1:
             raise ValueError(f"UTR option q (fraction of reduced tokens pruned) must be in [0, 1], got {self.q}")
 
-    def removed(self, m: int, amount: float) -> int:
-        return _ratio("UTR", amount, m, 0.5, closed=True)
+    def removed(self, m: int, r: float) -> int:
+        return ratio_count("UTR", r, m, 0.5, closed=True)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        n = self.removed(signals.hidden.shape[1], amount)
-        return classified_plan(activation_importance(signals.hidden, self.score), signals.hidden, n, self.q)
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        importance = activation_importance(signals.hidden, self.score)
+        return classified_plan(importance, signals.hidden, removed, self.q, signals.cls_index)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """The activation score, normalisation, the A × B similarities, the merges."""
@@ -222,18 +194,18 @@ class HSA:
 
     score: Score = "clip"
     op: ClassVar[str] = "wavg"
-    amount_kind: ClassVar[str] = "ratio"
+    r_kind: ClassVar[RKind] = "ratio"
     needs_record: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check("score", self.score, SCORES)
+        check_options(self)
 
-    def removed(self, m: int, amount: float) -> int:
-        return _ratio("HSA", amount, m, 1, closed=False)
+    def removed(self, m: int, r: float) -> int:
+        return ratio_count("HSA", r, m, 1, closed=False)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        n = self.removed(signals.hidden.shape[1], amount)
-        return importance_order_plan(activation_importance(signals.hidden, self.score), n)
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        importance = activation_importance(signals.hidden, self.score)
+        return importance_order_plan(importance, removed, cls_index=signals.cls_index)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """The activation score."""
@@ -242,27 +214,31 @@ class HSA:
 
 @dataclass(frozen=True)
 class RandomDrop:
-    """Drop int(r·M) tokens chosen uniformly at random per image; survivors keep their order.
+    """Drop int(r·M) tokens chosen uniformly at random, drawn anew for every image; survivors keep their order.
 
-    Each plan draws from a fresh generator seeded with ``seed``, so results are reproducible.
+    The draws come from one generator seeded with ``seed`` when the method is built, so a run (the same
+    batches in the same order) is reproducible, while images of different batches get different patterns.
+    Report several seeds: a single draw is one sample of a random baseline.
     """
 
     seed: int = 0
     op: ClassVar[str] = "wavg"
-    amount_kind: ClassVar[str] = "ratio"
+    r_kind: ClassVar[RKind] = "ratio"
     needs_record: ClassVar[bool] = False
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"random option seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
 
-    def removed(self, m: int, amount: float) -> int:
-        return _ratio("random drop", amount, m, 1, closed=False)
+    def removed(self, m: int, r: float) -> int:
+        return ratio_count("random drop", r, m, 1, closed=False)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
+    def plan(self, signals: Signals, removed: int) -> Plan:
         b, m, _ = signals.hidden.shape
-        scores = torch.rand(b, m, generator=torch.Generator().manual_seed(self.seed))
-        return importance_order_plan(scores.to(signals.hidden.device), self.removed(m, amount))
+        scores = torch.rand(b, m, generator=self.generator).to(signals.hidden.device)
+        return importance_order_plan(scores, removed, cls_index=signals.cls_index)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """Nothing is scored."""

@@ -1,9 +1,10 @@
 """Pure tensor functions that carry out a reduction plan.
 
 A *plan* says, for each of the M candidate tokens of every image (cls excluded), which output slot
-it goes to (``dest``: B×M, values in [0, K)) or that it is dropped (``-1``). Slots are numbered in
-output order, so the plan also fixes the order of the survivors. Every reducer in this package
-only builds plans; :func:`merge_tokens` is the one place where tokens are combined.
+it goes to (``dest``: B×M, values in [0, K)) or that it is dropped (``-1``), and which of the K + 1
+output slots the cls token takes (``cls_slot``: B). Slots are numbered in output order, so the plan also
+fixes the order of the survivors. Every reducer in this package only builds plans; :func:`merge_tokens`
+is the one place where tokens are combined.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import torch
 from torch import Tensor
 
 MergeOp = Literal["wavg", "mean", "max", "min"]
-MERGE_OPS: tuple[str, ...] = ("wavg", "mean", "max", "min")
 
 
 class Plan(NamedTuple):
-    """dest: B×M long, slot per candidate token or -1 (dropped). num_out: K, slots per image."""
+    """dest: B×M long, slot per candidate token or -1 (dropped). num_out: K, slots per image (cls aside).
+    cls_slot: B long, the cls token's slot among the K + 1 output tokens (None: the plan has no cls)."""
 
     dest: Tensor
     num_out: int
+    cls_slot: Tensor | None = None
 
 
 def merge_tokens(x: Tensor, plan: Plan, weight: Tensor, op: MergeOp = "wavg") -> Tensor:
@@ -31,8 +33,6 @@ def merge_tokens(x: Tensor, plan: Plan, weight: Tensor, op: MergeOp = "wavg") ->
     authors call "sum"; ``weight`` = token sizes). ``mean``: the same with all weights 1.
     ``max``/``min``: channel-wise extreme. The computation is done in ``x``'s dtype.
     """
-    if op not in MERGE_OPS:
-        raise ValueError(f"unknown merge op {op!r}; choose from {MERGE_OPS}")
     b, m, c = x.shape
     k = plan.num_out
     dest = torch.where(plan.dest < 0, k, plan.dest)  # dropped tokens go to a spare slot K
@@ -64,6 +64,11 @@ def sum_into_slots(values: Tensor, plan: Plan) -> Tensor:
     return slot_sums(values, dest, k + 1)[:, :k]
 
 
+def mask_of(index: Tensor, m: int) -> Tensor:
+    """B×K token indices → B×M bool, True at those tokens."""
+    return torch.zeros(index.shape[0], m, dtype=torch.bool, device=index.device).scatter_(1, index, True)
+
+
 def ordered_slots(survive: Tensor) -> Tensor:
     """B×M bool survivors → B×M slot of each survivor in original sequence order (-1 elsewhere)."""
     return torch.where(survive, survive.long().cumsum(1) - 1, -1)
@@ -81,20 +86,41 @@ def odd_even(order: Tensor) -> Tensor:
     return torch.cat([order[:, 0::2], order[:, 1::2]], dim=1)
 
 
-def remove_cls(x: Tensor, cls_index: int) -> tuple[Tensor, Tensor]:
-    """B×N×… → (B×1×… cls token, B×(N−1)×… the others)."""
-    return x[:, cls_index:cls_index + 1], torch.cat([x[:, :cls_index], x[:, cls_index + 1:]], dim=1)
+def others_index(cls_index: Tensor, n: int) -> Tensor:
+    """B×(N−1) positions of the non-cls tokens of each image, in order (cls_index: B)."""
+    j = torch.arange(n - 1, device=cls_index.device)
+    return j + (j >= cls_index[:, None]).long()
 
 
-def with_cls(plan: Plan, cls_index: int, new_index: int) -> Plan:
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """B×N×F, B×K indices → B×K×F rows."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def remove_cls(x: Tensor, cls_index: Tensor) -> tuple[Tensor, Tensor]:
+    """B×N×F, cls_index B → (B×F cls tokens, B×(N−1)×F the others in order)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, cls_index], take_rows(x, others_index(cls_index, x.shape[1]))
+
+
+def with_cls(plan: Plan, cls_index: Tensor) -> Plan:
     """A plan over the M candidates → the same plan over all M + 1 tokens, with cls (at ``cls_index``)
-    kept alone in slot ``new_index`` of K + 1 slots; the other slots move up past it. Merging with it
-    equals merging the others and inserting cls at ``new_index`` (cls has size 1), without the copies."""
-    dest = torch.where(plan.dest >= new_index, plan.dest + 1, plan.dest)
-    cls_slot = torch.full_like(dest[:, :1], new_index)
-    return Plan(torch.cat([dest[:, :cls_index], cls_slot, dest[:, cls_index:]], dim=1), plan.num_out + 1)
+    kept alone in its slot ``plan.cls_slot`` of K + 1 slots; the other slots move up past it. Merging with
+    it equals merging the others and inserting cls there (cls has size 1), without the copies."""
+    q = plan.cls_slot[:, None]
+    dest = torch.where(plan.dest >= q, plan.dest + 1, plan.dest)
+    b, m = dest.shape
+    full = torch.empty(b, m + 1, dtype=dest.dtype, device=dest.device)
+    full.scatter_(1, others_index(cls_index, m + 1), dest).scatter_(1, cls_index[:, None], q)
+    return Plan(full, plan.num_out + 1, plan.cls_slot)
 
 
-def new_cls_index(cls_index: int, n: int, removed: int) -> int:
-    """Where cls goes after removing ``removed`` of ``n`` tokens (n counts cls): int(p·(n−r)/n)."""
-    return int(cls_index * (n - removed) / n)
+def proportional_cls_slot(cls_index: Tensor, n: int, removed: int) -> Tensor:
+    """R-MeeTo's rule (the authors' code): cls goes back at int(p·(n−r)/n), n counting cls."""
+    return cls_index * (n - removed) // n
+
+
+def sequence_cls_slot(cls_index: Tensor, survive: Tensor) -> Tensor:
+    """MTR's rule: cls goes back after exactly the survivors that preceded it (cls_index: B, survive: B×M)."""
+    before = torch.arange(survive.shape[1], device=survive.device) < cls_index[:, None]
+    return (survive & before).sum(1)

@@ -1,41 +1,60 @@
-"""Reduction methods: each turns :class:`Signals` and an amount into a plan.
+"""Reduction methods: each turns :class:`Signals` and a token count into a plan.
 
-A method says how many tokens it removes from M candidates (so FLOPs can be counted without
-running the model), whether it needs the mixer's Δ/B/C record, and its matching cost.
+A method converts the user's per-point setting ``r`` (tokens for R-MeeTo, a ratio of the current
+non-cls tokens for MTR-style methods: ``r_kind``) into the count of tokens it removes from M candidates
+(``removed``, checked there, once, when the reducer is built), says whether it needs the mixer's Δ/B/C
+record and what its matching costs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
-from rmeeto.reduction.merge import MERGE_OPS, MergeOp, Plan
-from rmeeto.reduction.plans import DISTANCES, ORDERS, Distance, Order, bipartite_plan, grouped_plan
-from rmeeto.reduction.signals import FEATURES, INDICATORS, Feature, Indicator, Signals
+from rmeeto.reduction.merge import MergeOp, Plan
+from rmeeto.reduction.plans import ClsRule, Distance, Order, Variant, bipartite_plan, grouped_plan
+from rmeeto.reduction.signals import Feature, Indicator, Signals
+
+RKind = Literal["count", "ratio"]
 
 
 class Method(Protocol):
     """What :class:`~rmeeto.reduction.reducer.TokenReduction` needs from a method."""
 
     op: MergeOp
-    #: "count": the amount is a number of tokens per point; "ratio": a fraction of the candidates.
-    amount_kind: ClassVar[str]
+    #: "count": r is a number of tokens per point; "ratio": a fraction of the current candidates.
+    r_kind: ClassVar[RKind]
 
     @property
     def needs_record(self) -> bool: ...
 
-    def removed(self, m: int, amount: float) -> int:
-        """Tokens removed from ``m`` candidates (cls excluded) at ``amount``."""
+    def removed(self, m: int, r: float) -> int:
+        """Tokens removed from ``m`` candidates (cls excluded) at setting ``r``; ValueError if impossible."""
 
-    def plan(self, signals: Signals, amount: float) -> Plan: ...
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        """The plan removing ``removed`` tokens (a count :meth:`removed` returned)."""
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """Multiply-adds of the matching for ``n`` tokens (cls included) and embed dim ``c``."""
 
 
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose from {allowed}")
+def check_options(method: object) -> None:
+    """ValueError naming the first field of a method dataclass whose value is not one of its ``Literal``'s."""
+    hints = typing.get_type_hints(type(method))
+    for field in dataclasses.fields(method):
+        allowed = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else ()
+        if allowed and getattr(method, field.name) not in allowed:
+            raise ValueError(f"unknown {field.name} {getattr(method, field.name)!r} for "
+                             f"{type(method).__name__}; choose from {allowed}")
+
+
+def ratio_count(name: str, r: float, m: int, upper: float, closed: bool) -> int:
+    """int(r·m) after checking the ratio lies in [0, upper] (or [0, upper))."""
+    if not (0 <= r <= upper if closed else 0 <= r < upper):
+        raise ValueError(f"{name} ratio r must be in [0, {upper}{']' if closed else ')'}, got {r}")
+    return int(r * m)
 
 
 def bipartite_overhead(n: int, removed: int, c: int) -> float:
@@ -45,11 +64,13 @@ def bipartite_overhead(n: int, removed: int, c: int) -> float:
 
 @dataclass(frozen=True)
 class BipartiteMerge:
-    """R-MeeTo ordered bipartite merging and its ablations; amount = r tokens per point.
+    """R-MeeTo ordered bipartite merging and its ablations; r = tokens per point.
 
-    metric: what tokens are matched by (hidden ``x``, or Δ, B, C); distance: cosine/L1/L2; kth: match
-    the k-th closest partner; order: ordered (R-MeeTo), odd_even shuffle, unordered (ToMe);
-    prune: drop instead of merge; op: wavg (the paper's "sum"), mean, max, min.
+    metric: what tokens are matched by (hidden ``x``, or Δ, B, C); distance: cosine/L1/L2 between the
+    normalised metric; kth: match the k-th closest partner; order: ordered (R-MeeTo), odd_even shuffle,
+    unordered (ToMe layout); prune: drop instead of merge; op: wavg (the paper's "sum"), mean, max, min.
+    cls goes back at int(p·(N−r)/N), the authors' rule (the unordered layout has its own, see
+    :func:`~rmeeto.reduction.plans.bipartite_plan`).
     """
 
     prune: bool = False
@@ -58,13 +79,11 @@ class BipartiteMerge:
     kth: int = 1
     order: Order = "ordered"
     op: MergeOp = "wavg"
-    amount_kind: ClassVar[str] = "count"
+    r_kind: ClassVar[RKind] = "count"
+    cls_rule: ClassVar[ClsRule] = "proportional"
 
     def __post_init__(self) -> None:
-        _check("metric", self.metric, FEATURES)
-        _check("distance", self.distance, DISTANCES)
-        _check("order", self.order, ORDERS)
-        _check("merge op", self.op, MERGE_OPS)
+        check_options(self)
         if self.kth < 1:
             raise ValueError(f"kth must be ≥ 1, got {self.kth}")
 
@@ -72,16 +91,17 @@ class BipartiteMerge:
     def needs_record(self) -> bool:
         return self.metric != "x"
 
-    def removed(self, m: int, amount: float) -> int:
-        r, num_a = int(amount), (m + 1) // 2
-        if r != amount or not 0 <= r <= num_a:
-            raise ValueError(f"r={amount} tokens to merge, but only {num_a} A-set candidates among {m} "
-                             f"tokens (cls excluded); r must be an integer in [0, {num_a}]")
-        return r
+    def removed(self, m: int, r: float) -> int:
+        num_a = (m + 1) // 2 if m > 1 else 0
+        if int(r) != r or not 0 <= r <= num_a:
+            raise ValueError(f"r={r} tokens to merge, but only {num_a} A-set candidates among {m} "
+                             f"tokens (cls excluded) at this point")
+        return int(r)
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        return bipartite_plan(signals.features(self.metric), int(amount), distance=self.distance,
-                              kth=self.kth, order=self.order, prune=self.prune)
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        return bipartite_plan(signals.features(self.metric), removed, distance=self.distance, kth=self.kth,
+                              order=self.order, prune=self.prune, cls_index=signals.cls_index,
+                              cls_rule=self.cls_rule)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         return bipartite_overhead(n, removed, c)
@@ -89,41 +109,39 @@ class BipartiteMerge:
 
 @dataclass(frozen=True)
 class MTR:
-    """Training-free Mamba token reduction; amount = ratio r of the current non-cls tokens.
+    """Training-free Mamba token reduction; r = ratio of the current non-cls tokens.
 
     Tokens ranked by ``indicator`` (Δ by default); top n = int(r·M) kept, bottom n merged into the
-    most similar of the middle M − 2n (``variant`` merge / prune / hybrid).
+    most similar of the middle M − 2n (``variant`` merge / prune / hybrid). ``op`` ``mean`` is the paper's
+    "mean of their token vectors" (the default); ``wavg`` weights by token size instead. The survivors and
+    cls keep their original sequence order.
     """
 
-    variant: Literal["merge", "prune", "hybrid"] = "merge"
+    variant: Variant = "merge"
     indicator: Indicator = "delta"
     metric: Feature = "x"
     distance: Distance = "cosine"
-    order: Order = "ordered"
-    op: MergeOp = "wavg"
-    amount_kind: ClassVar[str] = "ratio"
+    order: Literal["ordered", "odd_even"] = "ordered"
+    op: MergeOp = "mean"
+    r_kind: ClassVar[RKind] = "ratio"
 
     def __post_init__(self) -> None:
-        _check("MTR variant", self.variant, ("merge", "prune", "hybrid"))
-        _check("indicator", self.indicator, INDICATORS)
-        _check("metric", self.metric, FEATURES)
-        _check("distance", self.distance, DISTANCES)
-        _check("order", self.order, ("ordered", "odd_even"))
-        _check("merge op", self.op, MERGE_OPS)
+        check_options(self)
 
     @property
     def needs_record(self) -> bool:
         return self.indicator != "cls" or self.metric != "x"
 
-    def removed(self, m: int, amount: float) -> int:
-        if not 0 <= amount < 0.5:
-            raise ValueError(f"MTR ratio must be in [0, 0.5), got {amount}")
-        return int(amount * m)
+    def removed(self, m: int, r: float) -> int:
+        n = ratio_count("MTR", r, m, 0.5, closed=False)
+        if n and 2 * n >= m and self.variant != "prune":
+            raise ValueError(f"MTR r={r} on M={m} tokens leaves no target token (needs 2·int(r·M) < M)")
+        return n
 
-    def plan(self, signals: Signals, amount: float) -> Plan:
-        n = self.removed(signals.hidden.shape[1], amount)
-        return grouped_plan(signals.importance(self.indicator), signals.features(self.metric), n,
-                            distance=self.distance, op=self.variant, order=self.order)
+    def plan(self, signals: Signals, removed: int) -> Plan:
+        return grouped_plan(signals.importance(self.indicator), signals.features(self.metric), removed,
+                            distance=self.distance, variant=self.variant, order=self.order,
+                            cls_index=signals.cls_index)
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """Normalisation, Δ averaging and the source × target similarities."""

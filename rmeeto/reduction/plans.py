@@ -1,6 +1,10 @@
 """Plan builders: pure functions from per-token signals to a :class:`~rmeeto.reduction.merge.Plan`.
 
-All inputs exclude the cls token; M is the number of candidate tokens.
+All inputs exclude the cls token; M is the number of candidate tokens. Given ``cls_index`` (B, the cls
+position in the full sequence), a builder also says where cls goes back (``Plan.cls_slot``) by
+``cls_rule``: ``proportional`` is R-MeeTo's int(p·(N−r)/N) (the authors' code), ``sequence`` puts cls
+after exactly the survivors that preceded it (MTR's reordering by original position; the rule for MTR
+and the baselines it is compared with). Counts are checked by the methods (:mod:`.methods`), not here.
 """
 
 from __future__ import annotations
@@ -10,118 +14,130 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rmeeto.reduction.merge import Plan, odd_even, ordered_slots, slots_from_order
+from rmeeto.reduction.merge import (
+    Plan,
+    mask_of,
+    odd_even,
+    ordered_slots,
+    proportional_cls_slot,
+    sequence_cls_slot,
+    slots_from_order,
+    take_rows,
+)
 
 Distance = Literal["cosine", "l1", "l2"]
 Order = Literal["ordered", "odd_even", "unordered"]
-DISTANCES: tuple[str, ...] = ("cosine", "l1", "l2")
-ORDERS: tuple[str, ...] = ("ordered", "odd_even", "unordered")
+ClsRule = Literal["proportional", "sequence"]
+Variant = Literal["merge", "prune", "hybrid"]
 
 
 def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
-    """B×Ma×F, B×Mb×F → B×Ma×Mb, larger = more alike (cosine, or minus the L1/L2 distance)."""
-    if distance == "cosine":
-        a = a / a.norm(dim=-1, keepdim=True)
-        b = b / b.norm(dim=-1, keepdim=True)
-        return a @ b.transpose(-1, -2)
-    if distance in ("l1", "l2"):
-        return -torch.cdist(a.float(), b.float(), p=1.0 if distance == "l1" else 2.0).to(a.dtype)
-    raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
+    """B×Ma×F, B×Mb×F → B×Ma×Mb fp32 scores, larger = more alike, between the L2-normalised vectors:
+    cosine, or minus their L1 / L2 distance (the authors normalise the metric whatever the distance).
+    Computed in fp32 with autocast off, so a bf16 run matches tokens as an fp32 run does."""
+    with torch.autocast(a.device.type, enabled=False):
+        a = a.float() / a.float().norm(dim=-1, keepdim=True)
+        b = b.float() / b.float().norm(dim=-1, keepdim=True)
+        if distance == "cosine":
+            return a @ b.transpose(-1, -2)
+        return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
 def best_match(scores: Tensor, kth: int = 1) -> tuple[Tensor, Tensor]:
     """Score and index of each row's k-th most similar column: B×Ma×Mb → (B×Ma, B×Ma)."""
     if kth == 1:
         return scores.max(dim=-1)
-    if not 1 <= kth <= scores.shape[-1]:
-        raise ValueError(f"kth={kth} needs 1 ≤ kth ≤ {scores.shape[-1]} (number of match candidates)")
+    if kth > scores.shape[-1]:
+        raise ValueError(f"kth={kth} needs kth ≤ {scores.shape[-1]} (number of match candidates)")
     values, index = scores.topk(kth, dim=-1)
     return values[..., -1], index[..., -1]
 
 
-def finish_plan(survive: Tensor, partner: Tensor, merged: Tensor, prune: bool, order: Order,
-                explicit_order: Tensor | None = None) -> Plan:
-    """Build a plan from survivors and merge partners.
+def finish_plan(merged: Tensor, partner: Tensor, removed: int, *, prune: bool = False, order: Order = "ordered",
+                explicit_order: Tensor | None = None, cls_index: Tensor | None = None,
+                cls_rule: ClsRule = "sequence") -> Plan:
+    """Build a plan in which the ``merged`` tokens (B×M bool) join their ``partner`` (B×M index of a
+    survivor) or, with ``prune``, are dropped; ``removed`` = how many per image.
 
-    survive: B×M bool. partner: B×M index of the survivor each merged token joins. merged: B×M bool.
-    ``order`` places survivors: original sequence order, its odd-even shuffle, or ``explicit_order``
+    ``order`` places the survivors: original sequence order, its odd-even shuffle, or ``explicit_order``
     (B×K token indices, for the ToMe-style unordered layout).
     """
-    m = survive.shape[1]
-    k = int(survive[0].sum())
+    survive = ~merged
+    m, k = survive.shape[1], survive.shape[1] - removed
     slots = ordered_slots(survive)
     if order == "odd_even":
         listed = slots.masked_fill(~survive, m).argsort(dim=1)[:, :k]
         slots = slots_from_order(odd_even(listed), m)
     elif order == "unordered":
-        if explicit_order is None:
-            raise ValueError("order='unordered' is only defined for bipartite matching")
         slots = slots_from_order(explicit_order, m)
-    elif order != "ordered":
-        raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
     joined = torch.full_like(slots, -1) if prune else slots.gather(1, partner.clamp(min=0))
-    return Plan(torch.where(merged, joined, slots), k)
+    cls_slot = None
+    if cls_index is not None:
+        cls_slot = (proportional_cls_slot(cls_index, m + 1, removed) if cls_rule == "proportional"
+                    else sequence_cls_slot(cls_index, survive))
+    return Plan(torch.where(merged, joined, slots), k, cls_slot)
 
 
 def bipartite_plan(metric: Tensor, r: int, *, distance: Distance = "cosine", kth: int = 1,
-                   order: Order = "ordered", prune: bool = False) -> Plan:
-    """R-MeeTo / ToMe bipartite matching on B×M×F metric; removes ``r`` tokens.
+                   order: Order = "ordered", prune: bool = False, cls_index: Tensor | None = None,
+                   cls_rule: ClsRule = "proportional") -> Plan:
+    """R-MeeTo / ToMe bipartite matching on B×M×F metric; removes ``r`` ≤ ⌈M/2⌉ tokens.
 
     A = even positions, B = odd positions; each A token scores its best B token; the ``r`` A tokens
     with the highest score join (or, with ``prune``, are dropped in favour of) their partner.
+    ``unordered`` is the authors' ToMe layout: the unmerged A tokens by descending score, then the B
+    tokens in order, with cls at int(p·(t1−r)/t1) (t1 = number of A tokens) whatever ``cls_rule``.
     """
     b, m, _ = metric.shape
     num_a, num_b = (m + 1) // 2, m // 2
-    if r < 0 or r > num_a or (r > 0 and num_b == 0):
-        raise ValueError(f"r={r} tokens to merge, but only {num_a} A-set candidates "
-                         f"({m} tokens without cls); use r ≤ {num_a if num_b else 0}")
     device = metric.device
-    scores = similarity(metric[:, 0::2], metric[:, 1::2], distance)
-    node_max, node_idx = best_match(scores, kth)
+    if r == 0:  # also covers M = 1 (no B token to match)
+        return finish_plan(torch.zeros(b, m, dtype=torch.bool, device=device), torch.zeros(b, m, dtype=torch.long,
+                           device=device), 0, order="ordered", cls_index=cls_index, cls_rule=cls_rule)
+    node_max, node_idx = best_match(similarity(metric[:, 0::2], metric[:, 1::2], distance), kth)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src, unm = edge_idx[:, :r], edge_idx[:, r:]
     merged = torch.zeros(b, m, dtype=torch.bool, device=device)
-    merged[:, 0::2] = torch.zeros_like(node_max, dtype=torch.bool).scatter_(1, src, True)
+    merged[:, 0::2] = mask_of(src, num_a)
     partner = torch.full((b, m), -1, dtype=torch.long, device=device)
     partner[:, 0::2] = 2 * node_idx + 1
     b_pos = 2 * torch.arange(num_b, device=device) + 1
     tome_order = torch.cat([2 * unm, b_pos.expand(b, num_b)], dim=1)
-    return finish_plan(~merged, partner, merged, prune, order, tome_order)
-
-
-def grouped_plan(importance: Tensor, metric: Tensor, n: int, *, distance: Distance = "cosine",
-                 op: Literal["merge", "prune", "hybrid"] = "merge", order: Order = "ordered") -> Plan:
-    """MTR grouping: by importance (B×M), the top ``n`` are kept, the bottom ``n`` are sources and the
-    middle M − 2n are targets; each source joins its most similar target (metric B×M×F).
-
-    ``prune`` drops the sources; ``hybrid`` merges the more important half of the sources and drops
-    the rest (our reading of the MTR ablation, whose text does not define the split).
-    """
-    b, m = importance.shape
-    if n < 0 or 2 * n > m or (n > 0 and 2 * n == m and op != "prune"):
-        raise ValueError(f"MTR groups of n={n} need 2n < M={m} tokens (a non-empty target group)")
-    rank = importance.argsort(dim=1, descending=True)
-    source, target = rank[:, m - n:], rank[:, n:m - n]
-    feats = lambda idx: metric.gather(1, idx[..., None].expand(-1, -1, metric.shape[-1]))  # noqa: E731
-    best = similarity(feats(source), feats(target), distance).argmax(dim=-1) if n else source
-    partner = torch.full((b, m), -1, dtype=torch.long, device=importance.device)
-    partner.scatter_(1, source, target.gather(1, best))
-    merged = torch.zeros(b, m, dtype=torch.bool, device=importance.device).scatter_(1, source, True)
-    plan = finish_plan(~merged, partner, merged, prune=op == "prune", order=order)
-    if op == "hybrid":  # the less important half of the sources (the tail of `source`) is dropped
-        dropped = source[:, (n + 1) // 2:]
-        plan = Plan(plan.dest.scatter(1, dropped, -1), plan.num_out)
-    elif op not in ("merge", "prune"):
-        raise ValueError(f"unknown MTR op {op!r}; choose from merge, prune, hybrid")
+    plan = finish_plan(merged, partner, r, prune=prune, order=order, explicit_order=tome_order,
+                       cls_index=cls_index, cls_rule=cls_rule)
+    if order == "unordered" and cls_index is not None:
+        plan = plan._replace(cls_slot=cls_index * (num_a - r) // num_a)
     return plan
 
 
-def importance_order_plan(importance: Tensor, n: int, order: Order = "ordered") -> Plan:
-    """Drop the ``n`` least important tokens (B×M importance); survivors keep their order."""
-    b, m = importance.shape
-    if not 0 <= n < m:
-        raise ValueError(f"cannot drop n={n} of M={m} tokens")
-    drop = importance.argsort(dim=1)[:, :n]
-    merged = torch.zeros(b, m, dtype=torch.bool, device=importance.device).scatter_(1, drop, True)
-    return finish_plan(~merged, torch.full((b, m), -1, device=importance.device), merged, True, order)
+def grouped_plan(importance: Tensor, metric: Tensor, n: int, *, distance: Distance = "cosine",
+                 variant: Variant = "merge", order: Order = "ordered", cls_index: Tensor | None = None) -> Plan:
+    """MTR grouping: by importance (B×M), the top ``n`` are kept, the bottom ``n`` are sources and the
+    middle M − 2n are targets; each source joins its most similar target (metric B×M×F); 2n < M.
 
+    ``prune`` drops the sources; ``hybrid`` merges the more important half of the sources and drops
+    the rest (our reading of the MTR ablation, whose text does not define the split). cls goes back by
+    the sequence rule.
+    """
+    b, m = importance.shape
+    device = importance.device
+    rank = importance.argsort(dim=1, descending=True)
+    source, target = rank[:, m - n:], rank[:, n:m - n]
+    if n:
+        best = similarity(take_rows(metric, source), take_rows(metric, target), distance).argmax(dim=-1)
+    else:
+        best = source
+    partner = torch.full((b, m), -1, dtype=torch.long, device=device).scatter_(1, source, target.gather(1, best))
+    plan = finish_plan(mask_of(source, m), partner, n, prune=variant == "prune", order=order, cls_index=cls_index)
+    if variant == "hybrid":  # the less important half of the sources (the tail of `source`) is dropped
+        plan = plan._replace(dest=plan.dest.scatter(1, source[:, (n + 1) // 2:], -1))
+    return plan
+
+
+def importance_order_plan(importance: Tensor, n: int, order: Order = "ordered",
+                          cls_index: Tensor | None = None) -> Plan:
+    """Drop the ``n`` < M least important tokens (B×M importance); cls by the sequence rule."""
+    b, m = importance.shape
+    drop = mask_of(importance.argsort(dim=1)[:, :n], m)
+    return finish_plan(drop, torch.full((b, m), -1, device=importance.device), n, prune=True, order=order,
+                       cls_index=cls_index)

@@ -1,4 +1,4 @@
-"""Attach a reduction method to a Vim: the callable that sits between blocks, and its schedule."""
+"""Attach a reduction method to a model: the callable that sits between blocks, and its schedule."""
 
 from __future__ import annotations
 
@@ -8,73 +8,80 @@ from dataclasses import dataclass
 import torch
 
 from rmeeto.models.mamba import BiMamba
-from rmeeto.models.vim import TokenState, VisionMamba
-from rmeeto.reduction.merge import merge_tokens, new_cls_index, remove_cls, sum_into_slots, with_cls
+from rmeeto.models.vim import TokenState
+from rmeeto.reduction.merge import merge_tokens, remove_cls, sum_into_slots, with_cls
 from rmeeto.reduction.methods import Method
 from rmeeto.reduction.signals import Signals
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Where and how much: reduction acts before each block in ``blocks`` with the matching ``amounts``
-    entry; with ``final_tokens`` the last point instead removes whatever reaches that many tokens
-    (cls included), as the authors' released Vim-Ti script does."""
+    """Where and how much: reduction acts before each block in ``blocks`` with the matching entry of ``r``
+    (tokens or a ratio, see ``Method.r_kind``); with ``final_tokens`` the last point instead removes
+    whatever reaches that many tokens (cls included), as the authors' released Vim-Ti script does."""
 
     blocks: tuple[int, ...]
-    amounts: tuple[float, ...]
+    r: tuple[float, ...]
     final_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if len(self.blocks) != len(self.amounts):
-            raise ValueError(f"{len(self.blocks)} blocks but {len(self.amounts)} amounts")
+        if len(self.blocks) != len(self.r):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.r)} values of r")
         if any(b < 1 for b in self.blocks) or list(self.blocks) != sorted(set(self.blocks)):
             raise ValueError(f"blocks must be increasing and ≥ 1 (before block 0 nothing exists): {self.blocks}")
 
     @classmethod
-    def every(cls, depth: int, amount: float | Sequence[float], interval: int = 2,
-              parity: str = "even", final_tokens: int | None = None) -> Schedule:
+    def every(cls, depth: int, r: float | Sequence[float], interval: int = 2, parity: str = "even",
+              final_tokens: int | None = None) -> Schedule:
         """Every ``interval`` blocks: even → interval, 2·interval, …; odd → 1, 1 + interval, …"""
         if not 1 <= interval < depth:
             raise ValueError(f"interval must be in [1, {depth - 1}], got {interval}")
         if parity not in ("even", "odd"):
             raise ValueError(f"parity must be 'even' or 'odd', got {parity!r}")
         blocks = tuple(range(interval if parity == "even" else 1, depth, interval))
-        amounts = (tuple(amount) if isinstance(amount, Sequence) else (amount,) * len(blocks))
-        return cls(blocks, amounts, final_tokens)
+        return cls(blocks, tuple(r) if isinstance(r, Sequence) else (r,) * len(blocks), final_tokens)
+
+    def removed(self, method: Method, n0: int) -> dict[int, int]:
+        """{block: tokens removed just before it} for ``n0`` tokens entering block 0 (cls included);
+        ValueError naming the block where the schedule is impossible."""
+        out, n = {}, n0
+        for block, r in zip(self.blocks, self.r, strict=True):
+            if self.final_tokens is not None and block == self.blocks[-1]:
+                if not 1 <= self.final_tokens <= n:
+                    raise ValueError(f"final_tokens={self.final_tokens} impossible with {n} tokens at block {block}")
+                r = n - self.final_tokens
+            try:
+                out[block] = method.removed(n - 1, r)
+            except ValueError as err:
+                raise ValueError(f"before block {block} ({n} tokens): {err}") from None
+            n -= out[block]
+        return out
 
     def token_counts(self, method: Method, n0: int, depth: int) -> list[tuple[int, int]]:
         """(tokens entering block i, tokens removed just before it) for every block; n counts cls."""
-        counts, n = [], n0
-        points = dict(zip(self.blocks, self.amounts, strict=True))
+        removed, counts, n = self.removed(method, n0), [], n0
         for i in range(depth):
-            removed = 0
-            if i in points:
-                removed = self.removed_at(i, method, n, points[i])
-                n -= removed
-            counts.append((n, removed))
+            n -= removed.get(i, 0)
+            counts.append((n, removed.get(i, 0)))
         return counts
-
-    def removed_at(self, block: int, method: Method, n: int, amount: float) -> int:
-        if self.final_tokens is not None and block == self.blocks[-1]:
-            if not 1 <= self.final_tokens <= n:
-                raise ValueError(f"final_tokens={self.final_tokens} impossible with {n} tokens at block {block}")
-            return method.removed(n - 1, n - self.final_tokens)  # validates the count for the method
-        return method.removed(n - 1, amount)
 
 
 class TokenReduction:
     """The model's ``token_reducer``: reduces hidden and residual identically at scheduled blocks
     (hidden only when the state has no residual stream, as in attention models).
 
-    ``track_source`` keeps, per output token, a count of the original tokens it holds (B×N×N₀).
+    The tokens removed at each point are fixed when it is built (``removed``: {block: count}), so the
+    forward pass never asks the device how many tokens are left. Scores and plans are computed in fp32
+    with autocast off. ``track_source`` keeps, per output token, a count of the original tokens it holds
+    (B×N×N₀).
     """
 
-    def __init__(self, model: VisionMamba, method: Method, schedule: Schedule, track_source: bool = False):
+    def __init__(self, model, method: Method, schedule: Schedule, track_source: bool = False):
         self.method, self.schedule, self.track_source = method, schedule, track_source
-        self._amounts = dict(zip(schedule.blocks, schedule.amounts, strict=True))
         self._mixers = [_recording_mixer(layer) for layer in model.layers]
         if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
             raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")
+        self.removed = schedule.removed(method, model.cfg.num_patches + 1)
         silent = [b - 1 for b in schedule.blocks if self._mixers[b - 1] is None]
         if method.needs_record and silent:
             raise ValueError(f"{type(method).__name__} needs the Δ/B/C record of the mixer before each reduction "
@@ -82,27 +89,22 @@ class TokenReduction:
                              "use a signal of the hidden state (e.g. indicator='cls', metric='x')")
 
     def __call__(self, block: int, state: TokenState) -> TokenState:
-        if block not in self._amounts:
+        if block not in self.removed:
             return state
         b, n, _ = state.hidden.shape
         p = state.cls_index
         size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)
         if self.track_source and state.source is None:
             state.source = torch.eye(n, device=size.device).expand(b, n, n)
-        cls_h, hidden = remove_cls(state.hidden, p)
         record = self._mixers[block - 1].last_record if self.method.needs_record else None
-        signals = Signals(hidden=hidden, cls=cls_h[:, 0], cls_index=p, record=record)
-        amount = self._amounts[block]
-        if self.schedule.final_tokens is not None and block == self.schedule.blocks[-1]:
-            amount = self.schedule.removed_at(block, self.method, n, amount)  # a token count
-        plan = self.method.plan(signals, amount)
-        q = new_cls_index(p, n, n - 1 - plan.num_out)
-        plan = with_cls(plan, p, q)
+        with torch.autocast(state.hidden.device.type, enabled=False):
+            cls_h, hidden = remove_cls(state.hidden, p)
+            plan = with_cls(self.method.plan(Signals(hidden, cls_h, p, record), self.removed[block]), p)
         op = self.method.op
         return TokenState(
             hidden=merge_tokens(state.hidden, plan, size, op),
             residual=merge_tokens(state.residual, plan, size, op) if state.residual is not None else None,
-            cls_index=q,
+            cls_index=plan.cls_slot,
             size=sum_into_slots(size, plan),
             source=sum_into_slots(state.source, plan) if state.source is not None else None,
         )

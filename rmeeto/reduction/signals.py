@@ -13,18 +13,17 @@ from rmeeto.reduction.merge import remove_cls
 
 Feature = Literal["x", "delta", "B", "C"]
 Indicator = Literal["delta", "B", "C", "cls"]
-FEATURES: tuple[str, ...] = ("x", "delta", "B", "C")
-INDICATORS: tuple[str, ...] = ("delta", "B", "C", "cls")
 
 
 @dataclass
 class Signals:
-    """hidden: B×M×C mixer output of the previous block; cls: B×C its cls token; record: that
-    mixer's Δ/B/C in sequence order with cls at ``cls_index`` (None unless a method asked for it)."""
+    """hidden: B×M×C mixer output of the previous block; cls: B×C its cls token; cls_index: B positions of
+    cls in the full sequence; record: that mixer's Δ/B/C in sequence order with cls at ``cls_index``
+    (None unless a method asked for it)."""
 
     hidden: Tensor
     cls: Tensor
-    cls_index: int
+    cls_index: Tensor
     record: ScanRecord | None = None
 
     def _recorded(self, name: str) -> tuple[Tensor, Tensor]:
@@ -38,9 +37,7 @@ class Signals:
         """B×M×F vectors to match tokens by: the hidden state, or both directions' Δ, B or C."""
         if kind == "x":
             return self.hidden
-        if kind in ("delta", "B", "C"):
-            return torch.cat(self._recorded(kind), dim=-1)
-        raise ValueError(f"unknown metric {kind!r}; choose from {FEATURES}")
+        return torch.cat(self._recorded(kind), dim=-1)
 
     def importance(self, kind: Indicator) -> Tensor:
         """B×M token importance. ``delta``: mean Δ over both scan directions and channels (MTR).
@@ -51,6 +48,4 @@ class Signals:
         if kind in ("B", "C"):
             f, b = self._recorded(kind)
             return (f.float().abs().mean(-1) + b.float().abs().mean(-1)) / 2
-        if kind == "cls":
-            return torch.cosine_similarity(self.hidden.float(), self.cls.float()[:, None], dim=-1)
-        raise ValueError(f"unknown importance indicator {kind!r}; choose from {INDICATORS}")
+        return torch.cosine_similarity(self.hidden.float(), self.cls.float()[:, None], dim=-1)

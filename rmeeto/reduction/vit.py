@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from rmeeto.models.deit import ReducibleViT
 from rmeeto.models.vim import TokenState
 from rmeeto.reduction.merge import Plan, merge_tokens, odd_even, ordered_slots, slots_from_order, sum_into_slots
-from rmeeto.reduction.methods import bipartite_overhead
-from rmeeto.reduction.plans import ORDERS, Order
+from rmeeto.reduction.methods import bipartite_overhead, check_options
+from rmeeto.reduction.plans import Order
 
-METRICS: tuple[str, ...] = ("x", "q", "k", "v")
+Metric = Literal["x", "q", "k", "v"]
 #: Methods that merge inside ViT blocks → their layout and whether they drop instead of merging.
 IN_BLOCK_METHODS: dict[str, dict[str, Any]] = {
     "rmeeto": {"order": "ordered"},
@@ -52,7 +52,7 @@ def max_merge(n: int) -> int:
 
 @dataclass(frozen=True)
 class InBlockMerge:
-    """Bipartite merging inside ViT blocks; amount = r tokens per block (capped at (N − 1) // 2).
+    """Bipartite merging inside ViT blocks; r tokens per block (capped at (N − 1) // 2).
 
     order: ordered (R-MeeTo), unordered (ToMe), odd_even (shuffle ablation); prune: drop instead of merge;
     metric: the stream ``x`` or the attention's ``q``/``k``/``v`` (mean over heads); prop_attn: add
@@ -61,22 +61,19 @@ class InBlockMerge:
 
     order: Order = "ordered"
     prune: bool = False
-    metric: str = "x"
+    metric: Metric = "x"
     prop_attn: bool = True
-    amount_kind: ClassVar[str] = "count"
+    r_kind: ClassVar[str] = "count"
 
     def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise ValueError(f"unknown order {self.order!r}; choose from {ORDERS}")
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r} for merging inside ViT blocks; choose from {METRICS}")
+        check_options(self)
 
-    def removed(self, m: int, amount: float) -> int:
+    def removed(self, m: int, r: float) -> int:
         """Tokens merged out of ``m`` candidates (cls excluded): r, capped at m // 2 = (N − 1) // 2."""
-        r = int(amount)
-        if r != amount or r < 0:
-            raise ValueError(f"r={amount}: the tokens merged per block must be an integer ≥ 0")
-        return min(r, max_merge(m + 1))
+        count = int(r)
+        if count != r or count < 0:
+            raise ValueError(f"r={r}: the tokens merged per block must be an integer ≥ 0")
+        return min(count, max_merge(m + 1))
 
     def overhead(self, n: int, removed: int, c: int) -> float:
         """Matching cost in the papers' convention, N = tokens entering the block: 6·N·C + 2C·(N/2)² + r·C."""
@@ -85,17 +82,17 @@ class InBlockMerge:
 
 @dataclass(frozen=True)
 class InBlockSchedule:
-    """Merge ``amounts[j]`` tokens inside block ``blocks[j]`` (blocks may include 0)."""
+    """Merge ``r[j]`` tokens inside block ``blocks[j]`` (blocks may include 0)."""
 
     blocks: tuple[int, ...]
-    amounts: tuple[float, ...]
+    r: tuple[float, ...]
     final_tokens: ClassVar[None] = None
     #: Read by :class:`~rmeeto.models.deit.ReducibleViT` and :mod:`rmeeto.flops`: the merge is inside the block.
     inside_blocks: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if len(self.blocks) != len(self.amounts):
-            raise ValueError(f"{len(self.blocks)} blocks but {len(self.amounts)} amounts")
+        if len(self.blocks) != len(self.r):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.r)} values of r")
         if any(b < 0 for b in self.blocks) or list(self.blocks) != sorted(set(self.blocks)):
             raise ValueError(f"blocks must be increasing and ≥ 0: {self.blocks}")
 
@@ -103,7 +100,7 @@ class InBlockSchedule:
         """(tokens entering block i, tokens merged inside it) for every block; n counts cls."""
         if self.blocks and self.blocks[-1] >= depth:
             raise ValueError(f"schedule block {self.blocks[-1]} ≥ model depth {depth}")
-        points = dict(zip(self.blocks, self.amounts, strict=True))
+        points = dict(zip(self.blocks, self.r, strict=True))
         counts, n = [], n0
         for i in range(depth):
             removed = method.removed(n - 1, points[i]) if i in points else 0
@@ -123,7 +120,7 @@ def in_block_plan(metric: Tensor, r: int, order: Order = "ordered", prune: bool 
     positions = torch.arange(n, device=metric.device).expand(b, n)
     if r == 0:
         return Plan(positions.clone(), n)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric.float() / metric.float().norm(dim=-1, keepdim=True)  # fp32, as plans.similarity
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)  # B×Na×Nb
     scores[:, 0] = -math.inf  # cls is never merged
     node_max, node_idx = scores.max(dim=-1)
@@ -141,7 +138,7 @@ def in_block_plan(metric: Tensor, r: int, order: Order = "ordered", prune: bool 
         b_positions = positions[:, 1::2]
         slots = slots_from_order(torch.cat([2 * unmerged.sort(dim=1).values, b_positions], dim=1), n)
     else:
-        raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
+        raise ValueError(f"unknown order {order!r}; choose from {get_args(Order)}")
     partner = torch.full_like(node_idx, -1) if prune else slots[:, 1::2].gather(1, node_idx)
     dest = slots.clone()
     dest[:, 0::2] = torch.where(merged_a, partner, slots[:, 0::2])
@@ -161,7 +158,7 @@ class InBlockReduction:
     def __init__(self, model: ReducibleViT, method: InBlockMerge, schedule: InBlockSchedule,
                  track_source: bool = False):
         self.method, self.schedule, self.track_source = method, schedule, track_source
-        self._amounts = dict(zip(schedule.blocks, schedule.amounts, strict=True))
+        self._r_at = dict(zip(schedule.blocks, schedule.r, strict=True))
         self._blocks: list[nn.Module] = list(model.layers)
         schedule.token_counts(method, model.cfg.num_patches + 1, len(self._blocks))  # validates the schedule
         self._size: Tensor | None = None  # sizes of the tokens entering the next attention (this forward)
@@ -174,7 +171,7 @@ class InBlockReduction:
             raise RuntimeError(f"{type(self).__name__} called for block {block} before that block's attention ran: "
                                "the model must call it inside blocks (a wrapper must copy ``inside_blocks``)")
         qkv, self._qkv = self._qkv, None
-        r = self._amounts.get(block, 0)
+        r = self._r_at.get(block, 0)
         b, n, _ = state.hidden.shape
         if self.method.removed(n - 1, r) == 0:
             self._size = state.size
@@ -182,7 +179,7 @@ class InBlockReduction:
         size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)
         if self.track_source and state.source is None:
             state.source = torch.eye(n, device=size.device).expand(b, n, n)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(state.hidden.device.type, enabled=False):
             plan = in_block_plan(self._metric(block, state.hidden, qkv), int(r), self.method.order,
                                  self.method.prune)
         out = TokenState(hidden=merge_tokens(state.hidden, plan, size), residual=None, cls_index=state.cls_index,
@@ -255,7 +252,7 @@ def in_block_reduction(model: ReducibleViT, method: str, *, r: float | Sequence[
     """:func:`rmeeto.reduction.apply` for the in-block placement: ``method`` in :data:`IN_BLOCK_METHODS`,
     ``r`` tokens per block (or one per entry of ``blocks``) or the ``flops_cut`` to solve r for; ``blocks``
     default to all. ``options``: :class:`InBlockMerge` fields (metric, prop_attn, order)."""
-    from rmeeto.reduction.solver import solve_amount  # imported here: the solver imports the package
+    from rmeeto.reduction.solver import solve_r  # imported here: the solver imports the package
 
     if method not in IN_BLOCK_METHODS:
         raise ValueError(f"method {method!r} has no in-block version on ViTs (those are "
@@ -270,9 +267,9 @@ def in_block_reduction(model: ReducibleViT, method: str, *, r: float | Sequence[
         raise ValueError("final_tokens is a between-block schedule option; pass placement='between'")
     points = tuple(range(len(model.layers))) if blocks is None else tuple(blocks)
 
-    def schedule_for(amount: float | Sequence[float]) -> InBlockSchedule:
-        amounts = tuple(amount) if isinstance(amount, Sequence) else (amount,) * len(points)
-        return InBlockSchedule(points, amounts)
+    def schedule_for(value: float | Sequence[float]) -> InBlockSchedule:
+        return InBlockSchedule(points, tuple(value) if isinstance(value, Sequence) else (value,) * len(points))
 
-    amount = solve_amount(model.cfg, merge, schedule_for, flops_cut) if flops_cut is not None else r
-    return InBlockReduction(model, merge, schedule_for(amount), track_source=track_source)
+    if flops_cut is not None:
+        r = solve_r(model.cfg, merge, schedule_for, flops_cut)
+    return InBlockReduction(model, merge, schedule_for(r), track_source=track_source)
