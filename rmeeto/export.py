@@ -69,7 +69,7 @@ def reduction_settings(model: VisionMamba) -> dict[str, Any] | None:
 
 def _unwrap(model: nn.Module, use_ema: bool) -> tuple[VisionMamba, str | None, Mapping[str, Tensor] | None]:
     """(Vim, variant name, EMA weights) of a VisionMamba or an RMeeToModule."""
-    if isinstance(model, VisionMamba):
+    if isinstance(model, tuple(MODEL_CLASSES.values())):  # any registered family (Vim, VideoMamba, DeiT)
         name = next((n for n, cfg in VARIANTS.items() if cfg == model.cfg), None)
         return model, name, None
     # imported here: exporting a bare model needs no Lightning

@@ -36,16 +36,20 @@ def mixer_flops(n: int, c: int, d_state: int = 16, d_conv: int = 4, expand: int 
     )
 
 
-def vit_block_flops(n: int, c: int, mlp_ratio: float = 4.0) -> float:
+def vit_block_flops(n: int, c: int, mlp_ratio: float = 4.0, merged: int = 0) -> float:
     """One pre-norm ViT block on ``n`` tokens (cls included): qkv and output projections 4nC², attention
-    scores and weighted sum 2n²C, MLP 2·mlp_ratio·nC²."""
-    return 4 * n * c**2 + 2 * n**2 * c + 2 * mlp_ratio * n * c**2
+    scores and weighted sum 2n²C, MLP 2·mlp_ratio·nC². With ``merged`` tokens merged inside the block
+    (after attention, before the MLP) the MLP runs on n − merged tokens."""
+    return 4 * n * c**2 + 2 * n**2 * c + 2 * mlp_ratio * (n - merged) * c**2
 
 
-def block_flops(cfg: ModelConfig, n: int) -> float:
-    """One block of the model with config ``cfg`` on ``n`` tokens (cls included)."""
+def block_flops(cfg: ModelConfig, n: int, merged: int = 0) -> float:
+    """One block of the model with config ``cfg`` on ``n`` tokens (cls included); ``merged``: tokens a ViT
+    merges inside the block."""
     if isinstance(cfg, ViTConfig):
-        return vit_block_flops(n, cfg.embed_dim, cfg.mlp_ratio)
+        return vit_block_flops(n, cfg.embed_dim, cfg.mlp_ratio, merged)
+    if merged:
+        raise ValueError(f"only ViT blocks merge tokens inside the block, not {type(cfg).__name__}")
     return mixer_flops(n, cfg.embed_dim, cfg.d_state, cfg.d_conv, cfg.expand)
 
 
@@ -70,17 +74,21 @@ def count_config(cfg: ModelConfig, method=None, schedule=None) -> float:
     """GFLOPs of a Vim, VideoMamba or ViT with config ``cfg``, reduced by ``method`` on ``schedule`` when given.
 
     Tokens n0 = num_patches + 1 (for video: patches per frame · frames / tubelet + 1); patch embedding and
-    head as in :func:`stem_flops`, each block as in :func:`block_flops`.
+    head as in :func:`stem_flops`, each block as in :func:`block_flops`, plus the method's matching cost
+    on the tokens present at each reduction point. A schedule with ``inside_blocks`` (ViT merging after
+    attention, :mod:`rmeeto.reduction.vit`) lists (tokens entering block i, tokens merged inside it): the
+    attention runs on the former, the MLP on the difference.
     """
     check_config(cfg, f"a model with config {type(cfg).__name__}")
     n0 = cfg.num_patches + 1
     counts = [(n0, 0)] * cfg.depth if schedule is None else schedule.token_counts(method, n0, cfg.depth)
+    inside = getattr(schedule, "inside_blocks", False)
     total = stem_flops(cfg)
     n_prev = n0
     for n, removed in counts:
         if removed:
-            total += method.overhead(n_prev, removed, cfg.embed_dim)
-        total += block_flops(cfg, n)
+            total += method.overhead(n if inside else n_prev, removed, cfg.embed_dim)
+        total += block_flops(cfg, n, removed if inside else 0)
         n_prev = n
     return total / 1e9
 

@@ -49,6 +49,7 @@ def capture_states(model: nn.Module, reducer: TokenReduction, image: Tensor) -> 
             states.append(out)
         return out
 
+    recording.inside_blocks = getattr(reducer, "inside_blocks", False)  # a ViT calls it where the reducer acts
     model.token_reducer = recording
     try:
         with torch.no_grad():

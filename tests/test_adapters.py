@@ -99,6 +99,7 @@ def run_traced(model: nn.Module, x: Tensor, method: str, amount: float, **option
                                 first_cls(out), residual, out.size.clone(), out.source.clone()))
         return out
 
+    traced.inside_blocks = getattr(reducer, "inside_blocks", False)  # where the model calls the reducer
     model.token_reducer = traced
     with torch.no_grad():
         logits = model(x)
@@ -106,23 +107,24 @@ def run_traced(model: nn.Module, x: Tensor, method: str, amount: float, **option
     return logits, points
 
 
-def survivors(point: Point, image: int) -> list[int]:
+def survivors(point: Point, image: int, b_parity: int = 1) -> list[int]:
     """Per output slot but cls, the candidate index (cls removed) of the token that kept its slot: the only
-    token in it, or for a bipartite group the B token (odd position) the A tokens merged into."""
+    token in it, or for a bipartite group the B token the A tokens merged into (B = odd candidates; inside
+    ViT blocks, where cls takes part in the split, odd positions of all tokens = even candidates)."""
     members = torch.einsum("km,nm->kn", point.source_out[image], point.source_in[image]) > 0
     out = []
     for slot in range(point.n_out):
         if slot == point.cls_out:
             continue
         tokens = [j - (j > point.cls_in) for j in members[slot].nonzero().flatten().tolist()]
-        kept = tokens if len(tokens) == 1 else [t for t in tokens if t % 2 == 1]
+        kept = tokens if len(tokens) == 1 else [t for t in tokens if t % 2 == b_parity]
         assert len(kept) == 1, tokens
         out.append(kept[0])
     return out
 
 
 def check_points(points: list[Point], n0: int, method: str, amount: float, order: str = "ordered",
-                 blocks: tuple[int, ...] = tuple(range(2, DEPTH, 2))) -> None:
+                 blocks: tuple[int, ...] = tuple(range(2, DEPTH, 2)), b_parity: int = 1) -> None:
     assert tuple(p.block for p in points) == blocks
     for p in points:
         removed = int(amount * (p.n_in - 1)) if method == "mtr" else int(amount)
@@ -138,7 +140,7 @@ def check_points(points: list[Point], n0: int, method: str, amount: float, order
         if method == "mtr":
             continue  # MTR's survivors are told apart by Δ, not position: order is checked on its prune variant
         for image in range(2):
-            kept = survivors(p, image)
+            kept = survivors(p, image, b_parity)
             expected = sorted(kept)
             if order == "odd_even":
                 expected = odd_even(torch.tensor([expected]))[0].tolist()
@@ -158,7 +160,10 @@ def test_reducers_keep_the_invariants_on_every_family(kind, method):
     options = {"indicator": "cls"} if kind == "deit" and method == "mtr" else {}
     logits, points = run_traced(model.eval(), x, method, amount, **options)
     assert logits.shape == (2, CLASSES) and torch.isfinite(logits).all()
-    check_points(points, model.cfg.num_patches + 1, method, amount)
+    if kind == "deit" and method != "mtr":  # the authors' ViT placement: inside every block
+        check_points(points, model.cfg.num_patches + 1, method, amount, blocks=tuple(range(DEPTH)), b_parity=0)
+    else:
+        check_points(points, model.cfg.num_patches + 1, method, amount)
 
 
 @pytest.mark.parametrize("kind", ["videomamba_video", "deit"])
@@ -178,7 +183,8 @@ def test_ordered_vs_odd_even_runs(kind):
     model, x = build(kind)
     ordered, _ = run_traced(model.eval(), x, "rmeeto", 4, blocks=[2])
     shuffled, points = run_traced(model, x, "rmeeto", 4, blocks=[2], order="odd_even")
-    check_points(points, model.cfg.num_patches + 1, "rmeeto", 4, order="odd_even", blocks=(2,))
+    check_points(points, model.cfg.num_patches + 1, "rmeeto", 4, order="odd_even", blocks=(2,),
+                 b_parity=0 if kind == "deit" else 1)
     same = torch.allclose(ordered, shuffled, atol=1e-4)
     assert same == (kind == "deit")
 

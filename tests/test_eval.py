@@ -106,7 +106,8 @@ def test_deit_skips_mtr_by_default(demo_shards, tmp_path, capsys):
     torch.save({"model": model.vit.state_dict()}, tmp_path / "deit.pth")  # nested as in the DeiT releases
     rows = run_table("deit_tiny_patch16_224", DEIT, tmp_path / "deit.pth", demo_shards, tmp_path / "out")
     assert "skipping mtr for ReducibleViT: MTR needs the Δ/B/C record" in capsys.readouterr().out
-    check_table(rows, tmp_path / "out", [m for m in DEFAULT_METHODS if m != "mtr"], tolerance=0.01)
+    # rmeeto/prune/tome merge inside all 6 blocks with one r: a step of r moves the cut by ~4 %
+    check_table(rows, tmp_path / "out", [m for m in DEFAULT_METHODS if m != "mtr"], tolerance=0.025)
     assert rows[0].gflops == pytest.approx(count(model))
 
 

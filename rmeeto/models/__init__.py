@@ -1,5 +1,6 @@
 """Vision Mamba backbone, registry (timm models with the public checkpoints as tags) and checkpoint loading."""
 
+from rmeeto.models import deit  # noqa: F401  registers the demo DeiT
 from rmeeto.models.checkpoint import CheckpointError, load_checkpoint
 from rmeeto.models.pretrained import PRETRAINED_CFGS
 from rmeeto.models.registry import VARIANTS, create_model, model_config

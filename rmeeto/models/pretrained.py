@@ -94,4 +94,5 @@ PRETRAINED_CFGS: dict[str, CheckpointCfg] = {
     "videomamba_middle_k400_f8.rmeeto_r88": _cfg(_RMEETO, folder="K400_VideoMamba-M_15epochs_78.9", top1=78.9,
                                                  gflops=71.71, r=88, num_classes=400),
     "videomamba_demo": _cfg(input_size=(3, 32, 32), num_classes=4),
+    "deit_demo": _cfg(input_size=(3, 64, 64), num_classes=10),
 }

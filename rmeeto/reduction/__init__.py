@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rmeeto.models.deit import ReducibleViT
 from rmeeto.models.generic import Reducible
 from rmeeto.models.vim import TokenReducer
+from rmeeto.reduction import vit
 from rmeeto.reduction.baselines import HSA, UTR, EViT, PuMer, RandomDrop
 from rmeeto.reduction.methods import MTR, BipartiteMerge, Method
 from rmeeto.reduction.reducer import Schedule, TokenReduction
@@ -53,7 +55,16 @@ def apply(model: Reducible, method: str = "rmeeto", *, r: float | None = None, f
     MTR-style ones), or flops_cut: the FLOPs reduction to solve r for. blocks: explicit reduction points,
     else every ``interval`` blocks (``parity`` even: 2, 4, …; odd: 1, 3, …). final_tokens: the last point
     reduces to that many tokens. options: the method's own (see :mod:`.methods`, :mod:`.baselines`).
+    ViT/DeiT: ``placement="in_block"`` (the default of the bipartite methods) merges inside every block
+    (or ``blocks``) as the authors ran it, see :mod:`.vit`; ``placement="between"`` as for Vim.
     """
+    placement = options.pop("placement", None)
+    if isinstance(model, ReducibleViT) and (placement or vit.default_placement(method)) == "in_block":
+        return attach(model, vit.in_block_reduction(model, method, r=r, flops_cut=flops_cut, blocks=blocks,
+                                                    final_tokens=final_tokens, track_source=track_source,
+                                                    **options))
+    if placement not in (None, "between"):
+        raise ValueError(f"placement={placement!r}: {type(model).__name__} reduces between blocks only ('between')")
     m = make_method(method, **options)
     if (r is None) == (flops_cut is None):
         raise ValueError("give exactly one of r (setting per reduction point) and flops_cut")
@@ -84,14 +95,14 @@ def attach(model: Reducible, reducer: TokenReducer | None) -> TokenReducer | Non
     returns it. Switching between prepared reducers this way skips re-solving their r."""
     remove(model)
     model.token_reducer = reducer
-    if isinstance(reducer, TokenReduction):
+    if isinstance(reducer, TokenReduction | vit.InBlockReduction):
         reducer.set_recording(True)
     return reducer
 
 
 def remove(model: Reducible) -> None:
     """Detach the model's reducer, if any."""
-    if isinstance(model.token_reducer, TokenReduction):
+    if isinstance(model.token_reducer, TokenReduction | vit.InBlockReduction):
         model.token_reducer.set_recording(False)
     model.token_reducer = None
 
