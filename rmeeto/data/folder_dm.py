@@ -84,7 +84,8 @@ class ImageFolderDataModule(VisionDataModule):
     drops the last partial batch; its loader resumes mid-epoch where it stopped (Lightning's loader
     ``state_dict``), with each sample augmented as in an uninterrupted run. Validation keeps every sample
     exactly once over ranks: when torch.distributed is initialized it uses Lightning's
-    ``UnrepeatedDistributedSampler`` (no padding), which Lightning leaves in place. ``mean``/``std`` default to ImageNet's (timm's).
+    ``UnrepeatedDistributedSampler`` (no padding), which Lightning leaves in place. ``mean``/``std`` default
+    to ImageNet's (timm's).
 
     A tree with only ``val_dir`` serves evaluation (``validate``/``test``): classes then come from it. A
     missing or empty folder raises ``FileNotFoundError`` naming it.
