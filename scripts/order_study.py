@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the repository root
-
-import rmeeto  # noqa: E402
-import rmeeto.reduction as R  # noqa: E402
-from rmeeto.data.demo import ensure_demo_shards  # noqa: E402
-from rmeeto.evaluate import accuracy  # noqa: E402
-from rmeeto.flops import count, count_config  # noqa: E402
+import rmeeto
+import rmeeto.reduction as R
+from rmeeto.data.demo import ensure_demo_shards
+from rmeeto.evaluate import accuracy
+from rmeeto.flops import count, count_config
+from rmeeto.lit.cli import main as train_main
 
 #: Layout → the method that merges with it.
 LAYOUTS = {"ordered": "rmeeto", "unordered": "tome", "odd_even": "shuffle"}
@@ -73,10 +71,8 @@ def training_free(model, loaders, num_classes: int, r: int) -> tuple[list[dict],
 def retrain(layout: str, r: int, epochs: int, run_dir: Path, loaders, num_classes: int) -> dict:
     """The demo re-training recipe (``epochs`` of it) with ``layout`` inside every block; top-1 of the
     re-trained student."""
-    import train
-
     start = time.perf_counter()
-    cli = train.main(["fit", "--config", "configs/demo_deit.yaml", "--model.reduction.method", LAYOUTS[layout],
+    cli = train_main(["fit", "--config", "configs/demo_deit.yaml", "--model.reduction.method", LAYOUTS[layout],
                       "--model.reduction.r", str(r), "--trainer.max_epochs", str(epochs),
                       "--trainer.val_check_interval", "1.0",
                       "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir",
