@@ -124,6 +124,7 @@ def reducer_share(model: nn.Module, x: Tensor, reps: int = 3) -> float:
         spent[0] += time.perf_counter() - start
         return out
 
+    timed.inside_blocks = getattr(inner, "inside_blocks", False)  # a ViT calls an in-block reducer inside blocks
     model.token_reducer = timed
     try:
         model(x)  # warm-up
