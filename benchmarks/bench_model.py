@@ -21,7 +21,7 @@ from rmeeto.evaluate import example_input
 from rmeeto.flops import count
 from rmeeto.speed import MAX_SPREAD, MIN_REPS, backend_line, measure, reducer_share
 
-UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or a spread over ±{MAX_SPREAD:.0%}"
+UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or the median known to worse than ±{MAX_SPREAD:.0%}"
 
 
 def op_shares(model, x, reps: int = 3) -> dict[str, float]:

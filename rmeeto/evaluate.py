@@ -202,8 +202,8 @@ def add_speeds(rows: Sequence[Row], model: nn.Module, reducers: Sequence[TokenRe
         notes = []
         if not speed.trusted:
             notes.append(f"speed untrusted: ±{speed.spread:.0%} img/s, ±{speed.speedup_spread:.0%} speedup over "
-                         f"{speed.reps} rounds (trusted: ≤ ±{MAX_SPREAD:.0%}); rerun on a quiet machine or with more "
-                         "--speed_reps")
+                         f"{speed.reps} rounds, medians known to ±{speed.uncertainty:.0%} (trusted: ≤ "
+                         f"±{MAX_SPREAD:.0%}); rerun on a quiet machine or with more --speed_reps")
         if reducer is not None and speed.speedup < SHORTFALL * row.flops_speedup:
             share = with_reducer(model, reducer, lambda: reducer_share(model, x))
             notes.append(f"{speed.speedup:.2f}× of the {row.flops_speedup:.2f}× FLOPs promise: the reducer takes "

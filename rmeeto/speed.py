@@ -4,8 +4,10 @@ Reducers are timed round-robin on one batch (the order reversed every other roun
 rounds, so drift and bursts of load on a shared machine hit every reducer alike. Each round gives one
 time per reducer; a reducer's speedup is the median over rounds of (first reducer's time / its time in
 the same round), and its spread is the interquartile range of those per-round ratios relative to
-their median. A figure is *trusted* when it rests on at least :data:`MIN_REPS` rounds and its spread
-is at most :data:`MAX_SPREAD`; rounds are added (up to ``max_reps``) while some spread is larger.
+their median. A figure is *trusted* when it rests on at least :data:`MIN_REPS` rounds and the ~95 %
+interval of its median, ±1.58·IQR/√rounds (the notch of a box plot, McGill et al. 1978), is within
+±:data:`MAX_SPREAD`: then repeated runs agree to about that. Rounds are added (up to ``max_reps``) while
+some figure is not trusted. Each timing averages as many forwards as fill :data:`MIN_SECONDS`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rmeeto.models.vim import TokenReducer, TokenState
 
 #: Fewest timed rounds behind a trusted figure.
 MIN_REPS = 5
-#: Largest relative interquartile range of a trusted figure (±10 % agreement between runs needs about this).
+#: Largest relative half-width of the ~95 % interval of a trusted median (runs then agree to about ±10 %).
 MAX_SPREAD = 0.10
 
 
@@ -38,8 +40,13 @@ class Speed:
     reps: int
 
     @property
+    def uncertainty(self) -> float:
+        """Relative half-width of the ~95 % interval of the medians (img/s and speedup, the larger)."""
+        return 1.58 * max(self.spread, self.speedup_spread) / self.reps**0.5
+
+    @property
     def trusted(self) -> bool:
-        return self.reps >= MIN_REPS and max(self.spread, self.speedup_spread) <= MAX_SPREAD
+        return self.reps >= MIN_REPS and self.uncertainty <= MAX_SPREAD
 
 
 def default_speed_batch(device: str | torch.device) -> int:
@@ -72,12 +79,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_forward(model: nn.Module, x: Tensor) -> float:
+#: Shortest stretch of repeated forwards behind one timing: single short forwards are mostly timer and
+#: scheduler noise (a 0.1 s forward varied by ±20 % from round to round on an idle 2-core machine).
+MIN_SECONDS = 0.3
+
+
+def _timed_forward(model: nn.Module, x: Tensor, min_seconds: float = 0.0) -> float:
+    """Seconds per forward of ``model`` on ``x``, averaged over as many forwards as fill ``min_seconds``."""
     _sync(x.device)
-    start = time.perf_counter()
-    model(x)
-    _sync(x.device)
-    return time.perf_counter() - start
+    start, calls = time.perf_counter(), 0
+    while True:
+        model(x)
+        calls += 1
+        _sync(x.device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 @torch.no_grad()
@@ -98,7 +115,7 @@ def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor
             order = list(enumerate(reducers))
             for k, reducer in order[::-1] if i % 2 else order:
                 R.attach(model, reducer)
-                seconds = _timed_forward(model, x)
+                seconds = _timed_forward(model, x, MIN_SECONDS if i >= warmup else 0.0)
                 if i >= warmup:
                     times[k].append(seconds)
             done = i + 1 - warmup

@@ -21,7 +21,11 @@ def test_speedups_are_medians_of_paired_rounds():
 def test_spread_and_too_few_rounds_make_a_figure_untrusted():
     noisy = speed.summarise([[1.0] * 6, [0.5, 1.0, 0.5, 1.0, 0.5, 1.0]], batch_size=1)[1]
     assert noisy.speedup_spread == pytest.approx(speed.relative_iqr([2.0, 1.0, 2.0, 1.0, 2.0, 1.0]))
-    assert noisy.speedup_spread > speed.MAX_SPREAD and not noisy.trusted
+    assert noisy.uncertainty == pytest.approx(1.58 * noisy.speedup_spread / 6**0.5)
+    assert noisy.uncertainty > speed.MAX_SPREAD and not noisy.trusted
+    # a spread that 36 rounds pin down: the median is known to ±1.58·IQR/6
+    steady = speed.summarise([[1.0] * 36, [0.4, 0.6, 0.45, 0.55] * 9], batch_size=1)[1]
+    assert steady.speedup_spread > speed.MAX_SPREAD and steady.uncertainty < speed.MAX_SPREAD and steady.trusted
     few = speed.summarise([[1.0] * 3, [0.5] * 3], batch_size=1)[1]
     assert few.speedup_spread == 0 and few.reps < speed.MIN_REPS and not few.trusted
 
