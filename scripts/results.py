@@ -109,7 +109,7 @@ def retraining_curve(metrics_csv: Path, start: float) -> list[tuple[float, float
 def shuffled_retrain(run_dir: Path) -> Path:
     """Re-train the demo with the odd-even shuffled order (the paper's order ablation)."""
     if not (run_dir / "export" / "config.json").is_file():
-        retrain(run_dir, "--model.reduction", json.dumps({"method": "rmeeto", "r": 8, "order": "odd_even"}), root=ROOT)
+        retrain(run_dir, "--model.reduction", json.dumps({"method": "shuffle", "r": 8}), root=ROOT)
     return run_dir
 
 
@@ -308,7 +308,7 @@ def clutter_section() -> list[str]:
     return [
         "## A setting where the choice of tokens matters: cluttered digits", "",
         "A demo digit is 8×8 pixels upscaled, so one token is about one pixel of it and which tokens a reducer",
-        "keeps matters little: that is why random dropping keeps up with MTR above. ImageNet photos are mostly",
+        "keeps matters less; random dropping keeps up with MTR there. ImageNet photos are mostly",
         "background. `rmeeto.data.clutter` puts one 32×32 digit at a random place on a 64×64 canvas with noise and",
         "fragments of other digits (39–48 of the 64 tokens are background); the same tiny Vim trained on it",
         f"(`checkpoints/vim_clutter`, {rows[0]['top1']:.1f} % on {images} validation images) is reduced here",
