@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tempfile
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -50,6 +49,7 @@ from rmeeto.evaluate import (
     rows_as_dicts,
     unsupported_methods,
 )
+from rmeeto.lit.callbacks import check_writable
 from rmeeto.speed import backend_line, default_speed_batch
 
 DEFAULT_METHODS = ["rmeeto", "prune", "mtr", "evit", "tome", "random"]
@@ -155,16 +155,6 @@ def check_settings(s: EvalSettings) -> None:
         raise ValueError("--model_args need --checkpoint: the bundled demo weights fit the demo architecture only")
 
 
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` and write a scratch file in it; OSError naming the directory if that fails."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise OSError(f"--out {directory}: not writable ({err.strerror or err})") from err
-
-
 def load_model(s: EvalSettings) -> nn.Module:
     """The export, or ``model`` with ``model_args`` and ``checkpoint`` (passed on unchanged): an rmeeto name
     (Vim, VideoMamba) through ``rmeeto.create_model``, a timm ViT/DeiT name through ``create_deit``."""
@@ -245,7 +235,7 @@ def run(s: EvalSettings) -> list[Row]:
     """Evaluate as ``s`` says and write the results; returns the table's rows (none for --visualize)."""
     check_settings(s)
     out = Path(s.out)
-    check_writable(out)
+    check_writable(out, "--out")
     model = load_model(s).to(s.device)
     methods = resolve_methods(model, s.methods)
     if s.visualize:

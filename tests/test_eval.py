@@ -185,7 +185,7 @@ def test_out_is_checked_before_anything_runs(vim_checkpoint, tmp_path, capsys):
     # --data does not exist either: the --out error comes first, before the model or the data are read
     code = eval_cli.main(args("vim_demo", VIM, vim_checkpoint, tmp_path / "no_data", blocker / "out"))
     err = capsys.readouterr().err
-    assert code == 1 and f"--out {blocker / 'out'}: not writable" in err
+    assert code == 1 and f"--out {blocker / 'out'} is not writable" in err
 
 
 def test_visualize_draws_each_method_and_nothing_else(vim_checkpoint, tmp_path, monkeypatch, capsys):
