@@ -439,3 +439,18 @@ def test_hub_references_parse_and_print_back(spec, expected):
     assert (ref.repo_id, ref.path, ref.revision) == expected and str(ref) == spec
     with pytest.raises(ValueError, match="owner/name"):
         hub_module.parse("hf-hub:just-a-name")
+
+
+def test_deit_weights_come_through_timms_own_pretrained_config(hub):
+    """create_deit(pretrained=True) is timm's download (timm/deit_*.fb_in1k on the Hub), loaded strictly."""
+    import timm
+    from safetensors.torch import save
+
+    from rmeeto.models.deit import create_deit
+
+    torch.manual_seed(0)
+    state = timm.create_model("deit_tiny_patch16_224", depth=2).state_dict()
+    hub.commit("timm/deit_tiny_patch16_224.fb_in1k", {"model.safetensors": save(state)})
+    model = create_deit("deit_tiny_patch16_224", pretrained=True, depth=2)
+    assert same_weights(model.vit, state)
+    assert any("timm/deit_tiny_patch16_224.fb_in1k" in r for r in hub.requests)

@@ -143,15 +143,17 @@ class ReducibleViT(nn.Module):
         return {f"vit.{name}" for name in self.vit.no_weight_decay()}
 
 
-def create_deit(name: str = "deit_tiny_patch16_224", pretrained: str | Path | None = None,
+def create_deit(name: str = "deit_tiny_patch16_224", pretrained: bool | str | Path | None = None,
                 **timm_kwargs: Any) -> ReducibleViT:
-    """``timm.create_model(name, pretrained=False, **timm_kwargs)`` wrapped in :class:`ReducibleViT`.
+    """``timm.create_model(name, **timm_kwargs)`` wrapped in :class:`ReducibleViT`.
 
-    ``pretrained``: a timm/DeiT state dict file (bare, or under ``"model"`` as the DeiT releases nest it),
-    loaded into ``model.vit`` with strict key and shape checks (:class:`~rmeeto.models.CheckpointError`).
+    ``pretrained``: True downloads the weights of timm's own pretrained config for ``name`` (the Hugging Face
+    Hub, e.g. ``timm/deit_small_patch16_224.fb_in1k``); a path is a timm/DeiT state dict file (bare, or under
+    ``"model"`` as the DeiT releases nest it) or an ``hf-hub:`` reference, loaded into ``model.vit`` with
+    strict key and shape checks (:class:`~rmeeto.models.CheckpointError`).
     """
-    model = ReducibleViT(timm.create_model(name, pretrained=False, **timm_kwargs))
-    if pretrained:
+    model = ReducibleViT(timm.create_model(name, pretrained=pretrained is True, **timm_kwargs))
+    if pretrained and pretrained is not True:
         load_checkpoint(model.vit, pretrained)
     return model
 
