@@ -48,7 +48,8 @@ def make_method(name: str, **options: Any) -> Method:
 
 def apply(model: Reducible, method: str = "rmeeto", *, r: float | None = None, flops_cut: float | None = None,
           blocks: Sequence[int] | None = None, interval: int = 2, parity: str = "even",
-          final_tokens: int | None = None, track_source: bool = False, **options: Any) -> TokenReduction:
+          final_tokens: int | None = None, track_source: bool = False,
+          **options: Any) -> TokenReduction | vit.InBlockReduction:
     """Attach a reducer to ``model`` (replacing any) and return it.
 
     r: the setting per reduction point (tokens for bipartite methods, a ratio of the current tokens for
