@@ -235,7 +235,8 @@ def run(s: EvalSettings) -> list[Row]:
     """Evaluate as ``s`` says and write the results; returns the table's rows (none for --visualize)."""
     check_settings(s)
     out = Path(s.out)
-    check_writable(out, "--out")
+    check_writable(out, "--out")  # before any work: a read-only --out fails now, not after the evaluation
+    out.mkdir(parents=True, exist_ok=True)
     model = load_model(s).to(s.device)
     methods = resolve_methods(model, s.methods)
     if s.visualize:
