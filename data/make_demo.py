@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rmeeto.data.demo import DEMO_SIZE, ensure_demo_shards, write_demo_shards
-from rmeeto.data.shards import read_index
+from rmeeto.data.shards import split_summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,9 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = write_demo_shards(args.out, args.size) if args.force else ensure_demo_shards(args.out, args.size)
     for split in ("train", "val"):
-        index = read_index(out, split)
-        print(f"{out}/{split}: {index.num_samples} samples, {len(index.shards)} shards, "
-              f"mean {index.mean[0]:.4f} std {index.std[0]:.4f}")
+        print(split_summary(out, split))
     return 0
 
 

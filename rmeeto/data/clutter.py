@@ -34,7 +34,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from rmeeto.data.demo import CLASSES, SEED, VAL_SAMPLES, digit_images
-from rmeeto.data.shards import index_path, read_index, write_shards
+from rmeeto.data.shards import index_path, read_index, split_summary, write_shards
 from rmeeto.data.transforms import EVAL_CROP_PCT
 
 SOURCE = "rmeeto.data.clutter"
@@ -202,9 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = (args.size, args.digit_size, args.train_copies)
     out = write_clutter_shards(args.out, *settings) if args.force else ensure_clutter_shards(args.out, *settings)
     for split in SPLITS:
-        index = read_index(out, split)
-        print(f"{out}/{split}: {index.num_samples} samples, {len(index.shards)} shards, "
-              f"mean {index.mean[0]:.4f} std {index.std[0]:.4f}")
+        print(split_summary(out, split))
     return 0
 
 

@@ -83,6 +83,13 @@ class ShardIndex:
         return index
 
 
+def split_summary(root: str | os.PathLike, split: str) -> str:
+    """One line on a written split, from its index: samples, shards and normalisation (what the writers print)."""
+    index = read_index(root, split)
+    return (f"{root}/{split}: {index.num_samples} samples, {len(index.shards)} shards, "
+            f"mean {index.mean[0]:.4f} std {index.std[0]:.4f}")
+
+
 def index_path(root: str | os.PathLike, split: str) -> Path:
     return Path(root) / f"{split}-index.json"
 

@@ -48,7 +48,8 @@ TokenReducer = Callable[[int, TokenState], TokenState]
 @dataclass(frozen=True)
 class VimConfig:
     """Architecture of a Vim; the defaults are Vim-S at 224×224. ``divide_out``: the mixer averages its
-    two scan directions (Vim); False sums them (VideoMamba)."""
+    two scan directions (Vim); False sums them (VideoMamba). ``patch_stride``: 8 for the fine-tuned "Vim+"
+    checkpoints (overlapping 16×16 patches, 729 + 1 tokens at 224); None = ``patch_size``."""
 
     img_size: int = 224
     patch_size: int = 16
