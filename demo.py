@@ -31,7 +31,7 @@ from rmeeto.evaluate import (
 )
 from rmeeto.export import load as load_export
 from rmeeto.findings import as_dicts, format_random_rows, random_baseline
-from rmeeto.speed import backend_line
+from rmeeto.ops import backend_summary
 
 OUT = Path("outputs/demo")
 
@@ -63,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = load_base()
     dm = val_data(base)
-    print(backend_line("cpu"))
+    print(backend_summary("cpu"))
     torch.set_grad_enabled(False)
     table("demo Vim, training-free", base, dm, OUT / "training_free")
     print("\n== random dropping over seeds, at equal FLOPs and at MTR's tokens ==")

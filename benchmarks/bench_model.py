@@ -19,7 +19,8 @@ import rmeeto.models.mamba as mamba
 import rmeeto.reduction as R
 from rmeeto.evaluate import example_input
 from rmeeto.flops import count
-from rmeeto.speed import MAX_SPREAD, MIN_REPS, backend_line, measure, reducer_share
+from rmeeto.ops import backend_summary
+from rmeeto.speed import MAX_SPREAD, MIN_REPS, measure, reducer_share
 
 UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or the median known to worse than ±{MAX_SPREAD:.0%}"
 
@@ -88,7 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = rmeeto.create_model(args.model).eval()
     x = example_input(model, args.batch)
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {backend_line('cpu')}")
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {backend_summary('cpu')}")
 
     base_g = count(model)
     reducer = R.apply(model, "rmeeto", r=args.r)

@@ -50,7 +50,8 @@ from rmeeto.evaluate import (
     unsupported_methods,
 )
 from rmeeto.lit.callbacks import check_writable
-from rmeeto.speed import backend_line, default_speed_batch
+from rmeeto.ops import backend_summary
+from rmeeto.speed import default_speed_batch
 
 DEFAULT_METHODS = ["rmeeto", "prune", "mtr", "evit", "tome", "random"]
 #: Errors with a message that names the file, key or value at fault: printed as one line without --debug.
@@ -254,7 +255,7 @@ def run(s: EvalSettings) -> list[Row]:
         data = ensure_demo_shards(DEMO_DATA)
     dm = eval_datamodule(Path(data), model, s.split, s.batch_size, s.workers, normalisation(s, model))
     speed_batch = s.speed_batch or default_speed_batch(s.device)
-    print(backend_line(s.device))
+    print(backend_summary(s.device))
     if training_free:
         rows = evaluate_configs(model, dm.val_dataloader, dm.num_classes, configs, s.device)
         add_speeds(rows, model, [c.reducer for c in configs], speed_batch, s.device, s.speed_reps)

@@ -161,15 +161,3 @@ def with_reducer(model: nn.Module, reducer: TokenReducer | None, fn: Callable[[]
         return fn()
     finally:
         R.attach(model, previous)
-
-
-def backend_line(device: str | torch.device) -> str:
-    """One line naming the selective-scan backend that tensors on ``device`` use."""
-    import rmeeto.ops
-
-    summary = getattr(rmeeto.ops, "backend_summary", None)  # H-ops' summary once merged (contracts.md)
-    if summary is not None:
-        return summary(device)
-    from rmeeto.ops.dispatch import resolve_backend
-
-    return f"scan backend: {resolve_backend(torch.empty(0, device=device))}"

@@ -55,8 +55,3 @@ def test_measure_times_every_reducer_and_restores_the_model(one_thread):
 
 def test_default_speed_batch_is_larger_on_a_gpu():
     assert speed.default_speed_batch("cuda") == 128 > speed.default_speed_batch("cpu")
-
-
-def test_backend_line_names_a_backend():
-    line = speed.backend_line("cpu")
-    assert any(name in line for name in ("cpu", "torch")), line
