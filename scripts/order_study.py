@@ -26,7 +26,7 @@ import torch
 import rmeeto
 import rmeeto.reduction as R
 from rmeeto.data.demo import ensure_demo_shards
-from rmeeto.evaluate import accuracy
+from rmeeto.evaluate import accuracy, eval_datamodule
 from rmeeto.flops import count, count_config
 from rmeeto.lit.cli import main as train_main
 
@@ -35,17 +35,8 @@ LAYOUTS = {"ordered": "rmeeto", "unordered": "tome", "odd_even": "shuffle"}
 PLACEMENTS = ("in_block", "between")
 
 
-def val_loader_factory(root: Path, img_size: int):
-    from rmeeto.data.webdataset_dm import WebDatasetDataModule
-
-    dm = WebDatasetDataModule(str(root), img_size=img_size, batch_size=120, num_workers=1)
-    dm.setup("validate")
-    return dm.val_dataloader, dm.num_classes
-
-
 def top1(model, loaders, num_classes: int, desc: str) -> float:
-    with torch.no_grad():
-        return accuracy(model, loaders(), num_classes, desc=desc)["top1"]
+    return accuracy(model, loaders(), num_classes, desc=desc)["top1"]
 
 
 def training_free(model, loaders, num_classes: int, r: int) -> tuple[list[dict], float]:
@@ -142,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     shards = ensure_demo_shards(Path("data/demo"))
     model = rmeeto.create_model("deit_demo", pretrained=args.checkpoint).eval()
-    loaders, num_classes = val_loader_factory(shards, model.cfg.img_size)
+    dm = eval_datamodule(shards, model, batch_size=120, workers=1)  # normalised as the shards' index says
+    loaders, num_classes = dm.val_dataloader, dm.num_classes
     free, cut = training_free(model, loaders, num_classes, args.r)
     for row in free[1:]:
         row["cut"] = 1 - row["gflops"] / free[0]["gflops"]
