@@ -33,7 +33,7 @@ from rmeeto.models.deit import ReducibleViT
 from rmeeto.models.vim import TokenState
 from rmeeto.reduction.merge import Plan, merge_tokens, odd_even, ordered_slots, slots_from_order, sum_into_slots
 from rmeeto.reduction.methods import bipartite_overhead, check_options
-from rmeeto.reduction.plans import Order
+from rmeeto.reduction.plans import Order, similarity
 
 Metric = Literal["x", "q", "k", "v"]
 #: Methods that merge inside ViT blocks → their layout and whether they drop instead of merging.
@@ -120,8 +120,7 @@ def in_block_plan(metric: Tensor, r: int, order: Order = "ordered", prune: bool 
     positions = torch.arange(n, device=metric.device).expand(b, n)
     if r == 0:
         return Plan(positions.clone(), n)
-    metric = metric.float() / metric.float().norm(dim=-1, keepdim=True)  # fp32, as plans.similarity
-    scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)  # B×Na×Nb
+    scores = similarity(metric[:, 0::2], metric[:, 1::2])  # B×Na×Nb, fp32 cosine
     scores[:, 0] = -math.inf  # cls is never merged
     node_max, node_idx = scores.max(dim=-1)
     edge = node_max.argsort(dim=-1, descending=True)
