@@ -304,7 +304,7 @@ def clutter_section() -> list[str]:
     (DEMO / "clutter").mkdir(parents=True, exist_ok=True)
     (DEMO / "clutter" / "results.json").write_text(json.dumps({"rows": rows, "random": random_rows}, indent=2))
     plot_accuracy_vs_flops(rows, DOCS / "results_clutter.png", title="cluttered digits, training-free")
-    images = accuracy(model, dm.val_dataloader(), dm.num_classes, desc="clutter")["samples"]
+    images = dm.val_num_samples
     return [
         "## A setting where the choice of tokens matters: cluttered digits", "",
         "A demo digit is 8×8 pixels upscaled, so one token is about one pixel of it and which tokens a reducer",
