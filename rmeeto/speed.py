@@ -84,46 +84,69 @@ def _sync(device: torch.device) -> None:
 MIN_SECONDS = 0.3
 
 
-def _timed_forward(model: nn.Module, x: Tensor, min_seconds: float = 0.0) -> float:
-    """Seconds per forward of ``model`` on ``x``, averaged over as many forwards as fill ``min_seconds``."""
-    _sync(x.device)
+def _timed(run: Callable[[], object], sync: Callable[[], None], min_seconds: float = 0.0) -> float:
+    """Seconds per call of ``run``, averaged over as many calls as fill ``min_seconds``."""
+    sync()
     start, calls = time.perf_counter(), 0
     while True:
-        model(x)
+        run()
         calls += 1
-        _sync(x.device)
+        sync()
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return elapsed / calls
 
 
-@torch.no_grad()
-def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor, warmup: int = 2,
-            reps: int = 7, max_reps: int | None = None) -> list[Speed]:
-    """Speed of ``model`` on the batch ``x`` (B×…) with each of ``reducers`` attached in turn (None:
-    unreduced), speedups against ``reducers[0]``. Runs ``warmup`` untimed rounds, then ``reps`` timed
-    ones, then more (up to ``max_reps``, default ``2 * reps``) while any figure is not yet trusted.
-    The model's own reducer is restored afterwards."""
+def _timed_forward(model: nn.Module, x: Tensor, min_seconds: float = 0.0) -> float:
+    """Seconds per forward of ``model`` on ``x``, averaged over as many forwards as fill ``min_seconds``."""
+    return _timed(lambda: model(x), lambda: _sync(x.device), min_seconds)
+
+
+def interleaved(runs: Sequence[Callable[[], object]], batch_size: int, warmup: int = 2, reps: int = 7,
+                max_reps: int | None = None, sync: Callable[[], None] = lambda: None) -> list[Speed]:
+    """Speed of each of ``runs`` (a call processes ``batch_size`` images), speedups against ``runs[0]``.
+
+    Rounds go round-robin over the runs, the order reversed every other round; each timing repeats its
+    call until :data:`MIN_SECONDS` are filled (``sync`` waits for queued device work). Runs ``warmup``
+    untimed rounds, then ``reps`` timed ones, then more (up to ``max_reps``, default ``2 * reps``) while
+    any figure is not yet trusted.
+    """
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
     max_reps = max(reps, 2 * reps if max_reps is None else max_reps)
+    times: list[list[float]] = [[] for _ in runs]
+    for i in range(warmup + max_reps):
+        order = list(enumerate(runs))
+        for k, run in order[::-1] if i % 2 else order:
+            seconds = _timed(run, sync, MIN_SECONDS if i >= warmup else 0.0)
+            if i >= warmup:
+                times[k].append(seconds)
+        done = i + 1 - warmup
+        if done >= reps and all(s.trusted for s in summarise(times, batch_size)):
+            break
+    return summarise(times, batch_size)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor, warmup: int = 2,
+            reps: int = 7, max_reps: int | None = None) -> list[Speed]:
+    """Forward speed of ``model`` on the batch ``x`` (B×…) with each of ``reducers`` attached in turn (None:
+    unreduced), speedups against ``reducers[0]``; rounds as in :func:`interleaved`. The model's own reducer
+    is restored afterwards."""
     model.eval()
+
+    def forward_with(reducer: TokenReducer | None) -> Callable[[], object]:
+        def run() -> object:
+            R.attach(model, reducer)
+            return model(x)
+        return run
+
     previous = model.token_reducer
-    times: list[list[float]] = [[] for _ in reducers]
     try:
-        for i in range(warmup + max_reps):
-            order = list(enumerate(reducers))
-            for k, reducer in order[::-1] if i % 2 else order:
-                R.attach(model, reducer)
-                seconds = _timed_forward(model, x, MIN_SECONDS if i >= warmup else 0.0)
-                if i >= warmup:
-                    times[k].append(seconds)
-            done = i + 1 - warmup
-            if done >= reps and all(s.trusted for s in summarise(times, len(x))):
-                break
+        return interleaved([forward_with(r) for r in reducers], len(x), warmup, reps, max_reps,
+                           lambda: _sync(x.device))
     finally:
         R.attach(model, previous)
-    return summarise(times, len(x))
 
 
 @torch.no_grad()

@@ -177,6 +177,34 @@ def test_forward_matches_ref_property(b, d, L, n, seed):
 # --- backward --------------------------------------------------------------------------------------
 
 
+def token_major(x):
+    """The same B×D×L values as a view of B×L×D memory (what a Vim mixer passes)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token-major"])
+@pytest.mark.parametrize("shape", [(2, 9, 12, 4), (2, 70, 19, 5), (1, 3, 1, 2)], ids=str)
+def test_reverse_scan_is_the_scan_of_the_flipped_sequence(backend, layout, shape):
+    """reverse=True equals flipping u, delta, B, C, z along L, scanning, and flipping y back; gradients too.
+    The cpu backend keeps token-major inputs token-major in its output."""
+    x, softplus = make_inputs(*shape)
+    if layout == "token-major":
+        x = {k: token_major(v) if k in ("u", "delta", "z") else v for k, v in x.items()}
+    flipped = {k: v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+    y = selective_scan(**x, delta_softplus=softplus, backend=backend, reverse=True)
+    assert_close_scaled(y, selective_scan_ref(**flipped, delta_softplus=softplus).flip(-1), rtol=1e-5, atol_scale=1e-6)
+    if backend == "cpu" and shape[2] > 1:
+        assert scan_cpu.token_major(y)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    got = torch.autograd.grad(selective_scan(**leaves, delta_softplus=softplus, backend=backend, reverse=True),
+                              list(leaves.values()), gy)
+    want = torch.autograd.grad(selective_scan(**leaves, delta_softplus=softplus, backend="ref", reverse=True),
+                               list(leaves.values()), gy)
+    for a, b in zip(got, want, strict=True):
+        assert_close_scaled(a, b, rtol=1e-4, atol_scale=1e-5)
+
+
 def _grads(x, softplus, backend):
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
     y = selective_scan(**leaves, delta_softplus=softplus, backend=backend)
@@ -273,14 +301,38 @@ def conv_direct(x, weight, bias, activation):
 @pytest.mark.parametrize("K", [1, 4, 5])
 @pytest.mark.parametrize("activation", [None, "silu", "swish"])
 @pytest.mark.parametrize("weight_3d", [False, True])
-def test_causal_conv1d_matches_direct(conv_backend, K, activation, weight_3d):
+@pytest.mark.parametrize("layout", ["contiguous", "token-major"])
+def test_causal_conv1d_matches_direct(conv_backend, K, activation, weight_3d, layout):
     g = torch.Generator().manual_seed(K)
     x, w, bias = torch.randn(2, 7, 11, generator=g), torch.randn(7, K, generator=g), torch.randn(7, generator=g)
+    x = token_major(x) if layout == "token-major" else x
     out = causal_conv1d(x, w[:, None] if weight_3d else w, bias, activation=activation, backend=conv_backend)
     torch.testing.assert_close(out, conv_direct(x, w, bias, activation), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
         causal_conv1d(x, w, None, activation=activation), conv_direct(x, w, None, activation), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("conv_backend", [None, *available_backends()])
+@pytest.mark.parametrize("layout", ["contiguous", "token-major"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_reverse_causal_conv1d_is_the_conv_of_the_flipped_sequence(conv_backend, layout, with_bias):
+    """Values and gradients (x, weight, bias) of reverse=True against conv_direct on the flipped input; the
+    numba kernel (cpu, token-major input) keeps the token-major layout."""
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(2, 70, 13, generator=g), torch.randn(70, 4, generator=g), torch.randn(70, generator=g)
+    x = token_major(x) if layout == "token-major" else x
+    bias = bias if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (x, w, bias) if t is not None]
+    out = causal_conv1d(*leaves[:2], leaves[2] if with_bias else None, backend=conv_backend, reverse=True)
+    want = conv_direct(*(t.flip(-1) if i == 0 else t for i, t in enumerate(leaves[:2])),
+                       leaves[2] if with_bias else None, "silu").flip(-1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if resolve_backend(x, conv_backend) == "cpu":
+        assert scan_cpu.token_major(out) == (layout == "token-major")
+    gy = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, leaves, gy), torch.autograd.grad(want, leaves, gy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_causal_conv1d_keeps_input_dtype():

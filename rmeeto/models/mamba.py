@@ -3,7 +3,9 @@
 One ``in_proj`` produces x and z; a forward branch and a backward branch (own conv, x_proj, dt_proj,
 A, D) scan the sequence and its flip; the outputs are averaged (or summed, ``divide_out=False``, as in
 VideoMamba) and projected back. The branches call :mod:`rmeeto.ops`, which picks the CUDA, fused-CPU or
-pure-PyTorch backend.
+pure-PyTorch backend. The backward branch asks the ops for a reverse conv and scan, so on the CPU kernels
+nothing is flipped or copied: x, z, the conv output, Δ and y stay token-major (B×L×Dᵢ memory) between the
+matrix products.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from rmeeto.ops import causal_conv1d, fused_inner, mamba_inner, selective_scan
 
 @dataclass
 class ScanRecord:
-    """Per-token SSM quantities of one mixer call, all in sequence order (backward branch flipped back).
+    """Per-token SSM quantities of one mixer call, all in sequence order (the backward branch's too).
 
     delta: pair (forward, backward) of B×Dᵢ×L timescales after bias and softplus.
     B, C: pair (forward, backward) of B×N×L input/output matrices.
@@ -85,19 +87,22 @@ class BiMamba(nn.Module):
         self.last_record: ScanRecord | None = None
 
     def _scan(self, x: Tensor, z: Tensor, suffix: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One direction on B×Dᵢ×L inputs → (y B×Dᵢ×L, Δ-pre-bias B×Dᵢ×L, B B×N×L, C B×N×L)."""
+        """One direction on B×Dᵢ×L inputs, all in sequence order (the backward branch, suffix "_b", scans
+        from the end) → (y B×Dᵢ×L, Δ-pre-bias B×Dᵢ×L, B B×N×L, C B×N×L). Token-major inputs (B×Dᵢ×L views
+        of B×L×Dᵢ memory) stay so all the way, and so does y."""
+        reverse = suffix == "_b"
         conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         A = -torch.exp(getattr(self, "A_log" if not suffix else "A_b_log").float())
         D = getattr(self, f"D{suffix}").float()
-        x = causal_conv1d(x, conv.weight, conv.bias, activation="silu")
+        x = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=reverse)
         x_dbl = x_proj(x.transpose(1, 2))  # B×L×(R+2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         y = selective_scan(
-            x, delta, A, Bm, Cm, D, z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True
+            x, delta, A, Bm, Cm, D, z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse
         )
         return y, delta, Bm, Cm
 
@@ -137,20 +142,18 @@ class BiMamba(nn.Module):
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         x, z = (F.linear(hidden, w).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L views
         y_f, d_f, b_f, c_f = self._scan(x, z, "")
-        y_b, d_b, b_b, c_b = self._scan(x.flip(-1), z.flip(-1), "_b")
+        y_b, d_b, b_b, c_b = self._scan(x, z, "_b")
         if self.record:
             self.last_record = ScanRecord(
                 delta=(
                     F.softplus(d_f.float() + self.dt_proj.bias.float()[:, None]),
-                    F.softplus(d_b.float() + self.dt_proj_b.bias.float()[:, None]).flip(-1),
+                    F.softplus(d_b.float() + self.dt_proj_b.bias.float()[:, None]),
                 ),
-                B=(b_f, b_b.flip(-1)),
-                C=(c_f, c_b.flip(-1)),
+                B=(b_f, b_b),
+                C=(c_f, c_b),
             )
-        y = y_f + y_b.flip(-1)
-        if self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        out = self.out_proj((y_f + y_b).transpose(1, 2))  # no copy: token-major y on the cpu backend
+        return out / 2 if self.divide_out else out  # halving after the linear map is exact: fewer values
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:

@@ -9,8 +9,9 @@ counter (int64 (1,), zeroed) and own their scratch (passed in, one array per rol
 nothing aliases). The backward gathers the inputs again and recomputes the states instead of
 storing them.
 
-    u, delta, z, gout: B×D×L, or B×L×D where the layout bit is set    out, gu, gdelta, gz: B×D×L
+    u, delta, z, gout, out, gu, gdelta, gz: B×D×L, or all B×L×D ("token-major", tm)
     (z, gz: any such array when has_z is False)
+    rev: scan from the last position to the first (tm only: rows are gathered in reverse order)
     At: K×N×LANES    Dv, bias: K×LANES (zero-padded; zeros mean "absent")    Bm, Cm: B×L×N
 """
 
@@ -187,17 +188,25 @@ def _lane_sum(typingctx, src, s):
 
 
 @njit(inline="always")
-def _to_rows(src, channels_last, b, k, dst, base):
-    """Channels → lanes: dst[base + t·LANES + j] = x[b, k·LANES + j, t], zeros past D.
+def _to_rows(src, tm, rev, b, k, dst, base):
+    """Channels → lanes: dst[base + t·LANES + j] = x[b, k·LANES + j, t], zeros past D; row t holds
+    position L − 1 − t instead when rev.
 
-    src: x as B×D×L, or as B×L×D when channels_last (then rows are plain copies); contiguous.
+    src: x as B×D×L, or as B×L×D when tm (then rows are plain copies; rev needs tm); contiguous.
     dst: flat. B×D×L goes by 8×8 tiles transposed in registers, the ragged edges one by one.
     """
-    if channels_last:
-        nj = min(LANES, src.shape[2] - k * LANES)
-        for t in range(src.shape[1]):
-            for j in range(LANES):
-                dst[base + t * LANES + j] = src[b, t, k * LANES + j] if j < nj else 0
+    if tm:
+        nl, nd = src.shape[1], src.shape[2]
+        nj = min(LANES, nd - k * LANES)
+        flat = src.reshape(-1)
+        for t in range(nl):
+            row = base + (nl - 1 - t if rev else t) * LANES
+            start = (b * nl + t) * nd + k * LANES
+            if nj == LANES:
+                dst[row : row + LANES] = flat[start : start + LANES]
+            else:
+                dst[row : row + LANES] = 0
+                dst[row : row + nj] = flat[start : start + nj]
         return
     nd, nl = src.shape[1], src.shape[2]
     flat = src.reshape(-1)
@@ -213,8 +222,18 @@ def _to_rows(src, channels_last, b, k, dst, base):
 
 
 @njit(inline="always")
-def _from_rows(src, base, dst, b, k):
-    """Lanes → channels: dst[b, k·LANES + j, t] = src[base + t·LANES + j] for the channels that exist."""
+def _from_rows(src, base, tm, rev, dst, b, k):
+    """Lanes → channels, the inverse of _to_rows for the channels that exist: dst[b, k·LANES + j, t]
+    (dst[b, t, k·LANES + j] when tm) = src[base + t·LANES + j], row L − 1 − t when rev."""
+    if tm:
+        nl, nd = dst.shape[1], dst.shape[2]
+        nj = min(LANES, nd - k * LANES)
+        flat = dst.reshape(-1)
+        for t in range(nl):
+            row = base + (nl - 1 - t if rev else t) * LANES
+            start = (b * nl + t) * nd + k * LANES
+            flat[start : start + nj] = src[row : row + nj]
+        return
     nd, nl = dst.shape[1], dst.shape[2]
     flat = dst.reshape(-1)
     nj = min(LANES, nd - k * LANES)
@@ -229,16 +248,16 @@ def _from_rows(src, base, dst, b, k):
 
 
 @njit(inline="always")
-def _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k):
-    """Rows for batch b, block k: xs[g] = u, x = delta + bias, z (if has_z); dt[g] = softplus?(x);
-    dtu[g] = dt·u. Bit i of layout: input i (u, delta, z) is given as B×L×D."""
+def _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k):
+    """Rows for batch b, block k (see _to_rows): xs[g] = u, x = delta + bias, z (if has_z);
+    dt[g] = softplus?(x); dtu[g] = dt·u."""
     nl = dt.shape[1]
     row = nl * LANES
     flat = xs.reshape(-1)
-    _to_rows(u, layout & 1, b, k, flat, 3 * g * row)
-    _to_rows(delta, layout >> 1 & 1, b, k, flat, (3 * g + 1) * row)
+    _to_rows(u, tm, rev, b, k, flat, 3 * g * row)
+    _to_rows(delta, tm, rev, b, k, flat, (3 * g + 1) * row)
     if has_z:
-        _to_rows(z, layout >> 2 & 1, b, k, flat, (3 * g + 2) * row)
+        _to_rows(z, tm, rev, b, k, flat, (3 * g + 2) * row)
     for t in range(nl):
         for j in range(LANES):
             xs[g, 1, t, j] += bias[k, j]
@@ -251,13 +270,14 @@ def _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def scan_forward(u, delta, z, layout, At, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h):
-    """out = (Σ_n C·h + D·u)·silu(z); u, delta, z as B×D×L or B×L×D (layout: see _load_block).
+def scan_forward(u, delta, z, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h):
+    """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
+    along L when rev).
 
     Scratch per group g (G×…): xs 3×L×LANES, dt, dtu L×LANES (see _load_block), ys L×LANES,
     h N×LANES (the states, all N advanced together one step t at a time).
     """
-    nb, nl = out.shape[0], out.shape[2]
+    nb, nl = out.shape[0], dt.shape[1]
     nblk, nn = At.shape[0], At.shape[1]
     ntask = nb * nblk
     ngroup = h.shape[0]
@@ -267,7 +287,7 @@ def scan_forward(u, delta, z, layout, At, Bm, Cm, Dv, bias, softplus, has_z, out
         while task < ntask:
             b = task // nblk
             k = task % nblk
-            _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k)
+            _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k)
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
@@ -285,18 +305,18 @@ def scan_forward(u, delta, z, layout, At, Bm, Cm, Dv, bias, softplus, has_z, out
                     for j in range(LANES):
                         zv = xs[g, 2, t, j]
                         ys[g, t, j] *= zv * _sigmoid(zv)
-            _from_rows(ys_flat, g * nl * LANES, out, b, k)
+            _from_rows(ys_flat, g * nl * LANES, tm, rev, out, b, k)
             task = _take(counter)
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_backward(
-    u, delta, z, gout, layout, At, Bm, Cm, Dv, bias, softplus, has_z,
+    u, delta, z, gout, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z,
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
     xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
 ):  # fmt: skip
     """Gradients of scan_forward, gathering the inputs again and recomputing the states of one state
-    index n at a time. Bit 3 of layout: gout is given as B×L×D.
+    index n at a time. gout, gu, gdelta, gz in the layout of u (tm); gB, gC in scan order.
 
     Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
     (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
@@ -306,7 +326,7 @@ def scan_backward(
     the gate (then ∂z); hs (L+1)×LANES states, da L×LANES decays; LANES: gh carried ∂h, gacc ∂A,
     pc ∂y·h and pb ∂h·dt·u (lane-summed into gC, gB).
     """
-    nb, nl = gu.shape[0], gu.shape[2]
+    nb, nl = gu.shape[0], dt.shape[1]
     nblk = At.shape[0]
     npart = gB.shape[0]
     ntask = nb * npart
@@ -319,17 +339,17 @@ def scan_backward(
             b = task // npart
             p = task % npart
             for k in range(p * nblk // npart, (p + 1) * nblk // npart):
-                _load_block(u, delta, z, layout, bias, softplus, has_z, xs, dt, dtu, g, b, k)
-                _to_rows(gout, layout >> 3 & 1, b, k, go_flat, g * row)
+                _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k)
+                _to_rows(gout, tm, rev, b, k, go_flat, g * row)
                 _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k)
                 first = k == p * nblk // npart
                 _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
                                 g, b, k, p, first)  # fmt: skip
                 _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, k)
-                _from_rows(gdec_flat, g * row, gdelta, b, k)
-                _from_rows(ghb_flat, g * row, gu, b, k)
+                _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
+                _from_rows(ghb_flat, g * row, tm, rev, gu, b, k)
                 if has_z:
-                    _from_rows(yb_flat, g * row, gz, b, k)
+                    _from_rows(yb_flat, g * row, tm, rev, gz, b, k)
             task = _take(counter)
 
 
@@ -409,3 +429,26 @@ def _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, 
             yb[g, t, j] = go[g, t, j] * yb[g, t, j]
             gD[b, k, j] = _fma(gyv, uv, gD[b, k, j])
             gbias[b, k, j] += gdl if softplus else gdt
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def conv_forward(x, wt, bias, rev, silu, out):
+    """Depthwise conv along L of token-major x (B×L×D) with taps wt (K×D) and bias (D,), into out (B×L×D):
+    out[b, t] = act(bias + Σ_k wt[k]·x[b, t − K + 1 + k]) (causal), or with x[b, t + K − 1 − k] when rev
+    (the causal conv of the flipped sequence, flipped back); positions outside [0, L) read zeros.
+    act: SiLU when silu, else none. Every inner loop runs over D contiguous channels."""
+    nb, nl, nd = x.shape
+    nk = wt.shape[0]
+    for task in prange(nb * nl):
+        b, t = task // nl, task % nl
+        for d in range(nd):
+            out[b, t, d] = bias[d]
+        for k in range(nk):
+            s = t + nk - 1 - k if rev else t - nk + 1 + k
+            if 0 <= s < nl:
+                for d in range(nd):
+                    out[b, t, d] = _fma(wt[k, d], x[b, s, d], out[b, t, d])
+        if silu:
+            for d in range(nd):
+                v = out[b, t, d]
+                out[b, t, d] = v * _sigmoid(v)

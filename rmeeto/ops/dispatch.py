@@ -28,6 +28,8 @@ _SCANS: dict[str, ScanFn] = {
     "cpu": scan_cpu.selective_scan_cpu,
     "cuda": cuda.selective_scan_cuda,
 }
+_REVERSIBLE = {"cpu"}
+"""Backends whose scan runs in reverse natively; the others scan flipped inputs and flip the output."""
 _DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 """Backends bound to one device type."""
 
@@ -143,15 +145,22 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     backend: str | None = None,
+    reverse: bool = False,
 ) -> Tensor:
     """Selective scan y = SSM(u) with input-dependent delta, B, C (mamba-ssm semantics).
 
     u, delta, z: B×D×L; A: D×N; B, C: B×N×L; D, delta_bias: (D,). Returns B×D×L in u's dtype,
-    computed in at least fp32.
+    computed in at least fp32. reverse: scan from position L − 1 down to 0 (the scan of the flipped
+    sequence, flipped back: a Vim's backward direction).
     """
     _check_shapes(u, delta, A, B, C)
-    scan = _SCANS[resolve_backend(u, backend)]
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    name = resolve_backend(u, backend)
+    if name in _REVERSIBLE:
+        return _SCANS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=reverse)
+    if reverse:
+        u, delta, B, C, z = (None if x is None else x.flip(-1) for x in (u, delta, B, C, z))
+    y = _SCANS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return y.flip(-1) if reverse else y
 
 
 def fused_inner(x: Tensor, conv_width: int, backend: str | None = None) -> bool:
@@ -168,13 +177,19 @@ def causal_conv1d(
     bias: Tensor | None = None,
     activation: str | None = "silu",
     backend: str | None = None,
+    reverse: bool = False,
 ) -> Tensor:
     """Depthwise causal conv1d: x B×D×L, weight D×K (or D×1×K), bias (D,) → B×D×L.
 
-    activation: "silu"/"swish" or None. The `cuda` backend uses causal-conv1d's kernel, all
-    others torch's F.conv1d.
+    activation: "silu"/"swish" or None. reverse: the conv of the flipped sequence, flipped back. The
+    `cuda` backend uses causal-conv1d's kernel; `cpu` a numba kernel when x is token-major (a B×D×L view
+    of B×L×D memory; the result is too); all others torch's F.conv1d.
     """
     check_activation(activation)
-    if resolve_backend(x, backend) == "cuda":
-        return cuda.causal_conv1d_cuda(x, weight, bias, activation)
-    return causal_conv1d_torch(x, weight, bias, activation)
+    name = resolve_backend(x, backend)
+    if name == "cpu" and scan_cpu.token_major(x):
+        return scan_cpu.causal_conv1d_cpu(x, weight, bias, activation, reverse)
+    conv = cuda.causal_conv1d_cuda if name == "cuda" else causal_conv1d_torch
+    if reverse:
+        return conv(x.flip(-1), weight, bias, activation).flip(-1)
+    return conv(x, weight, bias, activation)

@@ -1,4 +1,5 @@
-"""`cpu` backend: fused numba selective scan, forward and backward (available only if numba imports).
+"""`cpu` backend: fused numba selective scan (forward and backward) and causal conv (available only if
+numba imports).
 
 Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless
 NUMBA_THREADING_LAYER is set), and its OpenMP runtime is loaded with OMP_WAIT_POLICY=PASSIVE (unless
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .conv import causal_conv1d_torch, conv_weight
 
 try:
     import numba
@@ -67,22 +70,24 @@ class _CpuScan(torch.autograd.Function):
     """Fused scan on fp32 CPU tensors; D, z, delta_bias may be None (see selective_scan_cpu)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> Tensor:
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool) -> Tensor:
         nb, nd, L = u.shape
         nblk = math.ceil(nd / _k.LANES)
         has_z = z is not None
-        (u, delta, z), layout = _rows((u, delta, z if has_z else u))
+        tm = reverse or token_major(u)
+        u, delta, z = (_layout(x, tm) for x in (u, delta, z if has_z else u))
         A_b = _lanes(A, nd, nblk)  # K×N×LANES
         D_b, bias_b = _lanes(D, nd, nblk)[:, 0], _lanes(delta_bias, nd, nblk)[:, 0]  # K×LANES
-        B_l, C_l = (np.array(x.detach().numpy().transpose(0, 2, 1), order="C") for x in (B, C))  # B×L×N copies
-        out = u.new_empty(nb, nd, L)
+        B_l, C_l = (_scan_order(x, reverse) for x in (B, C))  # B×L×N copies
+        out = _new(u, tm)
         with _LOCK:
             groups = min(_threads(), nb * nblk)
             scratch = [np.empty((groups, *s), np.float32) for s in _k.forward_scratch(L, A.shape[1])]
-            _k.scan_forward(*_np((u, delta, z)), layout, A_b, B_l, C_l, D_b, bias_b, softplus, has_z,
-                            out.numpy(), _counter(), *scratch)  # fmt: skip
+            _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, z)), tm, reverse, A_b, B_l, C_l, D_b, bias_b,
+                            softplus, has_z, _np_of(out, tm), _counter(), *scratch)  # fmt: skip
         ctx.save_for_backward(u, delta, z)
-        ctx.params, ctx.softplus, ctx.has_z, ctx.layout = (A_b, B_l, C_l, D_b, bias_b), softplus, has_z, layout
+        ctx.params, ctx.softplus, ctx.has_z = (A_b, B_l, C_l, D_b, bias_b), softplus, has_z
+        ctx.tm, ctx.reverse = tm, reverse
         return out
 
     @staticmethod
@@ -90,11 +95,12 @@ class _CpuScan(torch.autograd.Function):
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, z = ctx.saved_tensors
         A_b, B_l, C_l, D_b, bias_b = ctx.params
-        nb, L, nd = gout.shape[0], gout.shape[2], gout.shape[1]
+        tm, reverse = ctx.tm, ctx.reverse
+        nb, nd, L = gout.shape
         nblk, nn, lanes = A_b.shape
-        (gout,), gout_layout = _rows((gout.float(),))
-        g_u, g_delta = gout.new_empty(nb, nd, L), gout.new_empty(nb, nd, L)
-        g_z = gout.new_empty(nb, nd, L) if ctx.has_z else g_u
+        gout = _layout(gout.float(), tm)
+        g_u, g_delta = _new(u, tm), _new(u, tm)
+        g_z = _new(u, tm) if ctx.has_z else g_u
         g_A = gout.new_empty(nb, nblk, nn, lanes)
         g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
         with _LOCK:
@@ -103,31 +109,39 @@ class _CpuScan(torch.autograd.Function):
             groups = min(threads, nb * parts)
             g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
             scratch = [np.empty((groups, *s), np.float32) for s in _k.backward_scratch(L)]
-            grads = (g_u, g_delta, g_z, g_A, g_B, g_C, g_D, g_bias)
-            layout = ctx.layout | gout_layout << 3
-            _k.scan_backward(*_np((u, delta, z, gout)), layout, A_b, B_l, C_l, D_b, bias_b, ctx.softplus,
-                             ctx.has_z, *_np(grads), _counter(), *scratch)  # fmt: skip
+            data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
+            _k.scan_backward(*data[:4], tm, reverse, A_b, B_l, C_l, D_b, bias_b, ctx.softplus, ctx.has_z,
+                             *data[4:], *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
         g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
-        g_B, g_C = g_B.sum(0), g_C.sum(0)
+        g_B, g_C = (g.sum(0).flip(-1) if reverse else g.sum(0) for g in (g_B, g_C))
         g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
         needs = ctx.needs_input_grad
         optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
-        return g_u, g_delta, g_A, g_B, g_C, *optional, None
+        return g_u, g_delta, g_A, g_B, g_C, *optional, None, None
 
 
-def _rows(xs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
-    """Detached B×D×L tensors → contiguous B×D×L, or B×L×D where the channels are already contiguous
-    (transposed views such as Vim's delta and z: no transposing copy); bit i of the int is set when
-    xs[i] went B×L×D."""
-    out, layout = [], 0
-    for i, x in enumerate(xs):
-        x = x.detach()
-        if x.stride(1) == 1 and x.shape[2] > 1:
-            out.append(x.transpose(1, 2).contiguous())
-            layout |= 1 << i
-        else:
-            out.append(x.contiguous())
-    return tuple(out), layout
+def token_major(x: Tensor) -> bool:
+    """x (B×D×L) is a transposed view of token-major (B×L×D) memory."""
+    return x.stride(1) == 1 and x.shape[2] > 1
+
+
+def _layout(x: Tensor, tm: bool) -> Tensor:
+    """Detached B×D×L tensor → contiguous B×D×L, or (tm) a B×D×L view of contiguous B×L×D memory; copies
+    only when x is not laid out so already."""
+    x = x.detach()
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if tm else x.contiguous()
+
+
+def _new(like: Tensor, tm: bool) -> Tensor:
+    """An empty B×D×L tensor like ``like``, token-major when tm."""
+    nb, nd, L = like.shape
+    return like.new_empty(nb, L, nd).transpose(1, 2) if tm else like.new_empty(nb, nd, L)
+
+
+def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
+    """B×N×L tensor → contiguous B×L×N array, reversed along L when ``reverse`` (one copy)."""
+    x = x.detach().transpose(1, 2)
+    return np.ascontiguousarray((x.flip(1) if reverse else x).numpy())
 
 
 def _counter():
@@ -139,10 +153,59 @@ def _np(tensors) -> list:
     return [x.numpy() for x in tensors]
 
 
-def selective_scan_cpu(*args) -> Tensor:  # ScanFn: u, delta, A, B, C, D, z, delta_bias, delta_softplus
-    """Fused numba selective scan on CPU tensors (the ScanFn contract; fp32 inside)."""
+def _np_of(x: Tensor, tm: bool) -> np.ndarray:
+    """The kernels' view of a B×D×L tensor laid out by _layout / _new: B×L×D when tm."""
+    return (x.transpose(1, 2) if tm else x).numpy()
+
+
+def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn: u, delta, A, B, C, D, z, delta_bias, delta_softplus
+    """Fused numba selective scan on CPU tensors (the ScanFn contract; fp32 inside).
+
+    reverse: scan from the last position to the first, as scanning the flipped sequence and flipping the
+    result back, without the flipped copies. Token-major inputs (B×D×L views of B×L×D memory, as a Vim
+    mixer makes them) are read without copies and give a token-major output.
+    """
     if not AVAILABLE:
         raise RuntimeError("the cpu selective-scan backend needs numba")
     *tensors, softplus = args
-    y = _CpuScan.apply(*(None if x is None else x.float() for x in tensors), bool(softplus))
+    y = _CpuScan.apply(*(None if x is None else x.float() for x in tensors), bool(softplus), reverse)
     return y.to(args[0].dtype)
+
+
+class _CpuConv(torch.autograd.Function):
+    """Depthwise causal conv (+ SiLU) on token-major fp32 CPU tensors; the backward recomputes through
+    causal_conv1d_torch and differentiates that (same function)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
+        nb, nd, L = x.shape
+        taps = conv_weight(weight).detach().t().contiguous()  # K×D
+        b = torch.zeros(nd) if bias is None else bias.detach()
+        out = _new(x, True)
+        with _LOCK:
+            _threads()
+            _k.conv_forward(_np_of(_layout(x, True), True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu, ctx.reverse = silu, reverse
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=False)]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            y = causal_conv1d_torch(*inputs, "silu" if ctx.silu else None, ctx.reverse)
+            grads = iter(torch.autograd.grad(y, wanted, gout))
+        return *(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None
+
+
+def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                      reverse: bool = False) -> Tensor:
+    """causal_conv1d_torch's function by a numba kernel over token-major memory: x is a B×D×L view of
+    B×L×D memory (copied there otherwise), and so is the result; fp32 inside, x's dtype out."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu causal-conv backend needs numba")
+    weight, bias = weight.float(), None if bias is None else bias.float()
+    return _CpuConv.apply(x.float(), weight, bias, activation is not None, reverse).to(x.dtype)
