@@ -452,3 +452,47 @@ def conv_forward(x, wt, bias, rev, silu, out):
             for d in range(nd):
                 v = out[b, t, d]
                 out[b, t, d] = v * _sigmoid(v)
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def conv_backward(x, wt, bias, rev, silu, gout, chunk, ga, gx, gw, gbias):
+    """Gradients of conv_forward: gx (B×L×D) and per-task partial sums gw (P×K×D) and gbias (P×D), task p
+    covering batch p // C, rows [(p % C)·chunk, …) of L (C = ⌈L / chunk⌉ tasks per image). ga (B×L×D
+    scratch) receives ∂/∂(pre-activation)."""
+    nb, nl, nd = x.shape
+    nk = wt.shape[0]
+    nchunk = (nl + chunk - 1) // chunk
+    for task in prange(nb * nl):  # ga = gout·act'(a), a recomputed
+        b, t = task // nl, task % nl
+        if not silu:
+            for d in range(nd):
+                ga[b, t, d] = gout[b, t, d]
+            continue
+        for d in range(nd):
+            ga[b, t, d] = bias[d]
+        for k in range(nk):
+            s = t + nk - 1 - k if rev else t - nk + 1 + k
+            if 0 <= s < nl:
+                for d in range(nd):
+                    ga[b, t, d] = _fma(wt[k, d], x[b, s, d], ga[b, t, d])
+        for d in range(nd):
+            a = ga[b, t, d]
+            sg = _sigmoid(a)
+            ga[b, t, d] = gout[b, t, d] * sg * (_F1 + a * (_F1 - sg))
+    for task in prange(nb * nchunk):
+        b, c = task // nchunk, task % nchunk
+        for d in range(nd):
+            gbias[task, d] = 0
+        for k in range(nk):
+            for d in range(nd):
+                gw[task, k, d] = 0
+        for s in range(c * chunk, min(nl, (c + 1) * chunk)):
+            for d in range(nd):
+                gx[b, s, d] = 0
+                gbias[task, d] += ga[b, s, d]
+            for k in range(nk):
+                t = s - nk + 1 + k if rev else s + nk - 1 - k  # the output row that read x[s] through tap k
+                if 0 <= t < nl:
+                    for d in range(nd):
+                        gx[b, s, d] = _fma(wt[k, d], ga[b, t, d], gx[b, s, d])
+                        gw[task, k, d] = _fma(ga[b, t, d], x[b, s, d], gw[task, k, d])

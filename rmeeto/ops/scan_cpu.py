@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .conv import causal_conv1d_torch, conv_weight
+from .conv import conv_weight
 
 try:
     import numba
@@ -173,32 +173,40 @@ def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn: u, de
 
 
 class _CpuConv(torch.autograd.Function):
-    """Depthwise causal conv (+ SiLU) on token-major fp32 CPU tensors; the backward recomputes through
-    causal_conv1d_torch and differentiates that (same function)."""
+    """Depthwise causal conv (+ SiLU) on token-major fp32 CPU tensors (see causal_conv1d_cpu)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
-        nb, nd, L = x.shape
+        x = _layout(x, True)
         taps = conv_weight(weight).detach().t().contiguous()  # K×D
-        b = torch.zeros(nd) if bias is None else bias.detach()
+        b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
         out = _new(x, True)
         with _LOCK:
             _threads()
-            _k.conv_forward(_np_of(_layout(x, True), True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu, ctx.reverse = silu, reverse
+            _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
+        ctx.save_for_backward(x, taps, b)
+        ctx.silu, ctx.reverse, ctx.weight_shape, ctx.has_bias = silu, reverse, weight.shape, bias is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        inputs = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=False)]
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            y = causal_conv1d_torch(*inputs, "silu" if ctx.silu else None, ctx.reverse)
-            grads = iter(torch.autograd.grad(y, wanted, gout))
-        return *(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None
+        x, taps, b = ctx.saved_tensors
+        nb, nd, L = x.shape
+        parts = nb * math.ceil(L / _CONV_CHUNK)
+        ga, g_x = _new(x, True), _new(x, True)
+        g_w, g_b = x.new_empty(parts, taps.shape[0], nd), x.new_empty(parts, nd)
+        with _LOCK:
+            _threads()
+            _k.conv_backward(_np_of(x, True), taps.numpy(), b.numpy(), ctx.reverse, ctx.silu,
+                             _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, _np_of(ga, True),
+                             _np_of(g_x, True), g_w.numpy(), g_b.numpy())  # fmt: skip
+        g_w = g_w.sum(0).t().reshape(ctx.weight_shape)
+        return g_x, g_w, g_b.sum(0) if ctx.has_bias else None, None, None
+
+
+_CONV_CHUNK = 32
+"""Rows per task of the conv backward's weight-gradient partial sums."""
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
