@@ -41,6 +41,7 @@ bench: .venv/.installed
 	mkdir -p outputs/demo
 	$(PY) benchmarks/bench_scan.py | tee outputs/demo/bench_scan.txt
 	$(PY) benchmarks/bench_model.py | tee outputs/demo/bench_model.txt
+	$(PY) benchmarks/bench_cpu.py | tee outputs/demo/bench_cpu.txt
 
 # docs/results.md and its plots, from the outputs of `make demo` and `make bench`
 results: .venv/.installed

@@ -283,7 +283,9 @@ def main() -> None:
           for i in range(len(ordered_curve))], "",
         "## Speed on this CPU", "", "Selective-scan backends (`benchmarks/bench_scan.py`):", "",
         "```", bench_text("bench_scan.txt"), "```", "", "Vim-S (`benchmarks/bench_model.py`):", "",
-        "```", bench_text("bench_model.txt"), "```",
+        "```", bench_text("bench_model.txt"), "```", "",
+        "Vim against timm's DeiT, inference and training (`benchmarks/bench_cpu.py`; before/after and the limits:",
+        "[cpu_speed.md](cpu_speed.md)):", "", "```", bench_text("bench_cpu.txt"), "```",
     ]
     (DOCS / "results.md").write_text("\n".join(page) + "\n")
     print(f"wrote {DOCS / 'results.md'}")

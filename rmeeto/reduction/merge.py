@@ -93,8 +93,11 @@ def others_index(cls_index: Tensor, n: int) -> Tensor:
 
 
 def take_rows(x: Tensor, index: Tensor) -> Tensor:
-    """B×N×F, B×K indices → B×K×F rows."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    """B×N×F, B×K indices → B×K×F rows. index_select on the flattened rows: several times faster on CPU
+    than gather with an index expanded over the features (same values: both only copy)."""
+    b, n, f = x.shape
+    rows = (index + torch.arange(b, device=index.device)[:, None] * n).reshape(-1)
+    return x.reshape(b * n, f).index_select(0, rows).view(b, index.shape[1], f)
 
 
 def remove_cls(x: Tensor, cls_index: Tensor) -> tuple[Tensor, Tensor]:
