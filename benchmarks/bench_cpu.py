@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Vim against timm's DeiT of the same size (timed as plain timm) on this CPU: inference and a training step, side by side.
+"""Vim against timm's DeiT of the same size (timed as plain timm) on this CPU, inference and training.
 
 For each size (Ti, S, B): the Vim, the Vim with R-MeeTo at the paper's r, and DeiT, timed in one
 interleaved run (:func:`rmeeto.speed.interleaved`), fp32, 224×224, random weights (speed does not depend
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import timm
 import torch
@@ -55,7 +56,7 @@ def matmul_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     return sum(v for op, v in counts.items() if op.__name__.split(".")[0] in MATMULS) / 2e9 / len(x)
 
 
-def gemm_gflops(threads: int) -> float:
+def gemm_gflops() -> float:
     """This machine's fp32 GEMM rate (GFLOP/s, 2 per multiply-add) at a Vim-S in_proj size (1576×384 @ 384×1536)."""
     a, b = torch.randn(1576, 384), torch.randn(384, 1536)
     for _ in range(3):
@@ -68,7 +69,7 @@ def gemm_gflops(threads: int) -> float:
     return 2 * 1576 * 384 * 1536 / best / 1e9
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> callable:
+def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One forward + cross-entropy + backward + AdamW step on x (lr 0: the weights stay as they are)."""
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     target = torch.zeros(len(x), dtype=torch.long)
@@ -90,6 +91,50 @@ def report(title: str, labels: list[str], speeds: list[Speed], batch: int, roof_
               f"{s.speedup:>7.3f} {s.speedup_spread:>5.0%} {roof:>13.1f}")
 
 
+def bench_size(size: str, gflops: float, batch: int, reps: int, train: bool) -> None:
+    """All tables of one size: inference at ``batch`` and 1, and (``train``) the training step."""
+    vim_name, r, deit_name = SIZES[size]
+    vim, deit = rmeeto.create_model(vim_name).eval(), timm.create_model(deit_name).eval()
+    reducer = R.apply(vim, "rmeeto", r=r)
+    short = vim_name.split("_patch")[0]
+    labels = [deit_name, short, f"{short} R-MeeTo r={r}"]
+    x8 = torch.randn(batch, 3, 224, 224)
+    R.attach(vim, None)
+    gflop = [count(ReducibleViT(deit)), count(vim)]
+    mm = [matmul_gmacs(deit, x8[:1]), matmul_gmacs(vim, x8[:1])]
+    R.attach(vim, reducer)
+    gflop.append(count(vim))
+    mm.append(matmul_gmacs(vim, x8[:1]))
+    print(f"\n== {size}: GFLOPs {' / '.join(f'{g:.2f}' for g in gflop)}, matmul GMACs "
+          f"{' / '.join(f'{m:.2f}' for m in mm)} ({', '.join(labels)})")
+
+    def runs(step: Callable[[nn.Module, torch.Tensor], object], x: torch.Tensor) -> list[Callable[[], object]]:
+        """DeiT, the Vim, the merged Vim: each a call of ``step(model, x)``."""
+        def with_reducer(red):
+            def run():
+                R.attach(vim, red)
+                return step(vim, x)
+            return run
+        return [lambda: step(deit, x), with_reducer(None), with_reducer(reducer)]
+
+    def roof(n: int) -> list[float]:
+        return [2e3 * m * n / gflops for m in mm]
+
+    forward = torch.no_grad()(lambda model, x: model(x))
+    for n in (batch, 1):
+        speeds = interleaved(runs(forward, x8[:n]), n, reps=reps)
+        report(f"{size}: inference, batch {n}", labels, speeds, n, roof(n))
+        speedup = speeds[2].speedup / speeds[1].speedup
+        print(f"R-MeeTo over the unreduced Vim: {speedup:.3f}× measured for a FLOPs ratio of "
+              f"{gflop[1] / gflop[2]:.3f}× (quotient {speedup * gflop[2] / gflop[1]:.2f})")
+    if train:
+        steps = {id(m): train_step(m, x8) for m in (deit, vim)}
+        speeds = interleaved(runs(lambda model, x: steps[id(model)](), x8), batch, warmup=1, reps=reps)
+        report(f"{size}: training step (fwd+bwd+AdamW), batch {batch}", labels, speeds, batch,
+               [3 * t for t in roof(batch)])
+    R.remove(vim)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -100,50 +145,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    gflops = gemm_gflops(args.threads)
+    gflops = gemm_gflops()
     print(f"{args.threads} threads, {backend_summary('cpu')}; GEMM {gflops:.0f} GFLOP/s (fp32, timed here)")
     for size in args.sizes:
-        vim_name, r, deit_name = SIZES[size]
-        vim, deit = rmeeto.create_model(vim_name).eval(), timm.create_model(deit_name).eval()
-        reducer = R.apply(vim, "rmeeto", r=r)
-        labels = [deit_name, vim_name.split("_patch")[0], f"{vim_name.split('_patch')[0]} R-MeeTo r={r}"]
-        x8 = torch.randn(args.batch, 3, 224, 224)
-        gflop = [count(ReducibleViT(deit)), None, count(vim)]
-        R.attach(vim, None)
-        gflop[1] = count(vim)
-        mm = [matmul_gmacs(deit, x8[:1])]
-        mm.append(matmul_gmacs(vim, x8[:1]))
-        R.attach(vim, reducer)
-        mm.append(matmul_gmacs(vim, x8[:1]))
-        print(f"\n== {size}: GFLOPs {' / '.join(f'{g:.2f}' for g in gflop)}, matmul GMACs "
-              f"{' / '.join(f'{m:.2f}' for m in mm)} ({', '.join(labels)})")
-
-        def runs(step, x):
-            def with_reducer(red):
-                def run():
-                    R.attach(vim, red)
-                    return step(vim, x)
-                return run
-            return [lambda: step(deit, x), with_reducer(None), with_reducer(reducer)]
-
-        def roof(batch):
-            return [2e3 * m * batch / gflops for m in mm]
-
-        forward = torch.no_grad()(lambda model, x: model(x))
-        for batch in (args.batch, 1):
-            x = x8[:batch]
-            speeds = interleaved(runs(forward, x), batch, reps=args.reps)
-            report(f"{size}: inference, batch {batch}", labels, speeds, batch, roof(batch))
-            speedup = speeds[2].speedup / speeds[1].speedup
-            print(f"R-MeeTo over the unreduced Vim: {speedup:.3f}× measured for a FLOPs ratio of "
-                  f"{gflop[1] / gflop[2]:.3f}× (quotient {speedup * gflop[2] / gflop[1]:.2f})")
-        if not args.no_train:
-            steps = {id(m): train_step(m, x8) for m in (deit, vim)}
-            speeds = interleaved(runs(lambda model, x: steps[id(model)](), x8), args.batch, warmup=1,
-                                 reps=args.reps)
-            report(f"{size}: training step (fwd+bwd+AdamW), batch {args.batch}", labels, speeds, args.batch,
-                   [3 * t for t in roof(args.batch)])
-        R.remove(vim)
+        bench_size(size, gflops, args.batch, args.reps, not args.no_train)
 
 
 if __name__ == "__main__":

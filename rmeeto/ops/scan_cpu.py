@@ -158,7 +158,7 @@ def _np_of(x: Tensor, tm: bool) -> np.ndarray:
     return (x.transpose(1, 2) if tm else x).numpy()
 
 
-def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn: u, delta, A, B, C, D, z, delta_bias, delta_softplus
+def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, then reverse
     """Fused numba selective scan on CPU tensors (the ScanFn contract; fp32 inside).
 
     reverse: scan from the last position to the first, as scanning the flipped sequence and flipping the
