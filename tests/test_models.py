@@ -193,6 +193,9 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5 * want_logits.abs().max().item())
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
+    with torch.no_grad(), use_backend("cpu"):  # inference also fuses each residual add with its RMSNorm
+        inference = model.eval()(x)
+    torch.testing.assert_close(inference, want_logits, rtol=1e-5, atol=1e-5 * want_logits.abs().max().item())
 
 
 def test_recording_is_off_by_default():

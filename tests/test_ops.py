@@ -347,6 +347,39 @@ def test_causal_conv1d_rejects_unknown_activation():
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu")
 
 
+# --- residual add + RMSNorm --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize("channels", [40, 100, 384])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_cpu_matches_the_module(channels, with_residual):
+    """The fused kernel against RMSNorm.add_forward's torch path: the residual sum exactly, the norm to fp32
+    rounding; 40 and 100 channels are not multiples of the kernel's 64 lanes."""
+    from rmeeto.models.mamba import RMSNorm
+
+    g = torch.Generator().manual_seed(channels)
+    norm = RMSNorm(channels)
+    norm.weight.data = torch.randn(channels, generator=g)
+    hidden, residual = torch.randn(2, 37, channels, generator=g), torch.randn(2, 37, channels, generator=g)
+    residual = residual if with_residual else None
+    normed, new_residual = scan_cpu.add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps)
+    want = hidden if residual is None else residual + hidden
+    assert torch.equal(new_residual, want)
+    torch.testing.assert_close(normed, norm(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_fused_add_norm_only_where_the_kernel_applies():
+    """fp32 on the cpu backend, and only when no gradient is wanted (the kernel has no backward)."""
+    x, w = torch.randn(1, 3, 8), torch.ones(8, requires_grad=True)
+    assert not dispatch.fused_add_norm(x, None, w)
+    with torch.no_grad():
+        assert dispatch.fused_add_norm(x, x, w)
+        assert not dispatch.fused_add_norm(x.bfloat16(), x, w)
+        assert not dispatch.fused_add_norm(x, x, w, backend="torch")
+
+
 # --- selection -------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rmeeto.ops import causal_conv1d, fused_inner, mamba_inner, selective_scan
+from rmeeto.ops import add_rms_norm_cpu, causal_conv1d, fused_add_norm, fused_inner, mamba_inner, selective_scan
 
 
 @dataclass
@@ -45,6 +45,15 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return out.to(self.weight.dtype)
+
+    def add_forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """B×N×C → (normed, new residual): the residual stream plus hidden in fp32 (hidden alone when
+        residual is None), and this norm of it. One pass of a cpu kernel where it applies (fp32, no
+        gradients wanted: :func:`rmeeto.ops.fused_add_norm`), the same values to rounding."""
+        if fused_add_norm(hidden, residual, self.weight):
+            return add_rms_norm_cpu(hidden, residual, self.weight, self.eps)
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        return self(residual.to(self.weight.dtype)), residual
 
 
 class BiMamba(nn.Module):

@@ -111,9 +111,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
-        return hidden, residual
+        normed, residual = self.norm.add_forward(hidden if residual is None else self.drop_path(hidden), residual)
+        return self.mixer(normed), residual
 
 
 class VisionMamba(nn.Module):
@@ -172,8 +171,7 @@ class VisionMamba(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """B×3×H×W → B×C: the normed cls token at its current position."""
         state = self.forward_blocks(self.embed(x))
-        residual = state.residual + self.drop_path(state.hidden).float()
-        hidden = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        hidden, _ = self.norm_f.add_forward(self.drop_path(state.hidden), state.residual)
         return state.cls_rows(hidden)
 
     def forward(self, x: Tensor) -> Tensor:

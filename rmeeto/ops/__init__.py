@@ -9,6 +9,7 @@ from .dispatch import (
     available_backends,
     backend_summary,
     causal_conv1d,
+    fused_add_norm,
     fused_inner,
     get_backend,
     selective_scan,
@@ -16,11 +17,14 @@ from .dispatch import (
     unavailable_backends,
     use_backend,
 )
+from .scan_cpu import add_rms_norm_cpu
 
 __all__ = [
+    "add_rms_norm_cpu",
     "available_backends",
     "backend_summary",
     "causal_conv1d",
+    "fused_add_norm",
     "fused_inner",
     "get_backend",
     "mamba_inner",

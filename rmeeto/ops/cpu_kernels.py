@@ -496,3 +496,28 @@ def conv_backward(x, wt, bias, rev, silu, gout, chunk, ga, gx, gw, gbias):
                     for d in range(nd):
                         gx[b, s, d] = _fma(wt[k, d], ga[b, t, d], gx[b, s, d])
                         gw[task, k, d] = _fma(ga[b, t, d], x[b, s, d], gw[task, k, d])
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def add_rms_norm(hidden, residual, has_residual, weight, eps, chunk, out_res, out_norm):
+    """Per row r of C channels (all arrays R×C but weight (C,)): out_res[r] = residual[r] + hidden[r]
+    (hidden[r] alone unless has_residual); out_norm[r] = out_res[r] / sqrt(mean(out_res[r]²) + eps) · weight.
+    Tasks of ``chunk`` rows; squares are summed into LANES partial sums, then by _lane_sum's fixed tree."""
+    nr, nc = hidden.shape
+    full = nc - nc % LANES
+    for task in prange((nr + chunk - 1) // chunk):
+        acc = np.empty(LANES, np.float32)
+        for r in range(task * chunk, min(nr, (task + 1) * chunk)):
+            for c in range(nc):
+                out_res[r, c] = residual[r, c] + hidden[r, c] if has_residual else hidden[r, c]
+            acc[:] = 0
+            for c0 in range(0, full, LANES):
+                for j in range(LANES):
+                    v = out_res[r, c0 + j]
+                    acc[j] = _fma(v, v, acc[j])
+            for c in range(full, nc):
+                v = out_res[r, c]
+                acc[c - full] = _fma(v, v, acc[c - full])
+            scale = _F1 / np.sqrt(_lane_sum(acc, 0) / np.float32(nc) + eps)
+            for c in range(nc):
+                out_norm[r, c] = out_res[r, c] * scale * weight[c]

@@ -171,6 +171,17 @@ def fused_inner(x: Tensor, conv_width: int, backend: str | None = None) -> bool:
     )
 
 
+def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, backend: str | None = None) -> bool:
+    """True when residual add + RMSNorm can run as one cpu kernel (scan_cpu.add_rms_norm_cpu): the `cpu`
+    backend, all fp32, and no gradients wanted (the kernel has no backward)."""
+    tensors = [t for t in (hidden, residual, weight) if t is not None]
+    return (
+        resolve_backend(hidden, backend) == "cpu"
+        and all(t.dtype == torch.float32 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,

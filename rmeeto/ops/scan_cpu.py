@@ -1,5 +1,5 @@
-"""`cpu` backend: fused numba selective scan (forward and backward) and causal conv (available only if
-numba imports).
+"""`cpu` backend: fused numba selective scan (forward and backward), causal conv, and residual add +
+RMSNorm (available only if numba imports).
 
 Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless
 NUMBA_THREADING_LAYER is set), and its OpenMP runtime is loaded with OMP_WAIT_POLICY=PASSIVE (unless
@@ -217,3 +217,22 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
         raise RuntimeError("the cpu causal-conv backend needs numba")
     weight, bias = weight.float(), None if bias is None else bias.float()
     return _CpuConv.apply(x.float(), weight, bias, activation is not None, reverse).to(x.dtype)
+
+
+def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(normed, residual + hidden) in one pass over B×N×C fp32 tensors (hidden alone when residual is None):
+    normed = RMSNorm(residual + hidden) · weight. No autograd: for forwards that need no gradients."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu add + RMSNorm kernel needs numba")
+    pair = (hidden, hidden if residual is None else residual)  # the kernel ignores the second when there is no residual
+    rows = [t.detach().reshape(-1, t.shape[-1]).contiguous() for t in pair]
+    out_res, out_norm = torch.empty_like(rows[0]), torch.empty_like(rows[0])
+    with _LOCK:
+        _threads()
+        _k.add_rms_norm(*_np(rows), residual is not None, weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
+                        out_res.numpy(), out_norm.numpy())  # fmt: skip
+    return out_norm.view(hidden.shape), out_res.view(hidden.shape)
+
+
+_NORM_CHUNK = 32
+"""Rows per task of the add + RMSNorm kernel."""
