@@ -18,16 +18,13 @@ def conv_weight(weight: Tensor) -> Tensor:
 
 
 def causal_conv1d_torch(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu", reverse: bool = False
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu"
 ) -> Tensor:
     """x: B×D×L, weight: D×K (or D×1×K), bias: (D,) → B×D×L; left-padded by K−1, optional SiLU.
-    reverse: the conv of the flipped sequence, flipped back (anti-causal).
 
     Computes in the weight's dtype and returns x's dtype.
     """
     check_activation(activation)
-    if reverse:
-        return causal_conv1d_torch(x.flip(-1), weight, bias, activation).flip(-1)
     weight = conv_weight(weight)
     dim, width = weight.shape
     out = F.conv1d(x.to(weight.dtype), weight[:, None], bias, padding=width - 1, groups=dim)[..., : x.shape[-1]]
