@@ -101,8 +101,10 @@ def bipartite_plan(metric: Tensor, r: int, *, distance: Distance = "cosine", kth
     merged[:, 0::2] = mask_of(src, num_a)
     partner = torch.full((b, m), -1, dtype=torch.long, device=device)
     partner[:, 0::2] = 2 * node_idx + 1
-    b_pos = 2 * torch.arange(num_b, device=device) + 1
-    tome_order = torch.cat([2 * unm, b_pos.expand(b, num_b)], dim=1)
+    tome_order = None
+    if order == "unordered":  # unmerged A by descending score, then the B tokens (odd positions) in order
+        b_pos = 2 * torch.arange(num_b, device=device) + 1
+        tome_order = torch.cat([2 * unm, b_pos.expand(b, num_b)], dim=1)
     plan = finish_plan(merged, partner, r, prune=prune, order=order, explicit_order=tome_order,
                        cls_index=cls_index, cls_rule=cls_rule)
     if order == "unordered" and cls_index is not None:
