@@ -34,9 +34,9 @@ def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
     return (3, nl, LANES), (nl, LANES), (nl, LANES), (nl, LANES), (nn, LANES)
 
 
-def backward_scratch(nl: int) -> tuple[tuple[int, ...], ...]:
+def backward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
     """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb."""
-    return (3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, LANES), (nl, LANES), *[(LANES,)] * 4
+    return (3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), (nl, nn, LANES), *[(nn, LANES)] * 2, *[(LANES,)] * 2
 
 
 @intrinsic
@@ -315,16 +315,16 @@ def scan_backward(
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
     xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
 ):  # fmt: skip
-    """Gradients of scan_forward, gathering the inputs again and recomputing the states of one state
-    index n at a time. gout, gu, gdelta, gz in the layout of u (tm); gB, gC in scan order.
+    """Gradients of scan_forward, gathering the inputs again and recomputing the states. gout, gu, gdelta,
+    gz in the layout of u (tm); gB, gC in scan order.
 
     Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
     (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
     are partial sums too. Scratch per group g (G×…; one array per role, so LLVM knows they do not
     overlap): xs 3×L×LANES, dt, dtu (see _load_block); L×LANES: go ∂out (then ∂out·silu'(z)),
     gy ∂y, gdec Σ_n ∂/∂dt through the decay (then ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before
-    the gate (then ∂z); hs (L+1)×LANES states, da L×LANES decays; LANES: gh carried ∂h, gacc ∂A,
-    pc ∂y·h and pb ∂h·dt·u (lane-summed into gC, gB).
+    the gate (then ∂z); hs (L+1)×N×LANES states, da L×N×LANES decays; N×LANES: gh carried ∂h,
+    gacc ∂A; LANES: pc ∂y·h and pb ∂h·dt·u (lane-summed into gC, gB).
     """
     nb, nl = gu.shape[0], dt.shape[1]
     nblk = At.shape[0]
@@ -370,46 +370,52 @@ def _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k):
 @njit(inline="always")
 def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, g, b, k, p, first):
     """Recurrence gradients for batch b, channel block k: adds to gdec[g], ghb[g], yb[g]; fills
-    gA[b, k] and gB[p, b], gC[p, b]."""
+    gA[b, k] and gB[p, b], gC[p, b].
+
+    Both passes run time outer, state index inner (as scan_forward does), so the rows of one position
+    stay in L1 while all N states use them; the states and decays of every position are stored
+    (hs[t + 1], da[t]: N×LANES each, hs[0] = 0) rather than recomputed, which costs one exp per
+    element and keeps the sums in the same order as a state-by-state pass would.
+    """
     nl, nn = dt.shape[1], At.shape[1]
     pc_flat, pb_flat = pc.reshape(-1), pb.reshape(-1)
     for n in range(nn):
         for j in range(LANES):
-            hs[g, 0, j] = 0
-            gh[g, j] = 0
-            gacc[g, j] = 0
-        for t in range(nl):
-            cv = Cm[b, t, n]
+            hs[g, 0, n, j] = 0
+            gh[g, n, j] = 0
+            gacc[g, n, j] = 0
+    for t in range(nl):
+        for n in range(nn):
             bv = Bm[b, t, n]
+            cv = Cm[b, t, n]
             for j in range(LANES):
                 a = _exp(dt[g, t, j] * At[k, n, j])
-                hv = _fma(a, gh[g, j], dtu[g, t, j] * bv)
-                gh[g, j] = hv
-                da[g, t, j] = a
-                hs[g, t + 1, j] = hv
+                hv = _fma(a, hs[g, t, n, j], dtu[g, t, j] * bv)
+                da[g, t, n, j] = a
+                hs[g, t + 1, n, j] = hv
                 yb[g, t, j] = _fma(hv, cv, yb[g, t, j])
-        for j in range(LANES):
-            gh[g, j] = 0
-        for t in range(nl - 1, -1, -1):
+    for t in range(nl - 1, -1, -1):
+        for n in range(nn):
             bv = Bm[b, t, n]
             cv = Cm[b, t, n]
             for j in range(LANES):
                 gyv = gy[g, t, j]
-                ghv = _fma(gyv, cv, gh[g, j])
-                pc[g, j] = gyv * hs[g, t + 1, j]
+                ghv = _fma(gyv, cv, gh[g, n, j])
+                pc[g, j] = gyv * hs[g, t + 1, n, j]
                 pb[g, j] = ghv * dtu[g, t, j]
-                a = da[g, t, j]
-                ga = ghv * hs[g, t, j] * a
+                a = da[g, t, n, j]
+                ga = ghv * hs[g, t, n, j] * a
                 gdec[g, t, j] = _fma(ga, At[k, n, j], gdec[g, t, j])
                 ghb[g, t, j] = _fma(ghv, bv, ghb[g, t, j])
-                gacc[g, j] = _fma(ga, dt[g, t, j], gacc[g, j])
-                gh[g, j] = ghv * a
+                gacc[g, n, j] = _fma(ga, dt[g, t, j], gacc[g, n, j])
+                gh[g, n, j] = ghv * a
             sum_c = _lane_sum(pc_flat, g * LANES)
             sum_b = _lane_sum(pb_flat, g * LANES)
             gC[p, b, n, t] = sum_c if first else gC[p, b, n, t] + sum_c
             gB[p, b, n, t] = sum_b if first else gB[p, b, n, t] + sum_b
+    for n in range(nn):
         for j in range(LANES):
-            gA[b, k, n, j] = gacc[g, j]
+            gA[b, k, n, j] = gacc[g, n, j]
 
 
 @njit(inline="always")

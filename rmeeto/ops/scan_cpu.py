@@ -108,7 +108,7 @@ class _CpuScan(torch.autograd.Function):
             parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
             groups = min(threads, nb * parts)
             g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
-            scratch = [np.empty((groups, *s), np.float32) for s in _k.backward_scratch(L)]
+            scratch = [np.empty((groups, *s), np.float32) for s in _k.backward_scratch(L, nn)]
             data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
             _k.scan_backward(*data[:4], tm, reverse, A_b, B_l, C_l, D_b, bias_b, ctx.softplus, ctx.has_z,
                              *data[4:], *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
