@@ -261,6 +261,27 @@ def test_cpu_kernel_exp_and_softplus_accuracy():
     assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
 
 
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_kernels_ask_for_full_width_vectors_where_the_cpu_has_avx512(monkeypatch):
+    """_full_width marks the function compiled around it (each kernel's parallel body) with LLVM's
+    prefer-vector-width=512 when the CPU numba compiles for has AVX-512, and with nothing otherwise."""
+    import numba
+
+    from rmeeto.ops import cpu_kernels as k
+
+    @numba.njit(cache=False)
+    def body(x):
+        k._full_width()
+        return x + 1.0
+
+    assert body(1.0) == 2.0
+    assert ('"prefer-vector-width"="512"' in body.inspect_llvm(body.signatures[0])) == (k._VECTOR_BITS == 512)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert k._vector_bits() is None
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
+    assert k._vector_bits() == 512
+
+
 _THREADS_PROBE = """
 import os, numba, torch
 from rmeeto.ops.scan_cpu import selective_scan_cpu
