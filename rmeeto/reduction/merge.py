@@ -52,7 +52,7 @@ def slot_sums(values: Tensor, dest: Tensor, k: int) -> Tensor:
     in token order. index_add_ adds whole rows: several times faster on CPU than scatter_add_ with an
     index expanded over the channels, with the same sums."""
     b, m = dest.shape
-    rows = (dest + torch.arange(b, device=dest.device)[:, None] * k).reshape(b * m)
+    rows = flat_rows(dest, k)
     out = values.new_zeros(b * k, *values.shape[2:])
     return out.index_add_(0, rows, values.reshape(b * m, *values.shape[2:])).view(b, k, *values.shape[2:])
 
@@ -96,8 +96,12 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     """B×N×F, B×K indices → B×K×F rows. index_select on the flattened rows: several times faster on CPU
     than gather with an index expanded over the features (same values: both only copy)."""
     b, n, f = x.shape
-    rows = (index + torch.arange(b, device=index.device)[:, None] * n).reshape(-1)
-    return x.reshape(b * n, f).index_select(0, rows).view(b, index.shape[1], f)
+    return x.reshape(b * n, f).index_select(0, flat_rows(index, n)).view(b, index.shape[1], f)
+
+
+def flat_rows(index: Tensor, n: int) -> Tensor:
+    """B×K indices into each image's N rows → (B·K,) indices into the B·N rows of the flattened batch."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * n).reshape(-1)
 
 
 def remove_cls(x: Tensor, cls_index: Tensor) -> tuple[Tensor, Tensor]:
