@@ -243,6 +243,30 @@ def test_cpu_backend_float64_inputs_compute_in_fp32():
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_ops_without_gradients_skip_the_graph_and_give_the_same_values(monkeypatch):
+    """With nothing to differentiate (no_grad, or no input that requires grad) the cpu scan and conv run
+    their kernels without their autograd functions, and give the values of the recorded path."""
+    x, softplus = make_inputs(2, 70, 19, 5)
+    w, bias, u_tm = torch.randn(70, 4), torch.randn(70), torch.randn(2, 19, 70).transpose(1, 2)  # conv: token-major
+    leaves = {k: v if v is None else v.clone().requires_grad_() for k, v in x.items()}
+    recorded = [selective_scan(**leaves, delta_softplus=softplus, backend="cpu", reverse=rev) for rev in (False, True)]
+    recorded.append(causal_conv1d(u_tm.clone().requires_grad_(), w, bias, backend="cpu"))
+    assert all(y.grad_fn is not None for y in recorded)
+
+    def unexpected(*args):
+        raise AssertionError("autograd function called with nothing to differentiate")
+
+    monkeypatch.setattr(scan_cpu._CpuScan, "apply", unexpected)
+    monkeypatch.setattr(scan_cpu._CpuConv, "apply", unexpected)
+    with torch.no_grad():
+        plain = [selective_scan(**leaves, delta_softplus=softplus, backend="cpu")]
+    plain.append(selective_scan(**x, delta_softplus=softplus, backend="cpu", reverse=True))
+    plain.append(causal_conv1d(u_tm, w, bias, backend="cpu"))
+    for y, y_rec in zip(plain, recorded, strict=True):
+        torch.testing.assert_close(y, y_rec.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_cpu_kernel_exp_and_softplus_accuracy():
     import numba
     import numpy as np

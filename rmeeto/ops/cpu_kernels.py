@@ -12,7 +12,8 @@ scratch) instead of storing them in the forward.
     u, delta, z, gout, out, gu, gdelta, gz: B×D×L, or all B×L×D ("token-major", tm)
     (z, gz: any such array when has_z is False)
     rev: scan from the last position to the first (tm only: rows are gathered in reverse order)
-    At: K×N×LANES    Dv, bias: K×LANES (zero-padded; zeros mean "absent")    Bm, Cm: B×L×N
+    A: D×N    Dv, bias: (D,) (zeros mean "absent")    Bm, Cm: B×L×N
+    Each task lays out its block's A, Dv and bias as lanes itself (scratch ps, zero-padded past D).
 """
 
 import numba
@@ -22,6 +23,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 LANES = 64
+D_SKIP, BIAS = 0, 1
+"""Rows of the parameter scratch ps after the N rows of A (see _load_params)."""
 
 _F1 = np.float32(1.0)
 _LOG2E = np.float32(1.44269504)
@@ -31,13 +34,14 @@ _SOFTPLUS_LINEAR = np.float32(20.0)  # softplus(x) = x above this (as torch does
 
 
 def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_forward: xs, dt, dtu, ys, h."""
-    return (3, nl, LANES), (nl, LANES), (nl, LANES), (nl, LANES), (nn, LANES)
+    """Per-group scratch shapes of scan_forward: xs, dt, dtu, ys, h, ps."""
+    return (3, nl, LANES), (nl, LANES), (nl, LANES), (nl, LANES), (nn, LANES), (nn + 2, LANES)
 
 
 def backward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb."""
-    return (3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), (nl, nn, LANES), *[(nn, LANES)] * 2, *[(LANES,)] * 2
+    """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, ps."""
+    return ((3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), (nl, nn, LANES), *[(nn, LANES)] * 2,
+            *[(LANES,)] * 2, (nn + 2, LANES))
 
 
 def _vector_bits() -> int | None:
@@ -277,10 +281,25 @@ def _from_rows(src, base, tm, rev, dst, b, k):
 
 
 @njit(inline="always")
-def _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k):
-    """Rows for batch b, block k (see _to_rows): xs[g] = u, x = delta + bias, z (if has_z);
-    dt[g] = softplus?(x); dtu[g] = dt·u."""
+def _load_params(A, Dv, bias, ps, g, k):
+    """Block k's parameters as lanes, zeros past D: ps[g, n] = A[k·LANES + j, n] for n < N, then the
+    rows D_SKIP (Dv) and BIAS (bias)."""
+    nd, nn = A.shape
+    nj = min(LANES, nd - k * LANES)
+    for n in range(nn):
+        for j in range(LANES):
+            ps[g, n, j] = A[k * LANES + j, n] if j < nj else 0
+    for j in range(LANES):
+        ps[g, nn + D_SKIP, j] = Dv[k * LANES + j] if j < nj else 0
+        ps[g, nn + BIAS, j] = bias[k * LANES + j] if j < nj else 0
+
+
+@njit(inline="always")
+def _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k):
+    """Rows for batch b, block k (see _to_rows): xs[g] = u, x = delta + bias (ps, see _load_params),
+    z (if has_z); dt[g] = softplus?(x); dtu[g] = dt·u."""
     nl = dt.shape[1]
+    nn = ps.shape[1] - 2
     row = nl * LANES
     flat = xs.reshape(-1)
     _to_rows(u, tm, rev, b, k, flat, 3 * g * row)
@@ -289,7 +308,7 @@ def _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, 
         _to_rows(z, tm, rev, b, k, flat, (3 * g + 2) * row)
     for t in range(nl):
         for j in range(LANES):
-            xs[g, 1, t, j] += bias[k, j]
+            xs[g, 1, t, j] += ps[g, nn + BIAS, j]
     for t in range(nl):
         for j in range(LANES):
             x = xs[g, 1, t, j]
@@ -299,15 +318,16 @@ def _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, 
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def scan_forward(u, delta, z, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h):
+def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps):
     """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
     along L when rev).
 
     Scratch per group g (G×…): xs 3×L×LANES, dt, dtu L×LANES (see _load_block), ys L×LANES,
-    h N×LANES (the states, all N advanced together one step t at a time).
+    h N×LANES (the states, all N advanced together one step t at a time), ps (N+2)×LANES (_load_params).
     """
     nb, nl = out.shape[0], dt.shape[1]
-    nblk, nn = At.shape[0], At.shape[1]
+    nn = A.shape[1]
+    nblk = (A.shape[0] + LANES - 1) // LANES
     ntask = nb * nblk
     ngroup = h.shape[0]
     ys_flat = ys.reshape(-1)
@@ -317,18 +337,19 @@ def scan_forward(u, delta, z, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z, ou
         while task < ntask:
             b = task // nblk
             k = task % nblk
-            _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k)
+            _load_params(A, Dv, bias, ps, g, k)
+            _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k)
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
             for t in range(nl):
                 for j in range(LANES):
-                    ys[g, t, j] = Dv[k, j] * xs[g, 0, t, j]
+                    ys[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
                 for n in range(nn):
                     bv = Bm[b, t, n]
                     cv = Cm[b, t, n]
                     for j in range(LANES):
-                        hv = _fma(_exp(dt[g, t, j] * At[k, n, j]), h[g, n, j], dtu[g, t, j] * bv)
+                        hv = _fma(_exp(dt[g, t, j] * ps[g, n, j]), h[g, n, j], dtu[g, t, j] * bv)
                         h[g, n, j] = hv
                         ys[g, t, j] = _fma(hv, cv, ys[g, t, j])
                 if has_z:
@@ -341,9 +362,9 @@ def scan_forward(u, delta, z, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z, ou
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_backward(
-    u, delta, z, gout, tm, rev, At, Bm, Cm, Dv, bias, softplus, has_z,
+    u, delta, z, gout, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z,
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
-    xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
+    xs, dt, dtu, go, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, ps,
 ):  # fmt: skip
     """Gradients of scan_forward, gathering the inputs again and recomputing the states. gout, gu, gdelta,
     gz in the layout of u (tm); gB, gC in scan order.
@@ -354,10 +375,10 @@ def scan_backward(
     _load_block); L×LANES: go ∂out (then ∂out·silu'(z)), gy ∂y, gdec Σ_n ∂/∂dt through the decay (then
     ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before the gate (then ∂z); hs (L+1)×N×LANES states, da
     L×N×LANES decays; N×LANES: gh carried ∂h, gacc ∂A; LANES: pc ∂y·h and pb ∂h·dt·u (lane-summed into
-    gC, gB).
+    gC, gB); ps (N+2)×LANES (_load_params).
     """
     nb, nl = gu.shape[0], dt.shape[1]
-    nblk = At.shape[0]
+    nblk = gA.shape[1]
     npart = gB.shape[0]
     ntask = nb * npart
     ngroup = hs.shape[0]
@@ -370,13 +391,14 @@ def scan_backward(
             b = task // npart
             p = task % npart
             for k in range(p * nblk // npart, (p + 1) * nblk // npart):
-                _load_block(u, delta, z, tm, rev, bias, softplus, has_z, xs, dt, dtu, g, b, k)
+                _load_params(A, Dv, bias, ps, g, k)
+                _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k)
                 _to_rows(gout, tm, rev, b, k, go_flat, g * row)
-                _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k)
+                _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g)
                 first = k == p * nblk // npart
-                _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb,
+                _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, ps,
                                 g, b, k, p, first)  # fmt: skip
-                _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, k)
+                _block_finish(softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, ps, g, b, k)
                 _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
                 _from_rows(ghb_flat, g * row, tm, rev, gu, b, k)
                 if has_z:
@@ -385,8 +407,9 @@ def scan_backward(
 
 
 @njit(inline="always")
-def _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k):
+def _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g):
     """gy = ∂out·silu(z), go *= silu'(z) (when has_z, else gy = ∂out); gdec, ghb zeroed, yb = D·u."""
+    nn = ps.shape[1] - 2
     for t in range(go.shape[1]):
         for j in range(LANES):
             zv, gov = xs[g, 2, t, j] if has_z else _F1, go[g, t, j]
@@ -395,11 +418,11 @@ def _grad_in(Dv, has_z, xs, go, gy, gdec, ghb, yb, g, k):
             go[g, t, j] = gov * s * (_F1 + zv * (_F1 - s)) if has_z else gov
             gdec[g, t, j] = 0
             ghb[g, t, j] = 0
-            yb[g, t, j] = Dv[k, j] * xs[g, 0, t, j]
+            yb[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
 
 
 @njit(inline="always")
-def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, g, b, k, p, first):
+def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, gh, gacc, pc, pb, ps, g, b, k, p, first):
     """Recurrence gradients for batch b, channel block k: adds to gdec[g], ghb[g], yb[g]; fills
     gA[b, k] and gB[p, b], gC[p, b].
 
@@ -408,7 +431,7 @@ def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, 
     (hs[t + 1], da[t]: N×LANES each, hs[0] = 0) rather than recomputed, which costs one exp per
     element and keeps the sums in the same order as a state-by-state pass would.
     """
-    nl, nn = dt.shape[1], At.shape[1]
+    nl, nn = dt.shape[1], ps.shape[1] - 2
     pc_flat, pb_flat = pc.reshape(-1), pb.reshape(-1)
     for n in range(nn):
         for j in range(LANES):
@@ -420,7 +443,7 @@ def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, 
             bv = Bm[b, t, n]
             cv = Cm[b, t, n]
             for j in range(LANES):
-                a = _exp(dt[g, t, j] * At[k, n, j])
+                a = _exp(dt[g, t, j] * ps[g, n, j])
                 hv = _fma(a, hs[g, t, n, j], dtu[g, t, j] * bv)
                 da[g, t, n, j] = a
                 hs[g, t + 1, n, j] = hv
@@ -436,7 +459,7 @@ def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, 
                 pb[g, j] = ghv * dtu[g, t, j]
                 a = da[g, t, n, j]
                 ga = ghv * hs[g, t, n, j] * a
-                gdec[g, t, j] = _fma(ga, At[k, n, j], gdec[g, t, j])
+                gdec[g, t, j] = _fma(ga, ps[g, n, j], gdec[g, t, j])
                 ghb[g, t, j] = _fma(ghv, bv, ghb[g, t, j])
                 gacc[g, n, j] = _fma(ga, dt[g, t, j], gacc[g, n, j])
                 gh[g, n, j] = ghv * a
@@ -450,9 +473,10 @@ def _block_backward(At, Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, da, 
 
 
 @njit(inline="always")
-def _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, k):
+def _block_finish(softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, ps, g, b, k):
     """In place: gdec → ∂delta, ghb → ∂u, yb → ∂z for batch b, block k; partial sums gD[b, k],
     gbias[b, k]."""
+    nn = ps.shape[1] - 2
     for j in range(LANES):
         gD[b, k, j] = 0
         gbias[b, k, j] = 0
@@ -462,7 +486,7 @@ def _block_finish(Dv, softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, g, b, 
             gdt = _fma(hb, uv, gdec[g, t, j])
             gdl = gdt * _sigmoid(xs[g, 1, t, j])
             gdec[g, t, j] = gdl if softplus else gdt
-            ghb[g, t, j] = _fma(hb, dt[g, t, j], gyv * Dv[k, j])
+            ghb[g, t, j] = _fma(hb, dt[g, t, j], gyv * ps[g, nn + D_SKIP, j])
             yb[g, t, j] = go[g, t, j] * yb[g, t, j]
             gD[b, k, j] = _fma(gyv, uv, gD[b, k, j])
             gbias[b, k, j] += gdl if softplus else gdt

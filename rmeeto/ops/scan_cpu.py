@@ -37,17 +37,9 @@ if AVAILABLE and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 
-def _lanes(x: Tensor | None, nd: int, nblk: int) -> np.ndarray:
-    """D×M (or (D,)) per-channel parameter → K×M×LANES, zero-padded (zeros when x is None).
-
-    In numpy: these small reshapes cost a few µs there and several aten calls each in torch.
-    """
-    if x is None:
-        return np.zeros((nblk, 1, _k.LANES), np.float32)
-    x = x.detach().reshape(nd, -1).numpy()
-    out = np.zeros((nblk * _k.LANES, x.shape[1]), np.float32)
-    out[:nd] = x
-    return np.ascontiguousarray(out.reshape(nblk, _k.LANES, -1).transpose(0, 2, 1))
+def _param(x: Tensor | None, nd: int) -> np.ndarray:
+    """A per-channel parameter (D×N, or (D,)) as the kernels read it: contiguous fp32 (zeros when None)."""
+    return np.zeros(nd, np.float32) if x is None else x.detach().contiguous().numpy()
 
 
 def _threads() -> int:
@@ -66,38 +58,40 @@ def _threads() -> int:
     return n
 
 
+def _scan(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool) -> tuple[Tensor, tuple]:
+    """Run the forward kernel (fp32 CPU tensors; D, z, delta_bias may be None) → (out, what the backward
+    kernel reads again: u, delta, z laid out, whether token-major, the kernel's A, B, C, D and bias arrays)."""
+    nb, nd, L = u.shape
+    tm = reverse or token_major(u)
+    u, delta, zl = (_layout(x, tm) for x in (u, delta, u if z is None else z))
+    arrays = (_param(A, nd), *(_scan_order(x, reverse) for x in (B, C)), _param(D, nd), _param(delta_bias, nd))
+    out = _new(u, tm)
+    with _LOCK:
+        groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
+        scratch = [np.empty((groups, *s), np.float32) for s in _k.forward_scratch(L, A.shape[1])]
+        _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, zl)), tm, reverse, *arrays, softplus, z is not None,
+                        _np_of(out, tm), _counter(), *scratch)  # fmt: skip
+    return out, (u, delta, zl, tm, arrays)
+
+
 class _CpuScan(torch.autograd.Function):
     """Fused scan on fp32 CPU tensors; D, z, delta_bias may be None (see selective_scan_cpu)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool) -> Tensor:
-        nb, nd, L = u.shape
-        nblk = math.ceil(nd / _k.LANES)
-        has_z = z is not None
-        tm = reverse or token_major(u)
-        u, delta, z = (_layout(x, tm) for x in (u, delta, z if has_z else u))
-        A_b = _lanes(A, nd, nblk)  # K×N×LANES
-        D_b, bias_b = _lanes(D, nd, nblk)[:, 0], _lanes(delta_bias, nd, nblk)[:, 0]  # K×LANES
-        B_l, C_l = (_scan_order(x, reverse) for x in (B, C))  # B×L×N copies
-        out = _new(u, tm)
-        with _LOCK:
-            groups = min(_threads(), nb * nblk)
-            scratch = [np.empty((groups, *s), np.float32) for s in _k.forward_scratch(L, A.shape[1])]
-            _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, z)), tm, reverse, A_b, B_l, C_l, D_b, bias_b,
-                            softplus, has_z, _np_of(out, tm), _counter(), *scratch)  # fmt: skip
-        ctx.save_for_backward(u, delta, z)
-        ctx.params, ctx.softplus, ctx.has_z = (A_b, B_l, C_l, D_b, bias_b), softplus, has_z
-        ctx.tm, ctx.reverse = tm, reverse
+        out, (u, delta, zl, ctx.tm, ctx.arrays) = _scan(u, delta, A, B, C, D, z, delta_bias, softplus, reverse)
+        ctx.save_for_backward(u, delta, zl)
+        ctx.softplus, ctx.has_z, ctx.reverse = softplus, z is not None, reverse
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, z = ctx.saved_tensors
-        A_b, B_l, C_l, D_b, bias_b = ctx.params
         tm, reverse = ctx.tm, ctx.reverse
         nb, nd, L = gout.shape
-        nblk, nn, lanes = A_b.shape
+        nn, lanes = ctx.arrays[0].shape[1], _k.LANES
+        nblk = math.ceil(nd / lanes)
         gout = _layout(gout.float(), tm)
         g_u, g_delta = _new(u, tm), _new(u, tm)
         g_z = _new(u, tm) if ctx.has_z else g_u
@@ -110,7 +104,7 @@ class _CpuScan(torch.autograd.Function):
             g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
             scratch = [np.empty((groups, *s), np.float32) for s in _k.backward_scratch(L, nn)]
             data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
-            _k.scan_backward(*data[:4], tm, reverse, A_b, B_l, C_l, D_b, bias_b, ctx.softplus, ctx.has_z,
+            _k.scan_backward(*data[:4], tm, reverse, *ctx.arrays, ctx.softplus, ctx.has_z,
                              *data[4:], *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
         g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
         g_B, g_C = (g.sum(0).flip(-1) if reverse else g.sum(0) for g in (g_B, g_C))
@@ -168,8 +162,30 @@ def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, 
     if not AVAILABLE:
         raise RuntimeError("the cpu selective-scan backend needs numba")
     *tensors, softplus = args
-    y = _CpuScan.apply(*(None if x is None else x.float() for x in tensors), bool(softplus), reverse)
+    tensors = [None if x is None else x.float() for x in tensors]
+    if _wants_grad(tensors):
+        y = _CpuScan.apply(*tensors, bool(softplus), reverse)
+    else:  # no graph to record: the kernel alone, without the autograd function's overhead
+        y = _scan(*tensors, bool(softplus), reverse)[0]
     return y.to(args[0].dtype)
+
+
+def _wants_grad(tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> tuple[Tensor, tuple]:
+    """Run the conv's forward kernel (fp32 CPU tensors) → (out, what the backward kernel reads again: x laid
+    out token-major, the K×D taps, the bias)."""
+    x = _layout(x, True)
+    taps = conv_weight(weight).detach().t().contiguous()  # K×D
+    b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
+    out = _new(x, True)
+    with _LOCK:
+        _threads()
+        _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
+    return out, (x, taps, b)
 
 
 class _CpuConv(torch.autograd.Function):
@@ -177,14 +193,8 @@ class _CpuConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
-        x = _layout(x, True)
-        taps = conv_weight(weight).detach().t().contiguous()  # K×D
-        b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
-        out = _new(x, True)
-        with _LOCK:
-            _threads()
-            _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
-        ctx.save_for_backward(x, taps, b)
+        out, saved = _conv(x, weight, bias, silu, reverse)
+        ctx.save_for_backward(*saved)
         ctx.silu, ctx.reverse, ctx.weight_shape, ctx.has_bias = silu, reverse, weight.shape, bias is not None
         return out
 
@@ -215,8 +225,10 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     B×L×D memory (copied there otherwise), and so is the result; fp32 inside, x's dtype out."""
     if not AVAILABLE:
         raise RuntimeError("the cpu causal-conv backend needs numba")
-    weight, bias = weight.float(), None if bias is None else bias.float()
-    return _CpuConv.apply(x.float(), weight, bias, activation is not None, reverse).to(x.dtype)
+    tensors = [x.float(), weight.float(), None if bias is None else bias.float()]
+    if _wants_grad(tensors):
+        return _CpuConv.apply(*tensors, activation is not None, reverse).to(x.dtype)
+    return _conv(*tensors, activation is not None, reverse)[0].to(x.dtype)
 
 
 def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
