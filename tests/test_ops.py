@@ -267,7 +267,7 @@ def test_cpu_ops_without_gradients_skip_the_graph_and_give_the_same_values(monke
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
-def test_cpu_kernel_exp_and_softplus_accuracy():
+def test_cpu_kernel_exp_exp2_and_softplus_accuracy():
     import numba
     import numpy as np
 
@@ -280,6 +280,9 @@ def test_cpu_kernel_exp_and_softplus_accuracy():
     x = np.linspace(-87, 88, 200_001, dtype=np.float32)
     want = np.exp(x.astype(np.float64))
     assert (np.abs(apply(k._exp, x) - want) / want).max() < 2.5e-7
+    x = np.concatenate([np.linspace(-125, 126, 200_001, dtype=np.float32), np.float32([-0.5, 0.5, 1e-9])])
+    want = np.exp2(x.astype(np.float64))  # the decays' 2^x
+    assert (np.abs(apply(k._exp2, x) - want) / want).max() < 2e-7
     x = np.linspace(-40, 40, 200_001, dtype=np.float32)
     want = np.logaddexp(0, x.astype(np.float64))
     assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
