@@ -161,8 +161,11 @@ class BiMamba(nn.Module):
                 B=(b_f, b_b),
                 C=(c_f, c_b),
             )
-        out = self.out_proj((y_f + y_b).transpose(1, 2))  # no copy: token-major y on the cpu backend
-        return out / 2 if self.divide_out else out  # halving after the linear map is exact: fewer values
+        # in place where autograd allows (nothing recorded on y_f), as the halving always is: each new B×L×Dᵢ
+        # buffer costs page faults on a CPU (glibc hands big blocks back to the OS when freed)
+        y = y_f + y_b if y_f.requires_grad else y_f.add_(y_b)
+        out = self.out_proj(y.transpose(1, 2))  # no copy: token-major y on the cpu backend
+        return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:
