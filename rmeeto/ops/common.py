@@ -1,4 +1,5 @@
-"""The one scan signature (``ScanFn``) and the shared pre/post-processing around a core scan."""
+"""The one scan signature (``ScanFn``), the shared pre/post-processing around a core scan, and
+``wants_grad``."""
 
 from typing import Protocol
 
@@ -33,6 +34,11 @@ class CoreScan(Protocol):
     """core(dt, u, A, B, C) -> y: dt, u B×D×L; A D×N; B, C B×N×L; y B×D×L (all in the compute dtype)."""
 
     def __call__(self, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, /) -> Tensor: ...
+
+
+def wants_grad(tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import cuda, scan_cpu
-from .common import ScanFn
+from .common import ScanFn, wants_grad
 from .conv import causal_conv1d_torch, check_activation
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
@@ -178,7 +178,7 @@ def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, back
     return (
         resolve_backend(hidden, backend) == "cpu"
         and all(t.dtype == torch.float32 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not wants_grad(tensors)
     )
 
 

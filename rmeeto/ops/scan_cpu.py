@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .common import wants_grad
 from .conv import conv_weight
 
 try:
@@ -163,16 +164,11 @@ def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, 
         raise RuntimeError("the cpu selective-scan backend needs numba")
     *tensors, softplus = args
     tensors = [None if x is None else x.float() for x in tensors]
-    if _wants_grad(tensors):
+    if wants_grad(tensors):
         y = _CpuScan.apply(*tensors, bool(softplus), reverse)
     else:  # no graph to record: the kernel alone, without the autograd function's overhead
         y = _scan(*tensors, bool(softplus), reverse)[0]
     return y.to(args[0].dtype)
-
-
-def _wants_grad(tensors) -> bool:
-    """Whether autograd would record an op on these tensors (None entries ignored)."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> tuple[Tensor, tuple]:
@@ -226,7 +222,7 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     if not AVAILABLE:
         raise RuntimeError("the cpu causal-conv backend needs numba")
     tensors = [x.float(), weight.float(), None if bias is None else bias.float()]
-    if _wants_grad(tensors):
+    if wants_grad(tensors):
         return _CpuConv.apply(*tensors, activation is not None, reverse).to(x.dtype)
     return _conv(*tensors, activation is not None, reverse)[0].to(x.dtype)
 
