@@ -188,10 +188,10 @@ _PAIRS = ((0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
 _HALVES = ((0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
 
 
-def _vec8_at(context, builder, aryty, ary, index):
-    """LLVM pointer to the 8 floats at ary[index] (ary: 1-d contiguous float32)."""
+def _vec_at(context, builder, aryty, ary, index, width=8):
+    """LLVM pointer to the ``width`` floats at ary[index] (ary: 1-d contiguous float32)."""
     data = context.make_array(aryty)(context, builder, ary).data
-    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.FloatType(), 8).as_pointer())
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.FloatType(), width).as_pointer())
 
 
 @intrinsic
@@ -207,7 +207,7 @@ def _transpose8(typingctx, src, s, ss, dst, d, ds):
     def codegen(context, builder, signature, args):
         def tile_row(i, m):  # &array_i[start_i + m·stride_i]
             index = builder.add(args[i + 1], builder.mul(args[i + 2], ir.Constant(args[i + 2].type, m)))
-            return _vec8_at(context, builder, signature.args[i], args[i], index)
+            return _vec_at(context, builder, signature.args[i], args[i], index)
 
         def stage(v, pairs, masks):
             mask = ir.VectorType(ir.IntType(32), 8)
@@ -233,7 +233,7 @@ def _lane_sum(typingctx, src, s):
 
     def codegen(context, builder, signature, args):
         def at(i):  # &src[s + i]
-            return _vec8_at(
+            return _vec_at(
                 context, builder, signature.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, i))
             )
 
@@ -247,6 +247,114 @@ def _lane_sum(typingctx, src, s):
         return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
 
     return types.float32(src, types.intp), codegen
+
+
+_WIDTH = 16
+"""Floats per vector in the explicitly vectorised code (_advance): one AVX-512 register; LLVM splits it
+into narrower registers on CPUs without."""
+
+
+def _vec_fma(builder, vty):
+    """llvm.fma for vectors of type vty (llvmlite's builder.fma takes scalars only)."""
+    name = f"llvm.fma.v{vty.count}f32"
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(vty, [vty] * 3), name)
+
+
+def _vec_exp2(builder, x):
+    """_exp2 on a vector of float32, the same operations in the same order (so the same results)."""
+    vty = x.type
+    ity = ir.VectorType(ir.IntType(32), vty.count)
+
+    def const(c):
+        return ir.Constant(vty, [float(c)] * vty.count)
+
+    fma = _vec_fma(builder, vty)
+    lo, hi, rnd = const(-125.0), const(126.0), const(_ROUND)
+    x = builder.select(builder.fcmp_ordered(">", lo, x), lo, x)  # max(x, lo), as numba compiles it
+    x = builder.select(builder.fcmp_ordered("<", hi, x), hi, x)
+    kf = builder.fadd(x, rnd)
+    f = builder.fsub(x, builder.fsub(kf, rnd))
+    p = f
+    p = builder.call(fma, [builder.call(fma, [const(1.3264698e-3), f, const(9.6715093e-3)]), f, const(5.5507340e-2)])
+    for c in (2.4022242e-1, 6.931470e-1, 1.0):
+        p = builder.call(fma, [p, f, const(c)])
+    k = builder.shl(builder.bitcast(kf, ity), ir.Constant(ity, [23] * vty.count))
+    return builder.bitcast(builder.add(builder.bitcast(p, ity), k), vty)
+
+
+@intrinsic
+def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, arow, bcrow, nn):
+    """One position of the scan's recurrence for LANES channels and all N states, in explicit vectors:
+
+        for n < N:  h[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h[n]·C[n]
+
+    dt, dtu, ys: the rows at [row, row + LANES); h: N×LANES states at hrow; ps: A′ = A·log₂e as N rows of
+    LANES at arow; bm, cm: B and C of this position at [bcrow, bcrow + N). All 1-d contiguous float32;
+    no bounds checks. The same operations in the same order as the scalar loop it replaces, so the same
+    results; but ys stays in registers across the N states, and dt, dtu are loaded once (LLVM's
+    vectoriser stored ys back after every state).
+    """
+    flat = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", readonly=True))
+    if any(a != flat[0] for a in (dt, dtu, ys, h, ps)) or bm not in flat or cm not in flat:
+        return None
+
+    def codegen(context, builder, signature, args):
+        dt_, dtu_, ys_, h_, ps_, bm_, cm_, row_, hrow_, arow_, bcrow_, nn_ = args
+        tys = signature.args
+        vty = ir.VectorType(ir.FloatType(), _WIDTH)
+        fma = _vec_fma(builder, vty)
+        zero = ir.Constant(nn_.type, 0)
+
+        def vec(i, base, offset):  # &array_i[base + offset] as a vector pointer
+            index = builder.add(base, ir.Constant(base.type, offset))
+            return _vec_at(context, builder, tys[i], args[i], index, _WIDTH)
+
+        def splat(i, index):  # array_i[index] in every lane
+            data = context.make_array(tys[i])(context, builder, args[i]).data
+            one = builder.insert_element(ir.Constant(vty, None), builder.load(builder.gep(data, [index])),
+                                         ir.Constant(ir.IntType(32), 0))  # fmt: skip
+            return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), _WIDTH), [0] * _WIDTH))
+
+        parts = range(0, LANES, _WIDTH)
+        dtv = [builder.load(vec(0, row_, o), align=4) for o in parts]
+        dtuv = [builder.load(vec(1, row_, o), align=4) for o in parts]
+        y0 = [builder.load(vec(2, row_, o), align=4) for o in parts]
+        entry = builder.block
+        body = builder.append_basic_block("advance.state")
+        done = builder.append_basic_block("advance.done")
+        builder.cbranch(builder.icmp_signed(">", nn_, zero), body, done)
+        builder.position_at_end(body)
+        n = builder.phi(nn_.type)
+        n.add_incoming(zero, entry)
+        acc = [builder.phi(vty) for _ in parts]
+        for a, y in zip(acc, y0, strict=True):
+            a.add_incoming(y, entry)
+        bv = splat(5, builder.add(bcrow_, n))
+        cv = splat(6, builder.add(bcrow_, n))
+        nrow = builder.mul(n, ir.Constant(nn_.type, LANES))
+        new = []
+        for i, o in enumerate(parts):
+            decay = _vec_exp2(builder, builder.fmul(dtv[i], builder.load(vec(4, builder.add(arow_, nrow), o), align=4)))
+            hp = vec(3, builder.add(hrow_, nrow), o)
+            hv = builder.call(fma, [decay, builder.load(hp, align=4), builder.fmul(dtuv[i], bv)])
+            builder.store(hv, hp, align=4)
+            new.append(builder.call(fma, [hv, cv, acc[i]]))
+        n_next = builder.add(n, ir.Constant(nn_.type, 1))
+        n.add_incoming(n_next, builder.block)
+        for a, v in zip(acc, new, strict=True):
+            a.add_incoming(v, builder.block)
+        builder.cbranch(builder.icmp_signed("<", n_next, nn_), body, done)
+        builder.position_at_end(done)
+        ys_out = [builder.phi(vty) for _ in parts]
+        for y, first, last in zip(ys_out, y0, new, strict=True):
+            y.add_incoming(first, entry)
+            y.add_incoming(last, body)
+        for y, o in zip(ys_out, parts, strict=True):
+            builder.store(y, vec(2, row_, o), align=4)
+        return context.get_dummy_value()
+
+    return types.void(dt, dtu, ys, h, ps, bm, cm, types.intp, types.intp, types.intp, types.intp, types.intp), codegen
 
 
 @njit(inline="always")
@@ -367,7 +475,8 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
     nblk = (A.shape[0] + LANES - 1) // LANES
     ntask = nb * nblk
     ngroup = h.shape[0]
-    ys_flat = ys.reshape(-1)
+    ys_flat, dt_flat, dtu_flat, h_flat = ys.reshape(-1), dt.reshape(-1), dtu.reshape(-1), h.reshape(-1)
+    ps_flat, bm_flat, cm_flat = ps.reshape(-1), Bm.reshape(-1), Cm.reshape(-1)
     for g in prange(ngroup):
         _full_width()
         task = _take(counter)
@@ -382,13 +491,8 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
             for t in range(nl):
                 for j in range(LANES):
                     ys[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
-                for n in range(nn):
-                    bv = Bm[b, t, n]
-                    cv = Cm[b, t, n]
-                    for j in range(LANES):
-                        hv = _fma(_exp2(dt[g, t, j] * ps[g, n, j]), h[g, n, j], dtu[g, t, j] * bv)
-                        h[g, n, j] = hv
-                        ys[g, t, j] = _fma(hv, cv, ys[g, t, j])
+                _advance(dt_flat, dtu_flat, ys_flat, h_flat, ps_flat, bm_flat, cm_flat, (g * nl + t) * LANES,
+                         g * nn * LANES, g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
                 if has_z:
                     for j in range(LANES):
                         zv = xs[g, 2, t, j]
