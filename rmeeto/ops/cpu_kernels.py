@@ -41,8 +41,8 @@ def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
 
 
 def backward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, pc, pb, ps."""
-    return ((3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), *[(nn, LANES)] * 2, *[(LANES,)] * 2,
+    """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps."""
+    return ((3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), *[(nn, LANES)] * 2, (2, nn),
             (2 * nn + 2, LANES))
 
 
@@ -224,10 +224,21 @@ def _transpose8(typingctx, src, s, ss, dst, d, ds):
     return types.void(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
 
 
+def _tree_sum(builder, v):
+    """The sum of the lanes of 8-wide float32 vectors v (in lane order) by a fixed pairwise tree: vectors
+    added pairwise, then halves of the last one, so the result does not depend on the compiler."""
+    while len(v) > 1:
+        v = [builder.fadd(v[i], v[i + 1]) for i in range(0, len(v) - 1, 2)] + v[len(v) - len(v) % 2 :]
+    x = v[0]
+    for width in (4, 2, 1):
+        half = [ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))) for o in (0, width)]
+        x = builder.fadd(*(builder.shuffle_vector(x, x, m) for m in half))
+    return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+
+
 @intrinsic
 def _lane_sum(typingctx, src, s):
-    """src[s] + … + src[s + LANES − 1] in float32 by a fixed pairwise tree (8-wide vector adds, then
-    halves), so the result does not depend on the compiler. src: 1-d contiguous float32."""
+    """src[s] + … + src[s + LANES − 1] in float32 by _tree_sum's fixed tree. src: 1-d contiguous float32."""
     if src != types.Array(types.float32, 1, "C"):
         return None
 
@@ -237,21 +248,79 @@ def _lane_sum(typingctx, src, s):
                 context, builder, signature.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, i))
             )
 
-        v = [builder.load(at(i), align=4) for i in range(0, LANES, 8)]
-        while len(v) > 1:
-            v = [builder.fadd(v[i], v[i + 1]) for i in range(0, len(v) - 1, 2)] + v[len(v) - len(v) % 2 :]
-        x = v[0]
-        for width in (4, 2, 1):
-            half = [ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(o, o + width))) for o in (0, width)]
-            x = builder.fadd(*(builder.shuffle_vector(x, x, m) for m in half))
-        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+        return _tree_sum(builder, [builder.load(at(i), align=4) for i in range(0, LANES, 8)])
 
     return types.float32(src, types.intp), codegen
 
 
 _WIDTH = 16
-"""Floats per vector in the explicitly vectorised code (_advance): one AVX-512 register; LLVM splits it
-into narrower registers on CPUs without."""
+"""Floats per vector in the explicitly vectorised code (_advance, _retreat): one AVX-512 register; LLVM
+splits it into narrower registers on CPUs without."""
+_PARTS = range(0, LANES, _WIDTH)  # the offsets of a row's vectors
+
+
+class _Vectors:
+    """Explicit-vector IR over an intrinsic's arguments, 1-d contiguous float32 arrays (no bounds checks)."""
+
+    def __init__(self, context, builder, signature, args):
+        self.context, self.builder, self.tys, self.args = context, builder, signature.args, args
+        self.vty = ir.VectorType(ir.FloatType(), _WIDTH)
+        self.fma_fn = _vec_fma(builder, self.vty)
+
+    def at(self, i, base, offset=0):
+        """&array_i[base + offset] as a vector pointer (base: an LLVM integer, offset: a Python int)."""
+        index = self.builder.add(base, ir.Constant(base.type, offset))
+        return _vec_at(self.context, self.builder, self.tys[i], self.args[i], index, _WIDTH)
+
+    def row(self, i, base):
+        """The LANES floats at array_i[base], as vectors."""
+        return [self.builder.load(self.at(i, base, o), align=4) for o in _PARTS]
+
+    def store_row(self, values, i, base):
+        for v, o in zip(values, _PARTS, strict=True):
+            self.builder.store(v, self.at(i, base, o), align=4)
+
+    def splat(self, i, index):
+        """array_i[index] in every lane."""
+        builder = self.builder
+        data = self.context.make_array(self.tys[i])(self.context, builder, self.args[i]).data
+        one = builder.insert_element(ir.Constant(self.vty, None), builder.load(builder.gep(data, [index])),
+                                     ir.Constant(ir.IntType(32), 0))  # fmt: skip
+        return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), _WIDTH), [0] * _WIDTH))
+
+    def fma(self, a, b, c):
+        return self.builder.call(self.fma_fn, [a, b, c])
+
+    def lane_sum(self, values):
+        """The sum of a row's LANES floats, in _lane_sum's order."""
+        halves = [ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(o, o + 8))) for o in (0, 8)]
+        return _tree_sum(self.builder, [self.builder.shuffle_vector(v, v, m) for v in values for m in halves])
+
+    def state_loop(self, nn, carried, body):
+        """for n in range(nn): carried = body(n, carried), with carried (LLVM values) kept in registers;
+        returns the final values (the initial ones when nn ≤ 0)."""
+        builder = self.builder
+        zero = ir.Constant(nn.type, 0)
+        entry = builder.block
+        loop = builder.append_basic_block("states")
+        done = builder.append_basic_block("states.done")
+        builder.cbranch(builder.icmp_signed(">", nn, zero), loop, done)
+        builder.position_at_end(loop)
+        n = builder.phi(nn.type)
+        phis = [builder.phi(v.type) for v in carried]
+        new = body(n, phis)
+        n_next = builder.add(n, ir.Constant(nn.type, 1))
+        end = builder.block
+        for phi, first, last in zip([n, *phis], [zero, *carried], [n_next, *new], strict=True):
+            phi.add_incoming(first, entry)
+            phi.add_incoming(last, end)
+        builder.cbranch(builder.icmp_signed("<", n_next, nn), loop, done)
+        builder.position_at_end(done)
+        out = [builder.phi(v.type) for v in carried]
+        for phi, first, last in zip(out, carried, new, strict=True):
+            phi.add_incoming(first, entry)
+            phi.add_incoming(last, end)
+        return out
 
 
 def _vec_fma(builder, vty):
@@ -275,7 +344,6 @@ def _vec_exp2(builder, x):
     x = builder.select(builder.fcmp_ordered("<", hi, x), hi, x)
     kf = builder.fadd(x, rnd)
     f = builder.fsub(x, builder.fsub(kf, rnd))
-    p = f
     p = builder.call(fma, [builder.call(fma, [const(1.3264698e-3), f, const(9.6715093e-3)]), f, const(5.5507340e-2)])
     for c in (2.4022242e-1, 6.931470e-1, 1.0):
         p = builder.call(fma, [p, f, const(c)])
@@ -283,78 +351,104 @@ def _vec_exp2(builder, x):
     return builder.bitcast(builder.add(builder.bitcast(p, ity), k), vty)
 
 
+_FLAT = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", readonly=True))
+
+
 @intrinsic
-def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, arow, bcrow, nn):
+def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, hout, arow, bcrow, nn):
     """One position of the scan's recurrence for LANES channels and all N states, in explicit vectors:
 
-        for n < N:  h[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h[n]·C[n]
+        for n < N:  h′[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h′[n]·C[n]
 
-    dt, dtu, ys: the rows at [row, row + LANES); h: N×LANES states at hrow; ps: A′ = A·log₂e as N rows of
-    LANES at arow; bm, cm: B and C of this position at [bcrow, bcrow + N). All 1-d contiguous float32;
-    no bounds checks. The same operations in the same order as the scalar loop it replaces, so the same
-    results; but ys stays in registers across the N states, and dt, dtu are loaded once (LLVM's
-    vectoriser stored ys back after every state).
+    dt, dtu, ys: the rows at [row, row + LANES); h: N×LANES states at hrow, h′ written at hout (the same
+    place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow; bm, cm: B and C of this
+    position at [bcrow, bcrow + N). All 1-d contiguous float32; no bounds checks. The same operations in
+    the same order as the scalar loop it replaced, so the same results; but ys stays in registers across
+    the N states, and dt, dtu are loaded once (LLVM's vectoriser stored ys back after every state).
     """
-    flat = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", readonly=True))
-    if any(a != flat[0] for a in (dt, dtu, ys, h, ps)) or bm not in flat or cm not in flat:
+    if any(a != _FLAT[0] for a in (dt, dtu, ys, h, ps)) or {bm, cm} - set(_FLAT):
         return None
 
     def codegen(context, builder, signature, args):
-        dt_, dtu_, ys_, h_, ps_, bm_, cm_, row_, hrow_, arow_, bcrow_, nn_ = args
-        tys = signature.args
-        vty = ir.VectorType(ir.FloatType(), _WIDTH)
-        fma = _vec_fma(builder, vty)
-        zero = ir.Constant(nn_.type, 0)
+        row, hrow, hout, arow, bcrow, nn = args[7:]
+        v = _Vectors(context, builder, signature, args)
+        dtv, dtuv = v.row(0, row), v.row(1, row)
 
-        def vec(i, base, offset):  # &array_i[base + offset] as a vector pointer
-            index = builder.add(base, ir.Constant(base.type, offset))
-            return _vec_at(context, builder, tys[i], args[i], index, _WIDTH)
+        def state(n, ys):
+            bv, cv = v.splat(5, builder.add(bcrow, n)), v.splat(6, builder.add(bcrow, n))
+            nrow = builder.mul(n, ir.Constant(n.type, LANES))
+            hs = v.row(3, builder.add(hrow, nrow))
+            a = v.row(4, builder.add(arow, nrow))
+            h = [v.fma(_vec_exp2(builder, builder.fmul(d, ai)), hi, builder.fmul(du, bv))
+                 for d, ai, hi, du in zip(dtv, a, hs, dtuv, strict=True)]  # fmt: skip
+            v.store_row(h, 3, builder.add(hout, nrow))
+            return [v.fma(hi, cv, y) for hi, y in zip(h, ys, strict=True)]
 
-        def splat(i, index):  # array_i[index] in every lane
-            data = context.make_array(tys[i])(context, builder, args[i]).data
-            one = builder.insert_element(ir.Constant(vty, None), builder.load(builder.gep(data, [index])),
-                                         ir.Constant(ir.IntType(32), 0))  # fmt: skip
-            return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), _WIDTH), [0] * _WIDTH))
-
-        parts = range(0, LANES, _WIDTH)
-        dtv = [builder.load(vec(0, row_, o), align=4) for o in parts]
-        dtuv = [builder.load(vec(1, row_, o), align=4) for o in parts]
-        y0 = [builder.load(vec(2, row_, o), align=4) for o in parts]
-        entry = builder.block
-        body = builder.append_basic_block("advance.state")
-        done = builder.append_basic_block("advance.done")
-        builder.cbranch(builder.icmp_signed(">", nn_, zero), body, done)
-        builder.position_at_end(body)
-        n = builder.phi(nn_.type)
-        n.add_incoming(zero, entry)
-        acc = [builder.phi(vty) for _ in parts]
-        for a, y in zip(acc, y0, strict=True):
-            a.add_incoming(y, entry)
-        bv = splat(5, builder.add(bcrow_, n))
-        cv = splat(6, builder.add(bcrow_, n))
-        nrow = builder.mul(n, ir.Constant(nn_.type, LANES))
-        new = []
-        for i, o in enumerate(parts):
-            decay = _vec_exp2(builder, builder.fmul(dtv[i], builder.load(vec(4, builder.add(arow_, nrow), o), align=4)))
-            hp = vec(3, builder.add(hrow_, nrow), o)
-            hv = builder.call(fma, [decay, builder.load(hp, align=4), builder.fmul(dtuv[i], bv)])
-            builder.store(hv, hp, align=4)
-            new.append(builder.call(fma, [hv, cv, acc[i]]))
-        n_next = builder.add(n, ir.Constant(nn_.type, 1))
-        n.add_incoming(n_next, builder.block)
-        for a, v in zip(acc, new, strict=True):
-            a.add_incoming(v, builder.block)
-        builder.cbranch(builder.icmp_signed("<", n_next, nn_), body, done)
-        builder.position_at_end(done)
-        ys_out = [builder.phi(vty) for _ in parts]
-        for y, first, last in zip(ys_out, y0, new, strict=True):
-            y.add_incoming(first, entry)
-            y.add_incoming(last, body)
-        for y, o in zip(ys_out, parts, strict=True):
-            builder.store(y, vec(2, row_, o), align=4)
+        v.store_row(v.state_loop(nn, v.row(2, row), state), 2, row)
         return context.get_dummy_value()
 
-    return types.void(dt, dtu, ys, h, ps, bm, cm, types.intp, types.intp, types.intp, types.intp, types.intp), codegen
+    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 6), codegen
+
+
+@intrinsic
+def _retreat(
+    typingctx, gy, dt, dtu, gdec, ghb, hs, gh, gacc, ps, bm, cm, sums, row, hsrow, ghrow, arow, bcrow, srow, nn
+):
+    """One position t of the backward's reverse pass for LANES channels and all N states, in explicit
+    vectors (the decays recomputed, as in the forward):
+
+        for n < N:  ∂h = gy·C[n] + gh[n];  sums[n] = Σ_lanes gy·h_{t+1}[n];  sums[N + n] = Σ_lanes ∂h·dtu;
+                    ga = ∂h·h_t[n]·decay;  gdec += ga·A[n];  ghb += ∂h·B[n];  gacc[n] += ga·dt;
+                    gh[n] = ∂h·decay
+
+    gy, dt, dtu, gdec, ghb: the rows at [row, row + LANES); hs: h_t (N×LANES) at hsrow, h_{t+1} right
+    after it; gh, gacc: N×LANES at ghrow; ps: A′ = A·log₂e (N rows of LANES) at arow, then A's rows from
+    arow + (N + A_ROWS)·LANES; bm, cm: B and C of this position at [bcrow, bcrow + N); sums: 2N floats
+    at srow.
+    All 1-d contiguous float32; no bounds checks. The same operations in the same order as the scalar
+    loop it replaced (lane sums by _lane_sum's tree), so the same results; gdec and ghb stay in registers
+    across the N states instead of being read and written back for each.
+    """
+    if any(a != _FLAT[0] for a in (gy, dt, dtu, gdec, ghb, hs, gh, gacc, ps, sums)) or {bm, cm} - set(_FLAT):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row, hsrow, ghrow, arow, bcrow, srow, nn = args[12:]
+        v = _Vectors(context, builder, signature, args)
+        gyv, dtv, dtuv = v.row(0, row), v.row(1, row), v.row(2, row)
+        sums = context.make_array(signature.args[11])(context, builder, args[11]).data
+        lanes = ir.Constant(nn.type, LANES)
+        hs_next = builder.add(hsrow, builder.mul(nn, lanes))  # h_{t+1}[0]
+        a_rows = builder.add(arow, builder.mul(builder.add(nn, ir.Constant(nn.type, A_ROWS)), lanes))  # A[0]
+
+        def state(n, acc):
+            gdec, ghb = acc[: len(_PARTS)], acc[len(_PARTS) :]
+            bv, cv = v.splat(9, builder.add(bcrow, n)), v.splat(10, builder.add(bcrow, n))
+            nrow = builder.mul(n, lanes)
+            h_prev = v.row(5, builder.add(hsrow, nrow))
+            h_next = v.row(5, builder.add(hs_next, nrow))
+            a_log2, a = v.row(8, builder.add(arow, nrow)), v.row(8, builder.add(a_rows, nrow))
+            gh = v.row(6, builder.add(ghrow, nrow))
+            gacc = v.row(7, builder.add(ghrow, nrow))
+            dh = [v.fma(g, cv, x) for g, x in zip(gyv, gh, strict=True)]
+            builder.store(v.lane_sum([builder.fmul(g, x) for g, x in zip(gyv, h_next, strict=True)]),
+                          builder.gep(sums, [builder.add(srow, n)]))  # fmt: skip
+            builder.store(v.lane_sum([builder.fmul(d, x) for d, x in zip(dh, dtuv, strict=True)]),
+                          builder.gep(sums, [builder.add(srow, builder.add(nn, n))]))  # fmt: skip
+            decay = [_vec_exp2(builder, builder.fmul(d, al)) for d, al in zip(dtv, a_log2, strict=True)]
+            ga = [builder.fmul(builder.fmul(d, x), e) for d, x, e in zip(dh, h_prev, decay, strict=True)]
+            v.store_row([v.fma(g, d, x) for g, d, x in zip(ga, dtv, gacc, strict=True)], 7, builder.add(ghrow, nrow))
+            v.store_row([builder.fmul(d, e) for d, e in zip(dh, decay, strict=True)], 6, builder.add(ghrow, nrow))
+            return [v.fma(g, ai, x) for g, ai, x in zip(ga, a, gdec, strict=True)] + [
+                v.fma(d, bv, x) for d, x in zip(dh, ghb, strict=True)
+            ]
+
+        acc = v.state_loop(nn, v.row(3, row) + v.row(4, row), state)
+        v.store_row(acc[: len(_PARTS)], 3, row)
+        v.store_row(acc[len(_PARTS) :], 4, row)
+        return context.get_dummy_value()
+
+    return types.void(gy, dt, dtu, gdec, ghb, hs, gh, gacc, ps, bm, cm, sums, *[types.intp] * 7), codegen
 
 
 @njit(inline="always")
@@ -492,7 +586,7 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
                 for j in range(LANES):
                     ys[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
                 _advance(dt_flat, dtu_flat, ys_flat, h_flat, ps_flat, bm_flat, cm_flat, (g * nl + t) * LANES,
-                         g * nn * LANES, g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
+                         g * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
                 if has_z:
                     for j in range(LANES):
                         zv = xs[g, 2, t, j]
@@ -505,7 +599,7 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
 def scan_backward(
     u, delta, z, gout, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z,
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
-    xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, pc, pb, ps,
+    xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
 ):  # fmt: skip
     """Gradients of scan_forward, gathering the inputs again and recomputing the states. gout, gu, gdelta,
     gz in the layout of u (tm); gB, gC in scan order.
@@ -515,7 +609,7 @@ def scan_backward(
     are partial sums too. Scratch per group g (G×…; one array per role): xs 3×L×LANES, dt, dtu (see
     _load_block); L×LANES: go ∂out (then ∂out·silu'(z)), gy ∂y, gdec Σ_n ∂/∂dt through the decay (then
     ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before the gate (then ∂z); hs (L+1)×N×LANES states;
-    N×LANES: gh carried ∂h, gacc ∂A; LANES: pc ∂y·h and pb ∂h·dt·u (lane-summed into gC, gB);
+    N×LANES: gh carried ∂h, gacc ∂A; sums 2×N: one position's Σ ∂y·h and Σ ∂h·dt·u (for gC, gB);
     ps (2N+2)×LANES (_load_params).
     """
     nb, nl = gu.shape[0], dt.shape[1]
@@ -537,7 +631,7 @@ def scan_backward(
                 _to_rows(gout, tm, rev, b, k, go_flat, g * row)
                 _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g)
                 first = k == p * nblk // npart
-                _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, pc, pb, ps,
+                _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
                                 g, b, k, p, first)  # fmt: skip
                 _block_finish(softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, ps, g, b, k)
                 _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
@@ -563,7 +657,7 @@ def _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g):
 
 
 @njit(inline="always")
-def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, pc, pb, ps, g, b, k, p, first):
+def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps, g, b, k, p, first):
     """Recurrence gradients for batch b, channel block k: adds to gdec[g], ghb[g], yb[g]; fills
     gA[b, k] and gB[p, b], gC[p, b].
 
@@ -574,40 +668,26 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
     (the backward 1.07–1.09× as fast, A/B).
     """
     nl, nn = dt.shape[1], _states(ps)
-    pc_flat, pb_flat = pc.reshape(-1), pb.reshape(-1)
     for n in range(nn):
         for j in range(LANES):
             hs[g, 0, n, j] = 0
             gh[g, n, j] = 0
             gacc[g, n, j] = 0
+    gy_f, dt_f, dtu_f, gdec_f = gy.reshape(-1), dt.reshape(-1), dtu.reshape(-1), gdec.reshape(-1)
+    ghb_f, hs_f, gh_f, gacc_f = ghb.reshape(-1), hs.reshape(-1), gh.reshape(-1), gacc.reshape(-1)
+    ps_f, bm_f, cm_f, sums_f = ps.reshape(-1), Bm.reshape(-1), Cm.reshape(-1), sums.reshape(-1)
+    yb_f = yb.reshape(-1)
     for t in range(nl):
-        for n in range(nn):
-            bv = Bm[b, t, n]
-            cv = Cm[b, t, n]
-            for j in range(LANES):
-                a = _exp2(dt[g, t, j] * ps[g, n, j])
-                hv = _fma(a, hs[g, t, n, j], dtu[g, t, j] * bv)
-                hs[g, t + 1, n, j] = hv
-                yb[g, t, j] = _fma(hv, cv, yb[g, t, j])
+        hrow = (g * (nl + 1) + t) * nn * LANES
+        _advance(dt_f, dtu_f, yb_f, hs_f, ps_f, bm_f, cm_f, (g * nl + t) * LANES, hrow, hrow + nn * LANES,
+                 g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
     for t in range(nl - 1, -1, -1):
+        _retreat(gy_f, dt_f, dtu_f, gdec_f, ghb_f, hs_f, gh_f, gacc_f, ps_f, bm_f, cm_f, sums_f,
+                 (g * nl + t) * LANES, (g * (nl + 1) + t) * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES,
+                 (b * nl + t) * nn, g * 2 * nn, nn)  # fmt: skip
         for n in range(nn):
-            bv = Bm[b, t, n]
-            cv = Cm[b, t, n]
-            for j in range(LANES):
-                gyv = gy[g, t, j]
-                ghv = _fma(gyv, cv, gh[g, n, j])
-                pc[g, j] = gyv * hs[g, t + 1, n, j]
-                pb[g, j] = ghv * dtu[g, t, j]
-                a = _exp2(dt[g, t, j] * ps[g, n, j])
-                ga = ghv * hs[g, t, n, j] * a
-                gdec[g, t, j] = _fma(ga, ps[g, nn + A_ROWS + n, j], gdec[g, t, j])
-                ghb[g, t, j] = _fma(ghv, bv, ghb[g, t, j])
-                gacc[g, n, j] = _fma(ga, dt[g, t, j], gacc[g, n, j])
-                gh[g, n, j] = ghv * a
-            sum_c = _lane_sum(pc_flat, g * LANES)
-            sum_b = _lane_sum(pb_flat, g * LANES)
-            gC[p, b, n, t] = sum_c if first else gC[p, b, n, t] + sum_c
-            gB[p, b, n, t] = sum_b if first else gB[p, b, n, t] + sum_b
+            gC[p, b, n, t] = sums[g, 0, n] if first else gC[p, b, n, t] + sums[g, 0, n]
+            gB[p, b, n, t] = sums[g, 1, n] if first else gB[p, b, n, t] + sums[g, 1, n]
     for n in range(nn):
         for j in range(LANES):
             gA[b, k, n, j] = gacc[g, n, j]
