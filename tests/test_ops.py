@@ -309,6 +309,42 @@ def test_cpu_kernels_ask_for_full_width_vectors_where_the_cpu_has_avx512(monkeyp
     assert k._vector_bits() == 512
 
 
+_AVX2_PROBE = """
+import torch
+from rmeeto.ops import cpu_kernels, selective_scan
+from rmeeto.ops.scan_ref import selective_scan_ref
+torch.manual_seed(0)
+b, d, n, L = 2, 80, 16, 9  # 80 channels: one full block of lanes and a ragged one
+x = {"u": torch.randn(b, L, d).transpose(1, 2), "delta": 0.5 * torch.randn(b, L, d).transpose(1, 2),
+     "A": -torch.rand(d, n) - 0.5, "B": torch.randn(b, n, L), "C": torch.randn(b, n, L), "D": torch.randn(d),
+     "z": torch.randn(b, L, d).transpose(1, 2), "delta_bias": torch.randn(d)}
+gy = torch.randn(b, d, L)
+for reverse in (False, True):
+    outs = []
+    for backend in ("cpu", "ref"):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+        y = selective_scan(**leaves, delta_softplus=True, reverse=reverse, backend=backend)
+        outs.append([y, *torch.autograd.grad(y, list(leaves.values()), gy)])
+    for got, want in zip(*outs):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (reverse, (got - want).abs().max())
+asm = "".join(f.inspect_asm(sig) for f in (cpu_kernels.scan_forward, cpu_kernels.scan_backward) for sig in f.signatures)
+assert "ymm" in asm and "zmm" not in asm
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_kernels_compiled_for_a_cpu_without_avx512_match_ref(tmp_path):
+    """The kernels' explicit 16-float vectors (_advance, _retreat) are split by LLVM into the registers the
+    CPU has: compiled for Haswell (AVX2 + FMA) in a fresh process and cache, the scan's values and
+    gradients still match ref, and the code uses no 512-bit registers."""
+    features = "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1"
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": features + ",+sse4.2,+ssse3",
+           "NUMBA_CACHE_DIR": str(tmp_path)}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _AVX2_PROBE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 _THREADS_PROBE = """
 import os, numba, torch
 from rmeeto.ops.scan_cpu import selective_scan_cpu
