@@ -1,6 +1,7 @@
 """Vim backbone: structure, checkpoint loading, timm registry, the Δ record."""
 
 import argparse
+import contextlib
 
 import pytest
 import timm
@@ -196,6 +197,46 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
     with torch.no_grad(), use_backend("cpu"):  # inference also fuses each residual add with its RMSNorm
         inference = model.eval()(x)
     torch.testing.assert_close(inference, want_logits, rtol=1e-5, atol=1e-5 * want_logits.abs().max().item())
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+@pytest.mark.parametrize("method", [None, "rmeeto"])
+def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
+    """Without gradients the mixers put their temporaries in one workspace held across the blocks
+    (rmeeto.ops.workspace): the logits are the same to the bit as with fresh memory, every block gets
+    in_proj's output at the same address, and a recording mixer (MTR's) takes nothing from it."""
+    import rmeeto.models.mamba as mamba
+    from rmeeto.ops import workspace
+
+    x = torch.randn(2, 3, 32, 32)
+    recording = tiny(embed_dim=40).eval()
+    rmeeto.reduction.apply(recording, "mtr", r=0.1)
+    pooled = []
+    scan = mamba.selective_scan
+    monkeypatch.setattr(mamba, "selective_scan", lambda *a, **k: pooled.append(workspace.active() is not None) or
+                        scan(*a, **k))  # fmt: skip
+    with torch.no_grad(), use_backend("cpu"):
+        recording(x)
+    assert pooled == [not layer.mixer.record for layer in recording.layers for _ in "fb"] and not all(pooled)
+    model = tiny(embed_dim=40).eval()
+    if method:
+        rmeeto.reduction.apply(model, method, r=4)
+    with torch.no_grad(), use_backend("cpu"):
+        reused = model(x)
+        addresses = []
+        matmul = mamba._matmul
+
+        def recorded(a, b, ws):
+            out = matmul(a, b, ws)
+            addresses.append(out.data_ptr())
+            return out
+
+        monkeypatch.setattr(mamba, "_matmul", recorded)
+        model(x)
+        assert len(addresses) == 4 * len(model.layers) and len(set(addresses[::4])) == 1  # x, z, Δ, Δ_b per block
+        monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)  # each temporary fresh
+        fresh = model(x)
+    assert torch.equal(reused, fresh)
 
 
 def test_recording_is_off_by_default():

@@ -580,3 +580,36 @@ def test_block_compiles_without_graph_breaks_on_torch_backend():
         (g_comp,) = torch.autograd.grad(compiled.square().sum(), x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+
+
+# --- workspace ---------------------------------------------------------------------------------------
+
+
+def test_workspace_reuses_slots_under_a_hold_and_nothing_else():
+    """Under hold(), the i-th buffer of each reuse() takes the same memory (grown when too small); a reuse()
+    inside another, or without a hold, gets memory of its own; outside reuse() nothing is active."""
+    from rmeeto.ops.workspace import active, hold, reuse
+
+    def two(ws, n):
+        a, b = ws.empty(2, n), ws.empty(n)
+        a.fill_(1.0)
+        b.fill_(2.0)
+        return a.data_ptr(), b.data_ptr()
+
+    with hold():
+        with reuse() as ws:
+            first = two(ws, 3)
+            assert active() is ws and first[0] != first[1]
+            with reuse() as inner:
+                assert inner is not ws and two(inner, 3)[0] not in first
+            assert active() is ws and bool((ws._slots[0][:6] == 1.0).all())  # the inner one wrote elsewhere
+        assert active() is None
+        with reuse() as again:
+            assert again is ws and two(again, 2) == first  # smaller: the same memory
+            assert two(again, 2)[0] not in first  # the third and fourth slots are new
+        with reuse() as grown:
+            assert two(grown, 100)[0] != first[0]  # too small: the slot grows
+    with reuse() as a, reuse() as b:
+        assert a is not b
+    with reuse() as c:
+        assert c is not a and tuple(c.empty(4).shape) == (4,)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmeeto.ops import add_rms_norm_cpu, causal_conv1d, fused_add_norm, fused_inner, mamba_inner, selective_scan
+from rmeeto.ops.common import wants_grad
+from rmeeto.ops.workspace import Workspace, reuse
 
 
 @dataclass
@@ -95,10 +97,12 @@ class BiMamba(nn.Module):
         self.record = False
         self.last_record: ScanRecord | None = None
 
-    def _scan(self, x: Tensor, z: Tensor, suffix: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _scan(
+        self, x: Tensor, z: Tensor, suffix: str, workspace: Workspace | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One direction on B×Dᵢ×L inputs, all in sequence order (the backward branch, suffix "_b", scans
         from the end) → (y B×Dᵢ×L, Δ-pre-bias B×Dᵢ×L, B B×N×L, C B×N×L). Token-major inputs (B×Dᵢ×L views
-        of B×L×Dᵢ memory) stay so all the way, and so does y."""
+        of B×L×Dᵢ memory) stay so all the way, and so does y. Δ goes to the workspace when there is one."""
         reverse = suffix == "_b"
         conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
@@ -108,7 +112,7 @@ class BiMamba(nn.Module):
         x = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=reverse)
         x_dbl = x_proj(x.transpose(1, 2))  # B×L×(R+2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
+        delta = _matmul(dt, dt_proj.weight.t(), workspace).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         y = selective_scan(
             x, delta, A, Bm, Cm, D, z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse
@@ -148,10 +152,18 @@ class BiMamba(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         if not self.record and fused_inner(hidden, self.d_conv):
             return self._forward_fused(hidden)
+        if self.record or wants_grad([hidden, self.in_proj.weight]):
+            return self._forward(hidden, None)
+        with reuse() as workspace:  # the temporaries in memory reused from block to block (rmeeto.ops.workspace)
+            return self._forward(hidden, workspace)
+
+    def _forward(self, hidden: Tensor, workspace: Workspace | None) -> Tensor:
+        """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
+        (which see the active workspace), in the workspace when one is given (nothing from it is returned)."""
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
-        x, z = (F.linear(hidden, w).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L views
-        y_f, d_f, b_f, c_f = self._scan(x, z, "")
-        y_b, d_b, b_b, c_b = self._scan(x, z, "_b")
+        x, z = (_matmul(hidden, w.t(), workspace).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L
+        y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
+        y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
             self.last_record = ScanRecord(
                 delta=(
@@ -166,6 +178,14 @@ class BiMamba(nn.Module):
         y = y_f + y_b if y_f.requires_grad else y_f.add_(y_b)
         out = self.out_proj(y.transpose(1, 2))  # no copy: token-major y on the cpu backend
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
+
+
+def _matmul(a: Tensor, b: Tensor, workspace: Workspace | None) -> Tensor:
+    """a @ b (…×K @ K×N), into the workspace when one is given (fp32 only, and not under autocast, whose
+    product would not be fp32)."""
+    if workspace is None or a.dtype != torch.float32 or torch.is_autocast_enabled(a.device.type):
+        return a @ b
+    return torch.matmul(a, b, out=workspace.empty(*a.shape[:-1], b.shape[-1]))
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:

@@ -15,6 +15,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from rmeeto.models.mamba import BiMamba, RMSNorm
+from rmeeto.ops.workspace import hold
 
 
 @dataclass
@@ -161,11 +162,14 @@ class VisionMamba(nn.Module):
         return TokenState(hidden=tokens, residual=None, cls_index=p)
 
     def forward_blocks(self, state: TokenState) -> TokenState:
-        """Run all blocks; the token reducer (if any) acts before each block except the first."""
-        for i, layer in enumerate(self.layers):
-            if i > 0 and self.token_reducer is not None:
-                state = self.token_reducer(i, state)
-            state.hidden, state.residual = layer(state.hidden, state.residual)
+        """Run all blocks; the token reducer (if any) acts before each block except the first. The mixers that
+        record no gradients put their temporaries in one workspace held across the blocks
+        (rmeeto.ops.workspace)."""
+        with hold():
+            for i, layer in enumerate(self.layers):
+                if i > 0 and self.token_reducer is not None:
+                    state = self.token_reducer(i, state)
+                state.hidden, state.residual = layer(state.hidden, state.residual)
         return state
 
     def forward_features(self, x: Tensor) -> Tensor:

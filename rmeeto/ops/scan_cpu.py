@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .common import wants_grad
 from .conv import conv_weight
+from .workspace import Workspace, active
 
 try:
     import numba
@@ -59,14 +60,17 @@ def _threads() -> int:
     return n
 
 
-def _scan(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool) -> tuple[Tensor, tuple]:
+def _scan(
+    u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, pooled: bool = False
+) -> tuple[Tensor, tuple]:
     """Run the forward kernel (fp32 CPU tensors; D, z, delta_bias may be None) → (out, what the backward
-    kernel reads again: u, delta, z laid out, whether token-major, the kernel's A, B, C, D and bias arrays)."""
+    kernel reads again: u, delta, z laid out, whether token-major, the kernel's A, B, C, D and bias arrays).
+    pooled: out may come from the active workspace (no autograd will keep it)."""
     nb, nd, L = u.shape
     tm = reverse or token_major(u)
     u, delta, zl = (_layout(x, tm) for x in (u, delta, u if z is None else z))
     arrays = (_param(A, nd), *(_scan_order(x, reverse) for x in (B, C)), _param(D, nd), _param(delta_bias, nd))
-    out = _new(u, tm)
+    out = _new(u, tm, pooled)
     with _LOCK:
         groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
         scratch = _scratch(_k.forward_scratch(L, A.shape[1]), groups)
@@ -127,10 +131,13 @@ def _layout(x: Tensor, tm: bool) -> Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2) if tm else x.contiguous()
 
 
-def _new(like: Tensor, tm: bool) -> Tensor:
-    """An empty B×D×L tensor like ``like``, token-major when tm."""
+def _new(like: Tensor, tm: bool, pooled: bool = False) -> Tensor:
+    """An empty B×D×L tensor like ``like`` (fp32), token-major when tm; from the active workspace when pooled
+    and there is one (see rmeeto.ops.workspace)."""
     nb, nd, L = like.shape
-    return like.new_empty(nb, L, nd).transpose(1, 2) if tm else like.new_empty(nb, nd, L)
+    workspace = active() if pooled else None
+    empty = like.new_empty if workspace is None else workspace.empty
+    return empty(nb, L, nd).transpose(1, 2) if tm else empty(nb, nd, L)
 
 
 def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
@@ -139,11 +146,17 @@ def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
     return np.ascontiguousarray((x.flip(1) if reverse else x).numpy())
 
 
+_SCRATCH = Workspace()
+"""The kernels' scratch, kept from call to call (fresh memory page-faults: see rmeeto.ops.workspace); kernel
+calls are serialised by _LOCK and none keeps its scratch."""
+
+
 def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarray]:
     """The kernels' per-group scratch arrays (groups × shape, fp32), 64-byte aligned as torch's CPU allocator
     aligns them: numpy puts large arrays 16 bytes past a cache line, so every 16-float vector access then
-    spans two lines (the scan forward ran 1.07× slower so, A/B)."""
-    return [torch.empty(groups, *shape).numpy() for shape in shapes]
+    spans two lines (the scan forward ran 1.07× slower so, A/B). Call under _LOCK."""
+    _SCRATCH.restart()
+    return [_SCRATCH.empty(groups, *shape).numpy() for shape in shapes]
 
 
 def _counter():
@@ -174,17 +187,18 @@ def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, 
     if wants_grad(tensors):
         y = _CpuScan.apply(*tensors, bool(softplus), reverse)
     else:  # no graph to record: the kernel alone, without the autograd function's overhead
-        y = _scan(*tensors, bool(softplus), reverse)[0]
+        y = _scan(*tensors, bool(softplus), reverse, pooled=True)[0]
     return y.to(args[0].dtype)
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> tuple[Tensor, tuple]:
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool, pooled: bool = False
+          ) -> tuple[Tensor, tuple]:  # fmt: skip
     """Run the conv's forward kernel (fp32 CPU tensors) → (out, what the backward kernel reads again: x laid
-    out token-major, the K×D taps, the bias)."""
+    out token-major, the K×D taps, the bias). pooled: as for _scan."""
     x = _layout(x, True)
     taps = conv_weight(weight).detach().t().contiguous()  # K×D
     b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
-    out = _new(x, True)
+    out = _new(x, True, pooled)
     with _LOCK:
         _threads()
         _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
@@ -231,7 +245,7 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     tensors = [x.float(), weight.float(), None if bias is None else bias.float()]
     if wants_grad(tensors):
         return _CpuConv.apply(*tensors, activation is not None, reverse).to(x.dtype)
-    return _conv(*tensors, activation is not None, reverse)[0].to(x.dtype)
+    return _conv(*tensors, activation is not None, reverse, pooled=True)[0].to(x.dtype)
 
 
 def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
