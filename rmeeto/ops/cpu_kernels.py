@@ -2,7 +2,9 @@
 
 Channels are processed in blocks of ``LANES``; a task is (batch, block) and its inputs are gathered
 into rows laid out L×LANES (8×8 tiles transposed in registers), so every inner loop runs over LANES
-contiguous channels and vectorises. fastmath stays off (no reassociation); multiply-adds are
+contiguous channels and vectorises; the recurrence of one position over all N states (_advance, and
+_retreat in the backward) is written as explicit 16-float vectors in LLVM IR, so its accumulators stay
+in registers. fastmath stays off (no reassociation); multiply-adds are
 explicit single-rounding FMAs and exp/softplus are vectorisable float32 polynomials, so results
 match the PyTorch oracle to a few ulp. G groups run in parallel, take tasks from a shared atomic
 counter (int64 (1,), zeroed) and own their scratch (passed in, one array per role). The backward

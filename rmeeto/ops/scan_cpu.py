@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .common import wants_grad
 from .conv import conv_weight
-from .workspace import Workspace, active
+from .workspace import active
 
 try:
     import numba
@@ -146,17 +146,26 @@ def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
     return np.ascontiguousarray((x.flip(1) if reverse else x).numpy())
 
 
-_SCRATCH = Workspace()
-"""The kernels' scratch, kept from call to call (fresh memory page-faults: see rmeeto.ops.workspace); kernel
-calls are serialised by _LOCK and none keeps its scratch."""
+_SCRATCH = [np.empty(0, np.float32)]
+"""The kernels' scratch memory, kept from call to call (fresh memory page-faults: see rmeeto.ops.workspace);
+kernel calls are serialised by _LOCK and none keeps its scratch."""
 
 
 def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarray]:
-    """The kernels' per-group scratch arrays (groups × shape, fp32), 64-byte aligned as torch's CPU allocator
-    aligns them: numpy puts large arrays 16 bytes past a cache line, so every 16-float vector access then
-    spans two lines (the scan forward ran 1.07× slower so, A/B). Call under _LOCK."""
-    _SCRATCH.restart()
-    return [_SCRATCH.empty(groups, *shape).numpy() for shape in shapes]
+    """The kernels' per-group scratch arrays (groups × shape, fp32) in _SCRATCH, each starting on a 64-byte
+    line: numpy puts a large array 16 bytes past one, so every 16-float vector access of it would span two
+    lines (the scan forward ran 1.07× slower so, A/B). Call under _LOCK."""
+    sizes = [groups * math.prod(shape) for shape in shapes]
+    total = sum(-(-n // 16) * 16 for n in sizes)  # each array padded to whole lines of 16 floats
+    if _SCRATCH[0].size < total + 16:
+        _SCRATCH[0] = np.empty(total + 16, np.float32)
+    buf = _SCRATCH[0]
+    start = (-buf.ctypes.data % 64) // 4
+    out = []
+    for n, shape in zip(sizes, shapes, strict=True):
+        out.append(buf[start : start + n].reshape(groups, *shape))
+        start += -(-n // 16) * 16
+    return out
 
 
 def _counter():
