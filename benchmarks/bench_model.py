@@ -26,8 +26,9 @@ UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or the median known to 
 
 
 def op_shares(model, x, reps: int = 3) -> dict[str, float]:
-    """Share of forward CPU time in the selective scan, the causal conv and the linear layers, over
-    reps profiled forwards (one forward alone swings by several points on a shared machine)."""
+    """Share of forward CPU time in the selective scan, the causal conv and the matrix products (every
+    aten::mm, addmm and bmm: the linear layers, and the products the mixer runs itself), over reps profiled
+    forwards (one forward alone swings by several points on a shared machine)."""
     scan, conv = mamba.selective_scan, mamba.causal_conv1d
 
     def labelled(fn, label):
@@ -49,7 +50,7 @@ def op_shares(model, x, reps: int = 3) -> dict[str, float]:
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
     return {"selective_scan": totals.get("selective_scan", 0) / wall,
             "causal_conv1d": totals.get("causal_conv1d", 0) / wall,
-            "linear (matmul)": totals.get("aten::linear", 0) / wall}
+            "matrix products": sum(totals.get(f"aten::{op}", 0) for op in ("mm", "addmm", "bmm")) / wall}
 
 
 def _train_step_peak(name: str, batch: int, threads: int, queue) -> None:
