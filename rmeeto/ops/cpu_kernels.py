@@ -379,10 +379,10 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, hout, arow, bcrow
         def state(n, ys):
             bv, cv = v.splat(5, builder.add(bcrow, n)), v.splat(6, builder.add(bcrow, n))
             nrow = builder.mul(n, ir.Constant(n.type, LANES))
-            hs = v.row(3, builder.add(hrow, nrow))
+            h_in = v.row(3, builder.add(hrow, nrow))
             a = v.row(4, builder.add(arow, nrow))
             h = [v.fma(_vec_exp2(builder, builder.fmul(d, ai)), hi, builder.fmul(du, bv))
-                 for d, ai, hi, du in zip(dtv, a, hs, dtuv, strict=True)]  # fmt: skip
+                 for d, ai, hi, du in zip(dtv, a, h_in, dtuv, strict=True)]  # fmt: skip
             v.store_row(h, 3, builder.add(hout, nrow))
             return [v.fma(hi, cv, y) for hi, y in zip(h, ys, strict=True)]
 
