@@ -239,6 +239,24 @@ def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_block
     assert torch.equal(reused, fresh)
 
 
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_vim_with_some_mixer_parameters_frozen_trains_on_the_cpu_kernels():
+    """A mixer whose input and in_proj need no gradient, but whose dt_proj does, records a graph: it must not
+    put its temporaries in the inference workspace (out= products cannot be differentiated, and the next
+    block would overwrite what autograd saved). Gradients as with the ref backend."""
+    model = tiny(embed_dim=40).train()
+    model.requires_grad_(False)
+    model.layers[0].mixer.dt_proj.requires_grad_(True)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for backend in ("cpu", "ref"):
+        model.zero_grad()
+        with use_backend(backend):
+            model(x).sum().backward()
+        grads.append(model.layers[0].mixer.dt_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+
+
 def test_recording_is_off_by_default():
     model = tiny()
     model(torch.randn(1, 3, 32, 32))

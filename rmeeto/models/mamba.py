@@ -152,7 +152,7 @@ class BiMamba(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         if not self.record and fused_inner(hidden, self.d_conv):
             return self._forward_fused(hidden)
-        if self.record or wants_grad([hidden, self.in_proj.weight]):
+        if self.record or wants_grad([hidden, *self.parameters()]):  # any op here recording a graph
             return self._forward(hidden, None)
         with reuse() as workspace:  # the temporaries in memory reused from block to block (rmeeto.ops.workspace)
             return self._forward(hidden, workspace)
