@@ -87,16 +87,6 @@ def _int_as_float(typingctx, bits):
 
 
 @intrinsic
-def _float_as_int(typingctx, x):
-    """Reinterpret the bits of a float32 as an int32."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
 def _fma(typingctx, a, b, c):
     """a·b + c with a single rounding (hardware FMA where available)."""
 
@@ -112,7 +102,7 @@ def _exp(x):
 
     Cody–Waite reduction to r ∈ [−ln2/2, ln2/2], then 1 + r + r²·q(r), q a cubic fitted for the
     least maximum relative error (Lawson's weighted least squares) and evaluated by Estrin's scheme.
-    For softplus and sigmoid, once per element; the decays, once per element and state, use _exp2
+    For softplus and sigmoid, once per element; the decays, once per element and state, use _vec_exp2
     with log₂e folded into A.
     """
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
@@ -126,23 +116,6 @@ def _exp(x):
     )
     p = _fma(q, r2, r) + _F1
     return p * _int_as_float((np.int32(k) + np.int32(127)) << np.int32(23))
-
-
-@njit(inline="always")
-def _exp2(x):
-    """float32 2^x to 2e-7 relative, vectorisable, in fewer operations than _exp: x is clamped to
-    [-125, 126]; adding 1.5·2²³ rounds it to an integer k kept in the low bits of the sum, so
-    f = x − k ∈ [−½, ½] needs no floor or conversion, and 2^k·p(f) is an integer add of k·2²³ to the
-    bits of p. p: degree 5 through p(0) = 1, fitted for the least maximum relative error (Lawson's
-    weighted least squares), by Horner's scheme (the scan evaluates many independently, so the
-    dependency chain does not matter, the operation count does). The scan's forward ran 1.10–1.14×
-    as fast with it as with _exp (A/B in one process, Vim-S sizes, batch 1 and 8)."""
-    x = min(max(x, np.float32(-125.0)), np.float32(126.0))
-    kf = x + _ROUND
-    f = x - (kf - _ROUND)
-    p = _fma(_fma(np.float32(1.3264698e-3), f, np.float32(9.6715093e-3)), f, np.float32(5.5507340e-2))
-    p = _fma(_fma(_fma(p, f, np.float32(2.4022242e-1)), f, np.float32(6.931470e-1)), f, _F1)
-    return _int_as_float(_float_as_int(p) + (_float_as_int(kf) << np.int32(23)))
 
 
 @njit(inline="always")
@@ -333,7 +306,13 @@ def _vec_fma(builder, vty):
 
 
 def _vec_exp2(builder, x):
-    """_exp2 on a vector of float32, the same operations in the same order (so the same results)."""
+    """float32 2^x on a vector, to 2e-7 relative, in fewer operations than _exp (the decays, once per element
+    and state): x is clamped to [-125, 126]; adding 1.5·2²³ rounds it to an integer k kept in the low bits
+    of the sum, so f = x − k ∈ [−½, ½] needs no floor or conversion, and 2^k·p(f) is an integer add of k·2²³
+    to the bits of p. p: degree 5 through p(0) = 1, fitted for the least maximum relative error (Lawson's
+    weighted least squares), by Horner's scheme (the scan evaluates many independently, so the dependency
+    chain does not matter, the operation count does). The scan's forward ran 1.10–1.14× as fast with it as
+    with _exp (A/B in one process, Vim-S sizes, batch 1 and 8)."""
     vty = x.type
     ity = ir.VectorType(ir.IntType(32), vty.count)
 
@@ -666,7 +645,7 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
     Both passes run time outer, state index inner (as scan_forward does), so the rows of one position
     stay in L1 while all N states use them; the states of every position are stored (hs[t + 1]: N×LANES,
     hs[0] = 0), and the sums run in the same order as a state-by-state pass would. The decays are
-    recomputed in the second pass rather than stored: with _exp2 that is cheaper than reading them back
+    recomputed in the second pass rather than stored: with _vec_exp2 that is cheaper than reading them back
     (the backward 1.07–1.09× as fast, A/B).
     """
     nl, nn = dt.shape[1], _states(ps)

@@ -156,15 +156,15 @@ def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarra
     line: numpy puts a large array 16 bytes past one, so every 16-float vector access of it would span two
     lines (the scan forward ran 1.07× slower so, A/B). Call under _LOCK."""
     sizes = [groups * math.prod(shape) for shape in shapes]
-    total = sum(-(-n // 16) * 16 for n in sizes)  # each array padded to whole lines of 16 floats
-    if _SCRATCH[0].size < total + 16:
-        _SCRATCH[0] = np.empty(total + 16, np.float32)
+    padded = [-(-n // 16) * 16 for n in sizes]  # each array takes whole lines of 16 floats
+    if _SCRATCH[0].size < sum(padded) + 16:
+        _SCRATCH[0] = np.empty(sum(padded) + 16, np.float32)
     buf = _SCRATCH[0]
     start = (-buf.ctypes.data % 64) // 4
     out = []
-    for n, shape in zip(sizes, shapes, strict=True):
+    for n, room, shape in zip(sizes, padded, shapes, strict=True):
         out.append(buf[start : start + n].reshape(groups, *shape))
-        start += -(-n // 16) * 16
+        start += room
     return out
 
 
