@@ -17,7 +17,7 @@ from rmeeto.reduction.baselines import (
     classified_plan,
     fuse_plan,
 )
-from rmeeto.reduction.merge import Plan, sum_into_slots
+from rmeeto.reduction.merge import Merge, Plan
 from rmeeto.reduction.signals import Signals
 
 NAMES = ["evit", "pumer", "utr", "hsa", "random"]
@@ -70,7 +70,7 @@ def test_sizes_add_up(name, ratio):
     m = sig.hidden.shape[1]
     removed = method.removed(m, ratio)
     plan = method.plan(sig, removed)
-    sizes = sum_into_slots(torch.ones(3, m, dtype=torch.float64), plan)
+    sizes = Merge(plan, torch.ones(3, m, dtype=torch.float64)).sizes()
     dropped = {"evit": 0, "pumer": 0, "utr": int(0.5 * removed), "hsa": removed, "random": removed}[name]
     assert torch.all(sizes.sum(1) == m - dropped)
     if name in ("hsa", "random"):

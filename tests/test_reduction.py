@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import rmeeto
 import rmeeto.reduction as R
 from rmeeto.models.vim import TokenState
-from rmeeto.reduction.merge import merge_tokens, sum_into_slots
+from rmeeto.reduction.merge import Merge
 from rmeeto.reduction.plans import bipartite_plan
 
 
@@ -188,11 +188,11 @@ def test_bipartite_invariants(b, m, c, frac, order, seed):
         for i in range(b):
             assert prune.dest[i][survivors[i]].tolist() == list(range(m - r))
     size = torch.rand(b, m, dtype=torch.float64) + 0.5
-    torch.testing.assert_close(sum_into_slots(size, merge).sum(1), size.sum(1))  # sizes add up
-    out = merge_tokens(x, merge, size)
+    torch.testing.assert_close(Merge(merge, size).sizes().sum(1), size.sum(1))  # sizes add up
+    out = Merge(merge, size)(x)
     for i in range(b):  # each image reduced on its own
         single = bipartite_plan(x[i:i + 1], r, order=order)
-        torch.testing.assert_close(merge_tokens(x[i:i + 1], single, size[i:i + 1])[0], out[i])
+        torch.testing.assert_close(Merge(single, size[i:i + 1])(x[i:i + 1])[0], out[i])
 
 
 @pytest.mark.parametrize("method,amount,options", [("rmeeto", 4, {}), ("mtr", 0.2, {"indicator": "cls"}),

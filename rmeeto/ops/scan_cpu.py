@@ -34,6 +34,7 @@ except ImportError:  # numba missing or broken: the backend is simply unavailabl
 AVAILABLE = _k is not None
 _LOCK = threading.Lock()
 _STARTED = False  # numba's threads are running
+_LOCAL = threading.local()  # .threads: the count numba was last given on this thread
 
 if AVAILABLE and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
@@ -45,9 +46,13 @@ def _param(x: Tensor | None, nd: int) -> np.ndarray:
 
 
 def _threads() -> int:
-    """Set numba's thread count to torch's (capped) and return it; the first call starts the threads."""
+    """Set numba's thread count (a per-thread setting) to torch's, capped, and return it; the first call
+    starts the threads. numba is asked again only when the count changes (each ask took ~20 µs in a Vim
+    forward at batch 1, with Python's data out of cache after a kernel)."""
     global _STARTED
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if getattr(_LOCAL, "threads", None) == n:
+        return n
     if _STARTED or "OMP_WAIT_POLICY" in os.environ:
         numba.set_num_threads(n)
     else:  # the runtime reads the policy once, when it loads; the process keeps its own environment
@@ -56,7 +61,7 @@ def _threads() -> int:
             numba.set_num_threads(n)
         finally:
             del os.environ["OMP_WAIT_POLICY"]
-    _STARTED = True
+    _STARTED, _LOCAL.threads = True, n
     return n
 
 
@@ -149,22 +154,29 @@ def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
 _SCRATCH = [np.empty(0, np.float32)]
 """The kernels' scratch memory, kept from call to call (fresh memory page-faults: see rmeeto.ops.workspace);
 kernel calls are serialised by _LOCK and none keeps its scratch."""
+_VIEWS: dict[tuple, list[np.ndarray]] = {}
+"""_scratch's answers for the current _SCRATCH, by (shapes, groups): a Vim forward asks for the same few."""
 
 
 def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarray]:
     """The kernels' per-group scratch arrays (groups × shape, fp32) in _SCRATCH, each starting on a 64-byte
     line: numpy puts a large array 16 bytes past one, so every 16-float vector access of it would span two
     lines (the scan forward ran 1.07× slower so, A/B). Call under _LOCK."""
+    key = (shapes, groups)
+    if key in _VIEWS:
+        return _VIEWS[key]
     sizes = [groups * math.prod(shape) for shape in shapes]
     padded = [-(-n // 16) * 16 for n in sizes]  # each array takes whole lines of 16 floats
-    if _SCRATCH[0].size < sum(padded) + 16:
-        _SCRATCH[0] = np.empty(sum(padded) + 16, np.float32)
+    if _SCRATCH[0].size < sum(padded) + 16 or len(_VIEWS) > 256:
+        _SCRATCH[0] = np.empty(max(_SCRATCH[0].size, sum(padded) + 16), np.float32)
+        _VIEWS.clear()  # views of the old buffer
     buf = _SCRATCH[0]
     start = (-buf.ctypes.data % 64) // 4
     out = []
     for n, room, shape in zip(sizes, padded, shapes, strict=True):
         out.append(buf[start : start + n].reshape(groups, *shape))
         start += room
+    _VIEWS[key] = out
     return out
 
 

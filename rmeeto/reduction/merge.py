@@ -3,7 +3,7 @@
 A *plan* says, for each of the M candidate tokens of every image (cls excluded), which output slot
 it goes to (``dest``: B×M, values in [0, K)) or that it is dropped (``-1``), and which of the K + 1
 output slots the cls token takes (``cls_slot``: B). Slots are numbered in output order, so the plan also
-fixes the order of the survivors. Every reducer in this package only builds plans; :func:`merge_tokens`
+fixes the order of the survivors. Every reducer in this package only builds plans; :class:`Merge`
 is the one place where tokens are combined.
 """
 
@@ -26,42 +26,53 @@ class Plan(NamedTuple):
     cls_slot: Tensor | None = None
 
 
-def merge_tokens(x: Tensor, plan: Plan, weight: Tensor, op: MergeOp = "wavg") -> Tensor:
-    """Combine B×M×C tokens into B×K×C following ``plan``.
+class Merge:
+    """Merging by one plan, its slot rows (and weight sums) worked out once for every stream merged by it: a
+    reducer merges the hidden and residual streams and sums the token sizes and the source map by one plan
+    (at batch 1, each of the few dozen small tensor ops this saves costs as much as the arithmetic).
 
-    ``wavg``: Σ x·w / Σ w over the tokens sent to a slot (R-MeeTo's size-weighted average, which the
-    authors call "sum"; ``weight`` = token sizes). ``mean``: the same with all weights 1.
-    ``max``/``min``: channel-wise extreme. The computation is done in ``x``'s dtype.
+    ``op`` (for :meth:`__call__`): ``wavg``: Σ x·w / Σ w over the tokens sent to a slot (R-MeeTo's
+    size-weighted average, which the authors call "sum"; ``weight`` = token sizes, B×M). ``mean``: the same
+    with all weights 1. ``max``/``min``: channel-wise extreme. Each stream is combined in its own dtype.
     """
-    b, m, c = x.shape
-    k = plan.num_out
-    dest = torch.where(plan.dest < 0, k, plan.dest)  # dropped tokens go to a spare slot K
-    if op in ("max", "min"):
-        index = dest[..., None].expand(b, m, c)
-        out = x.new_zeros(b, k + 1, c).scatter_reduce(1, index, x, reduce="amax" if op == "max" else "amin",
-                                                      include_self=False)
-        return out[:, :k]
-    w = (weight if op == "wavg" else torch.ones_like(weight)).to(x.dtype)
-    num = slot_sums(x * w[..., None], dest, k + 1)
-    den = slot_sums(w, dest, k + 1)
-    return num[:, :k] / den[:, :k, None]
 
+    def __init__(self, plan: Plan, weight: Tensor, op: MergeOp = "wavg"):
+        self.plan, self.weight, self.op = plan, weight, op
+        k = plan.num_out
+        self._dest = torch.where(plan.dest < 0, k, plan.dest)  # dropped tokens go to a spare slot K
+        self._rows = flat_rows(self._dest, k + 1)
+        self._weight_sums: dict[torch.dtype, Tensor] = {}
 
-def slot_sums(values: Tensor, dest: Tensor, k: int) -> Tensor:
-    """B×M(×…) values summed into B×k(×…) slots by ``dest`` (B×M in [0, k)), each slot adding its tokens
-    in token order. index_add_ adds whole rows: several times faster on CPU than scatter_add_ with an
-    index expanded over the channels, with the same sums."""
-    b, m = dest.shape
-    rows = flat_rows(dest, k)
-    out = values.new_zeros(b * k, *values.shape[2:])
-    return out.index_add_(0, rows, values.reshape(b * m, *values.shape[2:])).view(b, k, *values.shape[2:])
+    def sums(self, values: Tensor) -> Tensor:
+        """B×M(×…) → B×K(×…): plain sums per slot (token sizes, source maps), each slot adding its tokens in
+        token order; dropped tokens vanish. index_add_ adds whole rows: several times faster on CPU than
+        scatter_add_ with an index expanded over the channels, with the same sums."""
+        (b, m), k, rest = self._dest.shape, self.plan.num_out, values.shape[2:]
+        out = values.new_zeros(b * (k + 1), *rest).index_add_(0, self._rows, values.reshape(b * m, *rest))
+        return out.view(b, k + 1, *rest)[:, :k]
 
+    def __call__(self, x: Tensor) -> Tensor:
+        """Combine B×M×C tokens into B×K×C by the plan with ``op``."""
+        if self.op in ("max", "min"):
+            (b, m, c), k = x.shape, self.plan.num_out
+            index = self._dest[..., None].expand(b, m, c)
+            out = x.new_zeros(b, k + 1, c).scatter_reduce(1, index, x, include_self=False,
+                                                          reduce="amax" if self.op == "max" else "amin")
+            return out[:, :k]
+        return self.sums(x * self._weights(x.dtype)[..., None]) / self._summed_weights(x.dtype)[..., None]
 
-def sum_into_slots(values: Tensor, plan: Plan) -> Tensor:
-    """B×M(×…) → B×K(×…): plain sums per slot (token sizes, source maps); dropped tokens vanish."""
-    k = plan.num_out
-    dest = torch.where(plan.dest < 0, k, plan.dest)
-    return slot_sums(values, dest, k + 1)[:, :k]
+    def sizes(self) -> Tensor:
+        """B×K: the merged tokens' sizes, the weights summed per slot (shared with ``wavg``'s denominators)."""
+        return self._summed_weights(self.weight.dtype) if self.op == "wavg" else self.sums(self.weight)
+
+    def _weights(self, dtype: torch.dtype) -> Tensor:
+        """B×M weights of ``op`` in ``dtype``: the token sizes (wavg) or ones (mean)."""
+        return (self.weight if self.op == "wavg" else torch.ones_like(self.weight)).to(dtype)
+
+    def _summed_weights(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._weight_sums:
+            self._weight_sums[dtype] = self.sums(self._weights(dtype))
+        return self._weight_sums[dtype]
 
 
 def mask_of(index: Tensor, m: int) -> Tensor:

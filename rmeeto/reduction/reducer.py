@@ -9,7 +9,7 @@ import torch
 
 from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState
-from rmeeto.reduction.merge import merge_tokens, remove_cls, sum_into_slots, with_cls
+from rmeeto.reduction.merge import Merge, remove_cls, with_cls
 from rmeeto.reduction.methods import Method
 from rmeeto.reduction.signals import Signals
 
@@ -100,13 +100,13 @@ class TokenReduction:
         with torch.autocast(state.hidden.device.type, enabled=False):
             cls_h, hidden = remove_cls(state.hidden, p)
             plan = with_cls(self.method.plan(Signals(hidden, cls_h, p, record), self.removed[block]), p)
-        op = self.method.op
+        merge = Merge(plan, size, self.method.op)
         return TokenState(
-            hidden=merge_tokens(state.hidden, plan, size, op),
-            residual=merge_tokens(state.residual, plan, size, op) if state.residual is not None else None,
+            hidden=merge(state.hidden),
+            residual=merge(state.residual) if state.residual is not None else None,
             cls_index=plan.cls_slot,
-            size=sum_into_slots(size, plan),
-            source=sum_into_slots(state.source, plan) if state.source is not None else None,
+            size=merge.sizes(),
+            source=merge.sums(state.source) if state.source is not None else None,
         )
 
     def set_recording(self, on: bool) -> None:

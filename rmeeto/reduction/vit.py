@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from rmeeto.models.deit import ReducibleViT
 from rmeeto.models.vim import TokenState
-from rmeeto.reduction.merge import Plan, merge_tokens, odd_even, ordered_slots, slots_from_order, sum_into_slots
+from rmeeto.reduction.merge import Merge, Plan, odd_even, ordered_slots, slots_from_order
 from rmeeto.reduction.methods import bipartite_overhead, check_options
 from rmeeto.reduction.plans import Order, similarity
 
@@ -181,9 +181,9 @@ class InBlockReduction:
         with torch.no_grad(), torch.autocast(state.hidden.device.type, enabled=False):
             plan = in_block_plan(self._metric(block, state.hidden, qkv), int(r), self.method.order,
                                  self.method.prune)
-        out = TokenState(hidden=merge_tokens(state.hidden, plan, size), residual=None, cls_index=state.cls_index,
-                         size=sum_into_slots(size, plan),
-                         source=sum_into_slots(state.source, plan) if state.source is not None else None)
+        merge = Merge(plan, size)
+        out = TokenState(hidden=merge(state.hidden), residual=None, cls_index=state.cls_index, size=merge.sizes(),
+                         source=merge.sums(state.source) if state.source is not None else None)
         self._size = out.size
         return out
 
