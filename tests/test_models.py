@@ -203,21 +203,25 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
 @pytest.mark.parametrize("method", [None, "rmeeto"])
 def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
     """Without gradients the mixers put their temporaries in one workspace held across the blocks
-    (rmeeto.ops.workspace): the logits are the same to the bit as with fresh memory, every block gets
-    in_proj's output at the same address, and a recording mixer (MTR's) takes nothing from it."""
+    (rmeeto.ops.workspace) and run each direction as one mamba_inner_cpu call: the logits are the same to the
+    bit as with fresh memory and the general ops, every block gets in_proj's output at the same address, and a
+    recording mixer (MTR's) takes the general ops, without the workspace."""
     import rmeeto.models.mamba as mamba
     from rmeeto.ops import workspace
 
     x = torch.randn(2, 3, 32, 32)
-    recording = tiny(embed_dim=40).eval()
+    recording = tiny(embed_dim=40).eval()  # Dᵢ = 80: a block of 64 channels and a ragged one
     rmeeto.reduction.apply(recording, "mtr", r=0.1)
-    pooled = []
-    scan = mamba.selective_scan
-    monkeypatch.setattr(mamba, "selective_scan", lambda *a, **k: pooled.append(workspace.active() is not None) or
+    calls = []
+    scan, inner = mamba.selective_scan, mamba.mamba_inner_cpu
+    monkeypatch.setattr(mamba, "selective_scan", lambda *a, **k: calls.append(("scan", workspace.active())) or
                         scan(*a, **k))  # fmt: skip
+    monkeypatch.setattr(mamba, "mamba_inner_cpu", lambda *a, **k: calls.append(("inner", a[-1])) or inner(*a, **k))
     with torch.no_grad(), use_backend("cpu"):
         recording(x)
-    assert pooled == [not layer.mixer.record for layer in recording.layers for _ in "fb"] and not all(pooled)
+    want = [("scan", None) if layer.mixer.record else "inner" for layer in recording.layers for _ in "fb"]
+    assert [c if c[0] == "scan" else c[0] for c in calls] == want and "inner" in want
+    assert all(isinstance(ws, workspace.Workspace) for kind, ws in calls if kind == "inner")
     model = tiny(embed_dim=40).eval()
     if method:
         rmeeto.reduction.apply(model, method, r=4)
@@ -233,8 +237,8 @@ def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_block
 
         monkeypatch.setattr(mamba, "_matmul", recorded)
         model(x)
-        assert len(addresses) == 4 * len(model.layers) and len(set(addresses[::4])) == 1  # x, z, Δ, Δ_b per block
-        monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)  # each temporary fresh
+        assert len(addresses) == 2 * len(model.layers) and len(set(addresses[::2])) == 1  # x, z per block
+        monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)  # each temporary fresh, the general ops
         fresh = model(x)
     assert torch.equal(reused, fresh)
 

@@ -11,13 +11,14 @@ from .dispatch import (
     causal_conv1d,
     fused_add_norm,
     fused_inner,
+    fused_inner_cpu,
     get_backend,
     selective_scan,
     set_backend,
     unavailable_backends,
     use_backend,
 )
-from .scan_cpu import add_rms_norm_cpu
+from .scan_cpu import add_rms_norm_cpu, mamba_inner_cpu
 
 __all__ = [
     "add_rms_norm_cpu",
@@ -26,8 +27,10 @@ __all__ = [
     "causal_conv1d",
     "fused_add_norm",
     "fused_inner",
+    "fused_inner_cpu",
     "get_backend",
     "mamba_inner",
+    "mamba_inner_cpu",
     "selective_scan",
     "set_backend",
     "unavailable_backends",

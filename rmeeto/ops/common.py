@@ -1,6 +1,7 @@
 """The one scan signature (``ScanFn``), the shared pre/post-processing around a core scan, and
 ``wants_grad``."""
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
@@ -36,8 +37,9 @@ class CoreScan(Protocol):
     def __call__(self, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, /) -> Tensor: ...
 
 
-def wants_grad(tensors) -> bool:
-    """Whether autograd would record an op on these tensors (None entries ignored)."""
+def wants_grad(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether autograd would record an op on these tensors (None entries ignored); ``tensors`` is not iterated
+    when gradients are off."""
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 

@@ -171,6 +171,12 @@ def fused_inner(x: Tensor, conv_width: int, backend: str | None = None) -> bool:
     )
 
 
+def fused_inner_cpu(x: Tensor, backend: str | None = None) -> bool:
+    """True when a mixer direction on x (B×Dᵢ×L, token-major) can run as scan_cpu.mamba_inner_cpu: the `cpu`
+    backend and fp32 (the caller has checked that no gradient or record is wanted)."""
+    return x.dtype == torch.float32 and resolve_backend(x, backend) == "cpu" and scan_cpu.token_major(x)
+
+
 def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, backend: str | None = None) -> bool:
     """True when residual add + RMSNorm can run as one cpu kernel (scan_cpu.add_rms_norm_cpu): the `cpu`
     backend, all fp32, and no gradients wanted (the kernel has no backward)."""

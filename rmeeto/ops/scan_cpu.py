@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .common import wants_grad
 from .conv import conv_weight
-from .workspace import active
+from .workspace import Workspace, active
 
 try:
     import numba
@@ -133,7 +133,9 @@ def _layout(x: Tensor, tm: bool) -> Tensor:
     """Detached B×D×L tensor → contiguous B×D×L, or (tm) a B×D×L view of contiguous B×L×D memory; copies
     only when x is not laid out so already."""
     x = x.detach()
-    return x.transpose(1, 2).contiguous().transpose(1, 2) if tm else x.contiguous()
+    if tm:
+        return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
 
 
 def _new(like: Tensor, tm: bool, pooled: bool = False) -> Tensor:
@@ -286,3 +288,36 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
 
 _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
+
+
+def mamba_inner_cpu(x: Tensor, z: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor,
+                    dt_bias: Tensor, A: Tensor, D: Tensor, workspace: Workspace, reverse: bool = False) -> Tensor:
+    """One direction of a Mamba mixer for a forward without gradients, on the cpu kernels called directly:
+    conv + SiLU, x_proj, dt_proj, then the scan with Δ's bias and softplus, the D skip and the z gate (what
+    mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
+
+    x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory; conv_w Dᵢ×K (or Dᵢ×1×K); x_proj_w (R+2N)×Dᵢ;
+    dt_proj_w Dᵢ×R; A Dᵢ×N. The same numbers as the general path (causal_conv1d, the linear layers and
+    selective_scan with these arguments), in far fewer tensor operations: at batch 1, where each costs
+    several µs (Python's data out of cache after a kernel), the general path's dispatch and layout checks
+    cost as much as the kernels of a small Vim.
+    """
+    nb, nd, L = x.shape
+    nn = A.shape[1]
+    rank = x_proj_w.shape[0] - 2 * nn
+    conv = workspace.empty(nb, L, nd)
+    taps = conv_weight(conv_w).detach().t().contiguous()  # K×Dᵢ
+    with _LOCK:
+        _threads()
+        _k.conv_forward(x.transpose(1, 2).numpy(), taps.numpy(), _param(conv_b, nd), reverse, True, conv.numpy())
+    x_dbl = conv @ x_proj_w.detach().t()  # B×L×(R+2N)
+    delta = torch.matmul(x_dbl[..., :rank], dt_proj_w.detach().t(), out=workspace.empty(nb, L, nd))
+    bc = (x_dbl[..., rank:].flip(1) if reverse else x_dbl[..., rank:]).numpy()  # B, C in scan order
+    out = workspace.empty(nb, L, nd)
+    with _LOCK:
+        groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
+        _k.scan_forward(conv.numpy(), delta.numpy(), z.transpose(1, 2).numpy(), True, reverse, _param(A, nd),
+                        np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), _param(D, nd),
+                        _param(dt_bias, nd), True, True, out.numpy(), _counter(),
+                        *_scratch(_k.forward_scratch(L, nn), groups))  # fmt: skip
+    return out.transpose(1, 2)
