@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import threading
 import time
 
 import torch
@@ -19,7 +20,7 @@ import rmeeto.models.mamba as mamba
 import rmeeto.reduction as R
 from rmeeto.evaluate import example_input
 from rmeeto.flops import count
-from rmeeto.ops import backend_summary
+from rmeeto.ops import backend_summary, scan_cpu
 from rmeeto.speed import MAX_SPREAD, MIN_REPS, measure, reducer_share
 
 UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or the median known to worse than ±{MAX_SPREAD:.0%}"
@@ -28,16 +29,29 @@ UNTRUSTED = f"; NOT trustworthy: under {MIN_REPS} rounds or the median known to 
 def op_shares(model, x, reps: int = 3) -> dict[str, float]:
     """Share of forward CPU time in the selective scan, the causal conv and the matrix products (every
     aten::mm, addmm and bmm: the linear layers, and the products the mixer runs itself), over reps profiled
-    forwards (one forward alone swings by several points on a shared machine)."""
-    scan, conv = mamba.selective_scan, mamba.causal_conv1d
+    forwards (one forward alone swings by several points on a shared machine). The scan and the conv are
+    timed at the ops' entry points, or at their kernels where a mixer calls those directly
+    (mamba_inner_cpu, at inference on the cpu backend)."""
+    inside = threading.local()
 
     def labelled(fn, label):
         def run(*a, **k):
-            with torch.profiler.record_function(label):
+            if getattr(inside, "label", None):  # a kernel under an entry point already timed
                 return fn(*a, **k)
+            inside.label = label
+            try:
+                with torch.profiler.record_function(label):
+                    return fn(*a, **k)
+            finally:
+                inside.label = None
         return run
 
-    mamba.selective_scan, mamba.causal_conv1d = labelled(scan, "selective_scan"), labelled(conv, "causal_conv1d")
+    patched = [(mamba, "selective_scan", "selective_scan"), (mamba, "causal_conv1d", "causal_conv1d")]
+    if scan_cpu.AVAILABLE:
+        patched += [(scan_cpu._k, "scan_forward", "selective_scan"), (scan_cpu._k, "conv_forward", "causal_conv1d")]
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+    for owner, name, label in patched:
+        setattr(owner, name, labelled(getattr(owner, name), label))
     try:
         model(x)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -46,7 +60,8 @@ def op_shares(model, x, reps: int = 3) -> dict[str, float]:
                 model(x)
             wall = time.perf_counter() - start
     finally:
-        mamba.selective_scan, mamba.causal_conv1d = scan, conv
+        for (owner, name, _), fn in zip(patched, originals, strict=True):
+            setattr(owner, name, fn)
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
     return {"selective_scan": totals.get("selective_scan", 0) / wall,
             "causal_conv1d": totals.get("causal_conv1d", 0) / wall,
