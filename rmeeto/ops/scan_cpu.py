@@ -298,9 +298,9 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, conv_w: Tensor, conv_b: Tensor | None,
 
     x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory; conv_w Dᵢ×K (or Dᵢ×1×K); x_proj_w (R+2N)×Dᵢ;
     dt_proj_w Dᵢ×R; A Dᵢ×N. The same numbers as the general path (causal_conv1d, the linear layers and
-    selective_scan with these arguments), in far fewer tensor operations: at batch 1, where each costs
-    several µs (Python's data out of cache after a kernel), the general path's dispatch and layout checks
-    cost as much as the kernels of a small Vim.
+    selective_scan with these arguments), in far fewer tensor operations: inside a Vim each costs 4–15 µs
+    (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and layout checks cost about
+    as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5).
     """
     nb, nd, L = x.shape
     nn = A.shape[1]
