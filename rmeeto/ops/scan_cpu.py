@@ -296,12 +296,14 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, conv_w: Tensor, conv_b: Tensor | None,
     conv + SiLU, x_proj, dt_proj, then the scan with Δ's bias and softplus, the D skip and the z gate (what
     mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
 
-    x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory; conv_w Dᵢ×K (or Dᵢ×1×K); x_proj_w (R+2N)×Dᵢ;
-    dt_proj_w Dᵢ×R; A Dᵢ×N. The same numbers as the general path (causal_conv1d, the linear layers and
-    selective_scan with these arguments), in far fewer tensor operations: inside a Vim each costs 4–15 µs
-    (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and layout checks cost about
-    as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5).
+    x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); conv_w Dᵢ×K (or Dᵢ×1×K);
+    x_proj_w (R+2N)×Dᵢ; dt_proj_w Dᵢ×R; A Dᵢ×N. The same numbers as the general path (causal_conv1d, the
+    linear layers and selective_scan with these arguments), in far fewer tensor operations: inside a Vim
+    each costs 4–15 µs (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and
+    layout checks cost about as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5).
     """
+    if not AVAILABLE:
+        raise RuntimeError("the cpu mixer kernels need numba")
     nb, nd, L = x.shape
     nn = A.shape[1]
     rank = x_proj_w.shape[0] - 2 * nn
