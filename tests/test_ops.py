@@ -641,6 +641,24 @@ def test_mamba_inner_cpu_equals_the_general_ops_to_the_bit(nb, L, nd, nn, rank, 
     assert torch.equal(y, want)
 
 
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_kernel_scratch_is_line_aligned_and_kept_until_a_bigger_request():
+    """The kernels' scratch arrays start on 64-byte lines and do not overlap; asking again for the same shapes
+    gives the same arrays; a bigger request takes a new buffer, and asking for the old shapes then gives views
+    of it, not of the old one."""
+    shapes = ((3, 5, 64), (7, 64), (2, 3))
+    with scan_cpu._LOCK:
+        first = scan_cpu._scratch(shapes, 2)
+        assert [a.shape for a in first] == [(2, *sh) for sh in shapes]
+        assert all(a.ctypes.data % 64 == 0 for a in first)
+        spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in first)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+        assert all(a is b for a, b in zip(scan_cpu._scratch(shapes, 2), first, strict=True))
+        scan_cpu._scratch(((scan_cpu._SCRATCH[0].size + 1,),), 1)  # does not fit: a new buffer
+        again = scan_cpu._scratch(shapes, 2)
+        assert again[0].base is scan_cpu._SCRATCH[0] and first[0].base is not scan_cpu._SCRATCH[0]
+
+
 # --- workspace ---------------------------------------------------------------------------------------
 
 

@@ -47,8 +47,8 @@ def _param(x: Tensor | None, nd: int) -> np.ndarray:
 
 def _threads() -> int:
     """Set numba's thread count (a per-thread setting) to torch's, capped, and return it; the first call
-    starts the threads. numba is asked again only when the count changes (each ask took ~20 µs in a Vim
-    forward at batch 1, with Python's data out of cache after a kernel)."""
+    starts the threads. numba is asked again only when the count changes (each ask took ~22 µs inside a Vim
+    forward at batch 1)."""
     global _STARTED
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if getattr(_LOCAL, "threads", None) == n:
@@ -169,9 +169,11 @@ def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarra
         return _VIEWS[key]
     sizes = [groups * math.prod(shape) for shape in shapes]
     padded = [-(-n // 16) * 16 for n in sizes]  # each array takes whole lines of 16 floats
-    if _SCRATCH[0].size < sum(padded) + 16 or len(_VIEWS) > 256:
-        _SCRATCH[0] = np.empty(max(_SCRATCH[0].size, sum(padded) + 16), np.float32)
+    if _SCRATCH[0].size < sum(padded) + 16:
+        _SCRATCH[0] = np.empty(sum(padded) + 16, np.float32)
         _VIEWS.clear()  # views of the old buffer
+    elif len(_VIEWS) > 256:  # many token counts seen (a merged model's, several models'): start afresh
+        _VIEWS.clear()
     buf = _SCRATCH[0]
     start = (-buf.ctypes.data % 64) // 4
     out = []
