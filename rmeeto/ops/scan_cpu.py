@@ -9,11 +9,16 @@ on a 2-core machine (and the matrix multiplies between them slower too). That ru
 fork-safe: a process forked after the scan ran here must not run it again (numba stops it with a
 message); set NUMBA_THREADING_LAYER=workqueue for such uses. Kernel calls are serialised by a lock
 (the layers are not re-entrant) and use torch.get_num_threads() threads.
+
+torch.compile cannot trace into numba, so the public entry points are opaque to it
+(torch.compiler.disable, 0.3 µs a call): a compiled model runs them eagerly between its graphs.
 """
 
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -63,6 +68,15 @@ def _threads() -> int:
             del os.environ["OMP_WAIT_POLICY"]
     _STARTED, _LOCAL.threads = True, n
     return n
+
+
+@contextmanager
+def kernel_lock() -> Iterator[int]:
+    """Hold the lock every numba kernel call of this package takes (numba's threading layers are not
+    re-entrant), with numba's thread count set to torch's; yields that count. For kernels outside this
+    module (the reducer's: rmeeto.reduction.merge_cpu)."""
+    with _LOCK:
+        yield _threads()
 
 
 def _scan(
@@ -198,6 +212,7 @@ def _np_of(x: Tensor, tm: bool) -> np.ndarray:
     return (x.transpose(1, 2) if tm else x).numpy()
 
 
+@torch.compiler.disable
 def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, then reverse
     """Fused numba selective scan on CPU tensors (the ScanFn contract; fp32 inside).
 
@@ -261,6 +276,7 @@ _CONV_CHUNK = 32
 """Rows per task of the conv backward's weight-gradient partial sums."""
 
 
+@torch.compiler.disable
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                       reverse: bool = False) -> Tensor:
     """causal_conv1d_torch's function by a numba kernel over token-major memory: x is a B×D×L view of
@@ -273,6 +289,7 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     return _conv(*tensors, activation is not None, reverse, pooled=True)[0].to(x.dtype)
 
 
+@torch.compiler.disable
 def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(normed, residual + hidden) in one pass over B×N×C fp32 tensors (hidden alone when residual is None):
     normed = RMSNorm(residual + hidden) · weight. No autograd: for forwards that need no gradients."""
@@ -292,6 +309,7 @@ _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
 
+@torch.compiler.disable
 def mamba_inner_cpu(x: Tensor, z: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor,
                     dt_bias: Tensor, A: Tensor, D: Tensor, workspace: Workspace, reverse: bool = False) -> Tensor:
     """One direction of a Mamba mixer for a forward without gradients, on the cpu kernels called directly:

@@ -91,6 +91,12 @@ class BipartiteMerge:
     def needs_record(self) -> bool:
         return self.metric != "x"
 
+    @property
+    def kernel_merges(self) -> bool:
+        """R-MeeTo's own variant (matching by the hidden state, ordered, merged by size-weighted average), which
+        rmeeto.reduction.merge_cpu carries out in one kernel at inference."""
+        return self.metric == "x" and self.order == "ordered" and not self.prune and self.op == "wavg"
+
     def removed(self, m: int, r: float) -> int:
         num_a = (m + 1) // 2 if m > 1 else 0
         if int(r) != r or not 0 <= r <= num_a:

@@ -78,6 +78,13 @@ def finish_plan(merged: Tensor, partner: Tensor, removed: int, *, prune: bool = 
     return Plan(torch.where(merged, joined, slots), k, cls_slot)
 
 
+def bipartite_match(a: Tensor, b: Tensor, distance: Distance = "cosine", kth: int = 1) -> tuple[Tensor, Tensor]:
+    """Bipartite matching of B×Na×F A tokens to B×Nb×F B tokens → (node_idx: B×Na, each A token's k-th closest
+    B token; edge_idx: B×Na, the A tokens by descending score of that match, so its first r are merged)."""
+    node_max, node_idx = best_match(similarity(a, b, distance), kth)
+    return node_idx, node_max.argsort(dim=-1, descending=True)
+
+
 def bipartite_plan(metric: Tensor, r: int, *, distance: Distance = "cosine", kth: int = 1,
                    order: Order = "ordered", prune: bool = False, cls_index: Tensor | None = None,
                    cls_rule: ClsRule = "proportional") -> Plan:
@@ -94,8 +101,7 @@ def bipartite_plan(metric: Tensor, r: int, *, distance: Distance = "cosine", kth
     if r == 0:  # also covers M = 1 (no B token to match)
         return finish_plan(torch.zeros(b, m, dtype=torch.bool, device=device), torch.zeros(b, m, dtype=torch.long,
                            device=device), 0, order="ordered", cls_index=cls_index, cls_rule=cls_rule)
-    node_max, node_idx = best_match(similarity(metric[:, 0::2], metric[:, 1::2], distance), kth)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
+    node_idx, edge_idx = bipartite_match(metric[:, 0::2], metric[:, 1::2], distance, kth)
     src, unm = edge_idx[:, :r], edge_idx[:, r:]
     merged = torch.zeros(b, m, dtype=torch.bool, device=device)
     merged[:, 0::2] = mask_of(src, num_a)

@@ -9,8 +9,9 @@ import torch
 
 from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState
+from rmeeto.reduction import merge_cpu
 from rmeeto.reduction.merge import Merge, remove_cls, with_cls
-from rmeeto.reduction.methods import Method
+from rmeeto.reduction.methods import BipartiteMerge, Method
 from rmeeto.reduction.signals import Signals
 
 
@@ -82,6 +83,7 @@ class TokenReduction:
         if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
             raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")
         self.removed = schedule.removed(method, model.cfg.num_patches + 1)
+        self._kernel = isinstance(method, BipartiteMerge) and method.kernel_merges and not track_source
         silent = [b - 1 for b in schedule.blocks if self._mixers[b - 1] is None]
         if method.needs_record and silent:
             raise ValueError(f"{type(method).__name__} needs the Δ/B/C record of the mixer before each reduction "
@@ -91,6 +93,8 @@ class TokenReduction:
     def __call__(self, block: int, state: TokenState) -> TokenState:
         if block not in self.removed:
             return state
+        if self._kernel and self.removed[block] and merge_cpu.applies(state):
+            return merge_cpu.bipartite_wavg(state, self.removed[block], self.method.distance, self.method.kth)
         b, n, _ = state.hidden.shape
         p = state.cls_index
         size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)

@@ -1,0 +1,59 @@
+"""R-MeeTo's merge at inference on the `cpu` backend: the matching in tensor operations, everything after it
+in one numba kernel (rmeeto.reduction.merge_kernel).
+
+The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
+operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations
+cost several µs each, so the reducer was 10.5 % of a merged Vim-S forward at batch 1 and 5.5 % at batch 8
+(docs/cpu_speed.md, round 6). Same tokens merged and the same numbers to the bit as the general path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rmeeto.models.vim import TokenState
+from rmeeto.ops.common import wants_grad
+from rmeeto.ops.dispatch import resolve_backend
+from rmeeto.ops.scan_cpu import kernel_lock
+from rmeeto.reduction.merge import others_index, take_rows
+from rmeeto.reduction.plans import bipartite_match
+
+try:
+    from rmeeto.reduction import merge_kernel as _k
+except ImportError:  # numba missing or broken: the general path is used
+    _k = None
+
+
+def applies(state: TokenState) -> bool:
+    """The kernel can merge this state: numba, the `cpu` backend, fp32 hidden and residual streams (and sizes),
+    no gradients wanted, no source map tracked."""
+    streams = (state.hidden, state.residual, state.size)
+    return (
+        _k is not None
+        and state.residual is not None
+        and state.source is None
+        and state.hidden.device.type == "cpu"
+        and all(t is None or t.dtype == torch.float32 for t in streams)
+        and resolve_backend(state.hidden) == "cpu"
+        and not wants_grad(streams)
+    )
+
+
+@torch.compiler.disable  # numba cannot be traced (see rmeeto.ops.scan_cpu)
+def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kth: int = 1) -> TokenState:
+    """R-MeeTo's ordered bipartite merge of ``removed`` ≥ 1 tokens with the size-weighted average, as
+    BipartiteMerge(metric="x", order="ordered", op="wavg") and Merge do it (``applies`` must hold)."""
+    hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
+    b, n, c = hidden.shape
+    size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
+    others = take_rows(hidden, others_index(state.cls_index, n))  # B×M×C: A tokens at even places, B at odd
+    with torch.autocast("cpu", enabled=False):
+        node_idx, edge_idx = bipartite_match(others[:, 0::2], others[:, 1::2], distance, kth)
+    k1 = n - removed
+    out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
+    cls_slot = torch.empty(b, dtype=torch.long)
+    arrays = (hidden, residual, size, state.cls_index, node_idx, edge_idx[:, :removed].contiguous(),
+              out_hidden, out_residual, out_size, cls_slot)  # fmt: skip
+    with kernel_lock():
+        _k.bipartite_wavg(*(t.numpy() for t in arrays))
+    return TokenState(out_hidden, out_residual, cls_slot, out_size)

@@ -1,0 +1,99 @@
+"""Numba kernel for R-MeeTo's merge at inference: the plan's slot arithmetic and the size-weighted average
+of both streams in one call (see rmeeto.reduction.merge_cpu, which calls it).
+
+It does what bipartite_plan's ordered layout, with_cls and Merge("wavg") do with tensor operations after
+the matching, in the same float32 operations in the same order (each slot sums its tokens in token order,
+starting from zero, then divides by its summed size), so the results are the same to the bit.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+SLOTS_PER_TASK = 16
+"""Output slots per parallel task of the averaging phase."""
+
+
+@njit(inline="always")
+def _slots(n, p, r, node_idx, src, dest):
+    """One image's plan: dest[t] = output slot of token t (N tokens, cls at p) → the cls token's slot.
+
+    The A tokens (even positions among the N − 1 others) listed in src (r of them) join the B token
+    node_idx names (odd positions); the others survive in order; cls goes to int(p·(N − r)/N) and the slots
+    at or after it move up by one.
+    """
+    m = n - 1
+    merged = np.zeros(m, np.bool_)
+    for i in range(r):
+        merged[2 * src[i]] = True
+    slot = np.empty(m, np.int64)
+    s = 0
+    for j in range(m):
+        if not merged[j]:
+            slot[j] = s
+            s += 1
+    q = p * (n - r) // n
+    for t in range(n):
+        if t == p:
+            dest[t] = q
+            continue
+        j = t - 1 if t > p else t
+        d = slot[2 * node_idx[j // 2] + 1] if merged[j] else slot[j]
+        dest[t] = d + 1 if d >= q else d
+    return q
+
+
+@njit(inline="always")
+def _group(dest, k1, first, tokens):
+    """Counting sort of the tokens by slot: the tokens of slot s are tokens[first[s]:first[s + 1]], in token
+    order (first: K + 2 offsets)."""
+    first[:] = 0
+    for t in range(dest.shape[0]):
+        first[dest[t] + 1] += 1
+    for s in range(k1):
+        first[s + 1] += first[s]
+    fill = first[:k1].copy()
+    for t in range(dest.shape[0]):
+        tokens[fill[dest[t]]] = t
+        fill[dest[t]] += 1
+
+
+@njit(inline="always")
+def _wavg_row(x, tokens, lo, hi, size, total, out):
+    """out (C) = Σ x[t]·size[t] over tokens[lo:hi], from zero in token order, / total."""
+    for i in range(lo, hi):
+        t = tokens[i]
+        row, w = x[t], size[t]
+        if i == lo:
+            for j in range(out.shape[0]):
+                out[j] = np.float32(0.0) + row[j] * w
+        else:
+            for j in range(out.shape[0]):
+                out[j] += row[j] * w
+    for j in range(out.shape[0]):
+        out[j] /= total
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def bipartite_wavg(hidden, residual, size, cls_index, node_idx, src, out_hidden, out_residual, out_size, cls_slot):
+    """Merge B×N×C hidden and residual streams (B×N sizes, cls at cls_index) into K + 1 slots: the A tokens in
+    src (B×r, by A index) join the B token node_idx names (B×Na); out_* B×(K+1)×C and B×(K+1); cls_slot (B)
+    gets cls's new position. All float32 contiguous but the int64 indices; no bounds checks."""
+    nb, n = size.shape
+    k1 = out_size.shape[1]
+    first = np.empty((nb, k1 + 1), np.int64)
+    tokens = np.empty((nb, n), np.int64)
+    dest = np.empty((nb, n), np.int64)
+    for b in range(nb):  # O(N) each: not worth a parallel region
+        cls_slot[b] = _slots(n, cls_index[b], src.shape[1], node_idx[b], src[b], dest[b])
+        _group(dest[b], k1, first[b], tokens[b])
+    chunks = (k1 + SLOTS_PER_TASK - 1) // SLOTS_PER_TASK
+    for task in prange(nb * chunks):
+        b = task // chunks
+        for s in range((task % chunks) * SLOTS_PER_TASK, min((task % chunks + 1) * SLOTS_PER_TASK, k1)):
+            lo, hi = first[b, s], first[b, s + 1]
+            total = np.float32(0.0)
+            for i in range(lo, hi):
+                total += size[b, tokens[b, i]]
+            out_size[b, s] = total
+            _wavg_row(hidden[b], tokens[b], lo, hi, size[b], total, out_hidden[b, s])
+            _wavg_row(residual[b], tokens[b], lo, hi, size[b], total, out_residual[b, s])

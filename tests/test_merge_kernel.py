@@ -1,0 +1,139 @@
+"""R-MeeTo's merge kernel (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used only
+where it applies."""
+
+import pytest
+import torch
+
+import rmeeto
+import rmeeto.reduction as R
+from rmeeto.models.vim import TokenState
+from rmeeto.ops import use_backend
+from rmeeto.reduction import merge_cpu
+
+
+def tiny_vim(depth: int = 6):
+    torch.manual_seed(0)
+    return rmeeto.create_model("vim_demo", img_size=32, patch_size=4, embed_dim=16, depth=depth, num_classes=5)
+
+
+def state(b: int, n: int, c: int, cls, sizes: bool, seed: int = 0) -> TokenState:
+    g = torch.Generator().manual_seed(seed)
+    size = torch.randint(1, 5, (b, n), generator=g).float() if sizes else None
+    return TokenState(torch.randn(b, n, c, generator=g), torch.randn(b, n, c, generator=g), cls, size)
+
+
+def both_paths(reducer, s: TokenState, block: int = 2) -> tuple[TokenState, TokenState, int]:
+    """(kernel path, general path, kernel calls) for one reduction point, without gradients."""
+    calls = []
+    kernel = merge_cpu.bipartite_wavg
+    merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        with torch.no_grad():
+            fast = reducer(block, s)
+            reducer._kernel = False
+            general = reducer(block, s)
+    finally:
+        merge_cpu.bipartite_wavg, reducer._kernel = kernel, True
+    return fast, general, len(calls)
+
+
+def assert_same(a: TokenState, b: TokenState) -> None:
+    for x, y in ((a.hidden, b.hidden), (a.residual, b.residual), (a.size, b.size), (a.cls_index, b.cls_index)):
+        assert x.shape == y.shape and torch.equal(x, y)
+
+
+POINTS = [(65, 32, 8), (64, 0, 16), (12, 11, 1), (9, "per image", 4), (3, 1, 1), (197, 98, 11)]
+"""(tokens N, cls position, tokens removed r)"""
+
+
+@pytest.mark.parametrize("n,cls,r,distance,kth", [
+    (n, cls, r, distance, kth) for n, cls, r in POINTS
+    for distance, kth in [("cosine", 1), ("l1", 1), ("l2", 2), ("cosine", 3)]
+    if kth <= (n - 1) // 2  # the k-th closest of the (N − 1) // 2 B tokens
+])  # fmt: skip
+@pytest.mark.parametrize("sizes", [False, True])
+def test_the_kernel_merges_as_the_general_path_to_the_bit(n, cls, r, distance, kth, sizes):
+    reducer = R.apply(tiny_vim(), "rmeeto", r=1, blocks=[2], distance=distance, kth=kth)
+    reducer.removed = {2: r}
+    cls = torch.tensor([0, n - 1, n // 2]) if cls == "per image" else cls
+    fast, general, calls = both_paths(reducer, state(3, n, 24, cls, sizes, seed=n + r))
+    assert calls == 1
+    assert_same(fast, general)
+    assert fast.hidden.shape[1] == n - r
+
+
+@pytest.mark.parametrize("kind", ["zeros", "one token repeated", "two tokens alternating"])
+def test_ties_and_nan_scores_pick_the_same_tokens(kind):
+    """Equal scores (and the NaN scores of zero vectors) are broken as torch's max and argsort break them."""
+    token = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(1))
+    hidden = {"zeros": torch.zeros(2, 33, 16), "one token repeated": token[:, :1].expand(2, 33, 16),
+              "two tokens alternating": token.repeat(1, 17, 1)[:, :33]}[kind].contiguous()
+    reducer = R.apply(tiny_vim(), "rmeeto", r=8, blocks=[2])
+    fast, general, calls = both_paths(reducer, TokenState(hidden, hidden + 1, 16))
+    assert calls == 1
+    assert torch.equal(fast.hidden.nan_to_num(7.0), general.hidden.nan_to_num(7.0))
+    assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
+
+
+def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel():
+    model = tiny_vim().eval()
+    reducer = R.apply(model, "rmeeto", r=5)
+    x = torch.randn(3, 3, 32, 32)
+    calls = []
+    kernel = merge_cpu.bipartite_wavg
+    merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        with torch.no_grad():
+            fast = model(x)
+            reducer._kernel = False
+            general = model(x)
+    finally:
+        merge_cpu.bipartite_wavg = kernel
+    assert len(calls) == len(reducer.schedule.blocks) and torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("case", ["gradients", "bf16 hidden", "source tracked", "torch backend", "odd_even",
+                                  "prune", "mean", "metric delta"])
+def test_the_kernel_is_used_only_where_it_applies(case):
+    options = {"odd_even": {"order": "odd_even"}, "prune": {}, "mean": {"op": "mean"},
+               "metric delta": {"metric": "delta"}}.get(case, {})
+    model = tiny_vim()
+    reducer = R.apply(model, "prune" if case == "prune" else "rmeeto", r=4, blocks=[2],
+                      track_source=case == "source tracked", **options)
+    s = state(2, 65, 16, 32, sizes=True)
+    if case == "gradients":
+        s.hidden.requires_grad_(True)
+    if case == "bf16 hidden":
+        s.hidden = s.hidden.bfloat16()
+    assert merge_cpu.applies(state(2, 65, 16, 32, sizes=True))
+    if case == "metric delta":  # the method needs the mixer's record: run the model instead
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+        assert not reducer._kernel
+        return
+    calls = []
+    kernel = merge_cpu.bipartite_wavg
+    merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        if case == "torch backend":
+            with use_backend("torch"), torch.no_grad():
+                reducer(2, s)
+        else:
+            with torch.set_grad_enabled(case == "gradients"):
+                out = reducer(2, s)
+            if case == "gradients":
+                out.hidden.sum().backward()
+                assert s.hidden.grad is not None
+    finally:
+        merge_cpu.bipartite_wavg = kernel
+    assert calls == []
+
+
+def test_a_merged_vim_compiles_without_gradients():
+    """torch.compile cannot trace numba: the kernels' entry points run eagerly between the graphs."""
+    model = tiny_vim(depth=3).eval()
+    R.apply(model, "rmeeto", r=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+        torch.testing.assert_close(compiled(x), model(x))
