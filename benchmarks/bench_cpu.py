@@ -122,7 +122,8 @@ def bench_size(size: str, gflops: float, batch: int, reps: int, train: bool) -> 
 
     forward = torch.no_grad()(lambda model, x: model(x))
     for n in (batch, 1):
-        speeds = interleaved(runs(forward, x8[:n]), n, reps=reps)
+        with rmeeto.frozen(vim):  # inference with fixed weights, as a user would run it (see rmeeto.frozen)
+            speeds = interleaved(runs(forward, x8[:n]), n, reps=reps)
         report(f"{size}: inference, batch {n}", labels, speeds, n, roof(n))
         speedup = speeds[2].speedup / speeds[1].speedup
         print(f"R-MeeTo over the unreduced Vim: {speedup:.3f}× measured for a FLOPs ratio of "

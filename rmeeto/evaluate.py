@@ -14,6 +14,7 @@ from tqdm import tqdm
 import rmeeto.reduction as R
 from rmeeto.flops import count, count_config
 from rmeeto.lit.metrics import EvalMetrics
+from rmeeto.models.mamba import frozen
 from rmeeto.models.vim import TokenReducer
 from rmeeto.speed import MAX_SPREAD, measure, reducer_share, with_reducer
 
@@ -99,8 +100,9 @@ def accuracy(model: nn.Module, loader: Iterable, num_classes: int, device: str =
     B×3×T×H×W, labels B), with the training pipeline's own metrics (:class:`rmeeto.lit.metrics.EvalMetrics`)."""
     model.eval().to(device)
     metrics = EvalMetrics(num_classes, "eval").to(device)
-    for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        metrics.update(model(images.to(device)), labels.to(device))
+    with frozen(model):
+        for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
+            metrics.update(model(images.to(device)), labels.to(device))
     return {"top1": 100 * metrics.acc1.compute().item(), "top5": 100 * metrics.acc5.compute().item(),
             "loss": metrics.loss.compute().item(), "samples": int(metrics.samples.compute().item())}
 

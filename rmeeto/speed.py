@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import rmeeto.reduction as R
+from rmeeto.models.mamba import frozen
 from rmeeto.models.vim import TokenReducer, TokenState
 
 #: Fewest timed rounds behind a trusted figure.
@@ -143,8 +144,9 @@ def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor
 
     previous = model.token_reducer
     try:
-        return interleaved([forward_with(r) for r in reducers], len(x), warmup, reps, max_reps,
-                           lambda: _sync(x.device))
+        with frozen(model):
+            return interleaved([forward_with(r) for r in reducers], len(x), warmup, reps, max_reps,
+                               lambda: _sync(x.device))
     finally:
         R.attach(model, previous)
 
@@ -167,10 +169,11 @@ def reducer_share(model: nn.Module, x: Tensor, reps: int = 3) -> float:
     timed.inside_blocks = getattr(inner, "inside_blocks", False)  # a ViT calls an in-block reducer inside blocks
     model.token_reducer = timed
     try:
-        model(x)  # warm-up
-        spent[0], total = 0.0, 0.0
-        for _ in range(reps):
-            total += _timed_forward(model, x)
+        with frozen(model):
+            model(x)  # warm-up
+            spent[0], total = 0.0, 0.0
+            for _ in range(reps):
+                total += _timed_forward(model, x)
     finally:
         model.token_reducer = inner
     return spent[0] / total

@@ -200,6 +200,40 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(monkeypatch):
+    """Inside rmeeto.frozen the mixers lay out their parameters for the cpu kernels once: the same logits to
+    the bit with a quarter of the layouts over two forwards. A parameter changed in place or given new data is
+    laid out again; a forward with gradients is unaffected; nesting keeps the outer scope, the exit ends it."""
+    import rmeeto.models.mamba as mamba
+
+    model = tiny(embed_dim=40).eval()
+    rmeeto.reduction.apply(model, "rmeeto", r=4)
+    x = torch.randn(2, 3, 32, 32)
+    prepared = []
+    prepare = mamba.prepare_inner
+    monkeypatch.setattr(mamba, "prepare_inner", lambda *a: prepared.append(1) or prepare(*a))
+    with torch.no_grad(), use_backend("cpu"):
+        want = model(x)
+        model(x)
+        assert len(prepared) == 4 * len(model.layers)
+        prepared.clear()
+        with rmeeto.frozen(model):
+            assert torch.equal(model(x), want) and torch.equal(model(x), want)
+            assert len(prepared) == 2 * len(model.layers)
+            mixer = model.layers[1].mixer
+            mixer.A_b_log.add_(0.5)  # in place: its version counter moves
+            mixer.conv1d.weight.data = mixer.conv1d.weight.data * 2  # new data: its address moves
+            with rmeeto.frozen(model):
+                changed = model(x)
+            assert model.layers[0].mixer._prepared  # still frozen after the inner scope
+        assert all(layer.mixer._prepared is None for layer in model.layers)
+        assert torch.equal(changed, model(x)) and not torch.equal(changed, want)
+    with rmeeto.frozen(model):
+        model(x).sum().backward()
+    assert model.layers[1].mixer.A_b_log.grad is not None
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 @pytest.mark.parametrize("method", [None, "rmeeto"])
 def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
     """Without gradients the mixers put their temporaries in one workspace held across the blocks

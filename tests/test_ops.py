@@ -619,7 +619,7 @@ def test_mamba_inner_cpu_equals_the_general_ops_to_the_bit(nb, L, nd, nn, rank, 
     maps and selective_scan give through their entry points on the cpu backend, to the bit: ragged channel
     blocks, two tokens (at one, nothing is token-major and the mixers take the general path), no conv bias,
     both directions."""
-    from rmeeto.ops import mamba_inner_cpu
+    from rmeeto.ops import mamba_inner_cpu, prepare_inner
     from rmeeto.ops.workspace import Workspace
 
     g = torch.Generator().manual_seed(nb * L + nd)
@@ -629,7 +629,8 @@ def test_mamba_inner_cpu_equals_the_general_ops_to_the_bit(nb, L, nd, nn, rank, 
     dt_bias, D = torch.randn(nd, generator=g), torch.randn(nd, generator=g)
     A = -torch.rand(nd, nn, generator=g) - 0.1
     with torch.no_grad():
-        y = mamba_inner_cpu(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, Workspace(), reverse=reverse)
+        params = prepare_inner(conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D)
+        y = mamba_inner_cpu(x, z, params, Workspace(), reverse=reverse)
         with use_backend("cpu"):
             conv = causal_conv1d(x, conv_w, conv_b, activation="silu", reverse=reverse)
             x_dbl = F.linear(conv.transpose(1, 2), x_proj_w)

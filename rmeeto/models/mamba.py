@@ -11,6 +11,8 @@ matrix products.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmeeto.ops import (
+    InnerParams,
     add_rms_norm_cpu,
     causal_conv1d,
     fused_add_norm,
@@ -26,6 +29,7 @@ from rmeeto.ops import (
     fused_inner_cpu,
     mamba_inner,
     mamba_inner_cpu,
+    prepare_inner,
     selective_scan,
 )
 from rmeeto.ops.common import wants_grad
@@ -106,6 +110,7 @@ class BiMamba(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
         self.record = False
         self.last_record: ScanRecord | None = None
+        self._prepared: dict[str, tuple[tuple, tuple, InnerParams]] | None = None  # see frozen()
 
     def _scan(
         self, x: Tensor, z: Tensor, suffix: str, workspace: Workspace | None
@@ -126,11 +131,26 @@ class BiMamba(nn.Module):
     def _direction(self, suffix: str) -> tuple[Tensor, ...]:
         """The parameters of one direction ("" or "_b"): conv weight and bias, x_proj and dt_proj weights,
         Δ bias, A = −exp(A_log), D; fp32 where the scan wants it."""
-        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
-        dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
-        A = -torch.exp(getattr(self, "A_log" if not suffix else "A_b_log").float())
-        return (conv.weight, conv.bias, getattr(self, f"x_proj{suffix}").weight, dt_proj.weight, dt_proj.bias.float(),
-                A, getattr(self, f"D{suffix}").float())
+        conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_log, d = self._sources(suffix)
+        return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias.float(), -torch.exp(a_log.float()), d.float()
+
+    def _inner_params(self, suffix: str) -> InnerParams:
+        """One direction's parameters for mamba_inner_cpu: prepared at each call, or once inside frozen() (again
+        if one of them got new data or changed in place since: its address or version counter moved)."""
+        if self._prepared is None:
+            return prepare_inner(*self._direction(suffix))
+        entry = self._prepared.get(suffix)
+        if entry is None or entry[0] != _stamp(entry[1]):
+            sources = self._sources(suffix)
+            entry = self._prepared[suffix] = (_stamp(sources), sources, prepare_inner(*self._direction(suffix)))
+        return entry[2]
+
+    def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
+        """The parameters one direction's are derived from (conv weight and bias, x_proj and dt_proj weights,
+        dt_proj bias, A_log, D)."""
+        conv, x_proj, dt_proj = (getattr(self, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj"))
+        return (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
+                getattr(self, "A_log" if not suffix else "A_b_log"), getattr(self, f"D{suffix}"))  # fmt: skip
 
     def _forward_fused(self, hidden: Tensor) -> Tensor:
         """mamba-ssm's mamba_inner_fn per direction (the official Vim's bimamba-v2 path): B×L×C → B×L×C.
@@ -166,7 +186,7 @@ class BiMamba(nn.Module):
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         x, z = (_matmul(hidden, w.t(), workspace).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: each direction in one call
-            y_f, y_b = (mamba_inner_cpu(x, z, *self._direction(s), workspace, reverse=s == "_b") for s in ("", "_b"))
+            y_f, y_b = (mamba_inner_cpu(x, z, self._inner_params(s), workspace, reverse=s == "_b") for s in ("", "_b"))
         else:
             y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
             y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
@@ -184,6 +204,31 @@ class BiMamba(nn.Module):
         y = y_f + y_b if y_f.requires_grad else y_f.add_(y_b)
         out = self.out_proj(y.transpose(1, 2))  # no copy: token-major y on the cpu backend
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``with frozen(model): ...``: for inference with weights that do not change inside. The Vim mixers of
+    ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
+    of at every call: a merged Vim-S 1.09× and a merged Vim-Ti 1.18× as fast at batch 1 (docs/cpu_speed.md,
+    round 6). A parameter replaced or changed by a tensor operation is seen (its address or version counter
+    moves) and laid out again; a write through ``param.data`` is not, hence the explicit scope. Forwards that
+    record gradients or Δ take the usual path, unaffected."""
+    mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
+    before = [m._prepared for m in mixers]
+    for m in mixers:
+        m._prepared = {} if m._prepared is None else m._prepared
+    try:
+        yield model
+    finally:
+        for m, prepared in zip(mixers, before, strict=True):
+            m._prepared = prepared
+
+
+def _stamp(params: tuple[Tensor | None, ...]) -> tuple[int, ...]:
+    """The addresses and version counters of params (None skipped): they move when a parameter gets new data
+    or is changed in place by a tensor operation."""
+    return tuple(x for p in params if p is not None for x in (p.data_ptr(), p._version))
 
 
 def _matmul(a: Tensor, b: Tensor, workspace: Workspace | None) -> Tensor:

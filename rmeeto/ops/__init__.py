@@ -18,9 +18,10 @@ from .dispatch import (
     unavailable_backends,
     use_backend,
 )
-from .scan_cpu import add_rms_norm_cpu, mamba_inner_cpu
+from .scan_cpu import InnerParams, add_rms_norm_cpu, mamba_inner_cpu, prepare_inner
 
 __all__ = [
+    "InnerParams",
     "add_rms_norm_cpu",
     "available_backends",
     "backend_summary",
@@ -31,6 +32,7 @@ __all__ = [
     "get_backend",
     "mamba_inner",
     "mamba_inner_cpu",
+    "prepare_inner",
     "selective_scan",
     "set_backend",
     "unavailable_backends",

@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -309,37 +310,59 @@ _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
 
+class InnerParams(NamedTuple):
+    """One mixer direction's parameters as mamba_inner_cpu's kernels read them (prepare_inner). The arrays and
+    views share the parameters' memory where no conversion was needed; taps and A are computed copies."""
+
+    taps: np.ndarray  # K×Dᵢ conv taps
+    conv_b: np.ndarray  # (Dᵢ,), zeros when the conv has no bias
+    x_proj_t: Tensor  # Dᵢ×(R+2N)
+    dt_proj_t: Tensor  # R×Dᵢ
+    dt_bias: np.ndarray  # (Dᵢ,)
+    A: np.ndarray  # Dᵢ×N
+    D: np.ndarray  # (Dᵢ,)
+
+
+def prepare_inner(conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor, dt_bias: Tensor,
+                  A: Tensor, D: Tensor) -> InnerParams:
+    """The parameters of one direction (conv_w Dᵢ×K or Dᵢ×1×K, x_proj_w (R+2N)×Dᵢ, dt_proj_w Dᵢ×R, A Dᵢ×N, the
+    rest (Dᵢ,); fp32) laid out for mamba_inner_cpu: some ten tensor operations, each several µs inside a Vim,
+    which a caller that knows the weights are fixed may do once (rmeeto.models.frozen)."""
+    nd = A.shape[0]
+    taps = conv_weight(conv_w).detach().t().contiguous().numpy()
+    return InnerParams(taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_proj_w.detach().t(), _param(dt_bias, nd),
+                       _param(A, nd), _param(D, nd))
+
+
 @torch.compiler.disable
-def mamba_inner_cpu(x: Tensor, z: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor,
-                    dt_bias: Tensor, A: Tensor, D: Tensor, workspace: Workspace, reverse: bool = False) -> Tensor:
+def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace, reverse: bool = False) -> Tensor:
     """One direction of a Mamba mixer for a forward without gradients, on the cpu kernels called directly:
     conv + SiLU, x_proj, dt_proj, then the scan with Δ's bias and softplus, the D skip and the z gate (what
     mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
 
-    x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); conv_w Dᵢ×K (or Dᵢ×1×K);
-    x_proj_w (R+2N)×Dᵢ; dt_proj_w Dᵢ×R; A Dᵢ×N. The same numbers as the general path (causal_conv1d, the
-    linear layers and selective_scan with these arguments), in far fewer tensor operations: inside a Vim
-    each costs 4–15 µs (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and
-    layout checks cost about as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5).
+    x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); params: prepare_inner's. The
+    same numbers as the general path (causal_conv1d, the linear layers and selective_scan with these
+    arguments), in far fewer tensor operations: inside a Vim each costs 4–15 µs (3–5× its cost in a tight
+    loop), so at batch 1 the general path's dispatch and layout checks cost about as much as the kernels of a
+    Vim-Ti (docs/cpu_speed.md, round 5).
     """
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, nd, L = x.shape
-    nn = A.shape[1]
-    rank = x_proj_w.shape[0] - 2 * nn
+    nn = params.A.shape[1]
+    rank = params.x_proj_t.shape[1] - 2 * nn
     conv = workspace.empty(nb, L, nd)
-    taps = conv_weight(conv_w).detach().t().contiguous()  # K×Dᵢ
     with _LOCK:
         _threads()
-        _k.conv_forward(x.transpose(1, 2).numpy(), taps.numpy(), _param(conv_b, nd), reverse, True, conv.numpy())
-    x_dbl = conv @ x_proj_w.detach().t()  # B×L×(R+2N)
-    delta = torch.matmul(x_dbl[..., :rank], dt_proj_w.detach().t(), out=workspace.empty(nb, L, nd))
+        _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, reverse, True, conv.numpy())
+    x_dbl = conv @ params.x_proj_t  # B×L×(R+2N)
+    delta = torch.matmul(x_dbl[..., :rank], params.dt_proj_t, out=workspace.empty(nb, L, nd))
     bc = (x_dbl[..., rank:].flip(1) if reverse else x_dbl[..., rank:]).numpy()  # B, C in scan order
     out = workspace.empty(nb, L, nd)
     with _LOCK:
         groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
-        _k.scan_forward(conv.numpy(), delta.numpy(), z.transpose(1, 2).numpy(), True, reverse, _param(A, nd),
-                        np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), _param(D, nd),
-                        _param(dt_bias, nd), True, True, out.numpy(), _counter(),
+        _k.scan_forward(conv.numpy(), delta.numpy(), z.transpose(1, 2).numpy(), True, reverse, params.A,
+                        np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), params.D,
+                        params.dt_bias, True, True, out.numpy(), _counter(),
                         *_scratch(_k.forward_scratch(L, nn), groups))  # fmt: skip
     return out.transpose(1, 2)
