@@ -85,6 +85,7 @@ def test_short_fit_lowers_the_loss_and_keeps_an_ema(demo_shards):
     optimizer = fit.optimizers[0]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-5])
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
+    assert optimizer.defaults["fused"]  # one kernel for all tensors, CPU included
     (ema_callback,) = [cb for cb in fit.callbacks if isinstance(cb, EMA)]  # added by the module for ema_decay
     ema = ema_callback.weights()
     live = module.model.state_dict()

