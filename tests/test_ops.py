@@ -205,6 +205,22 @@ def test_reverse_scan_is_the_scan_of_the_flipped_sequence(backend, layout, shape
         assert_close_scaled(a, b, rtol=1e-4, atol_scale=1e-5)
 
 
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("nd", [64, 70, 130])
+def test_cpu_scan_reads_token_major_blocks_in_place_with_the_gathered_numbers(nd, options):
+    """The cpu scan reads and writes the full 64-channel blocks of token-major inputs where they lie, and
+    gathers the rest (a ragged block, B×D×L inputs) into rows first: the same numbers to the bit either way,
+    in both directions."""
+    x, softplus = make_inputs(2, nd, 23, 8, options, dtype=torch.float32)
+    tm = {k: token_major(v) if k in ("u", "delta", "z") and v is not None else v for k, v in x.items()}
+    gathered = selective_scan(**x, delta_softplus=softplus, backend="cpu")
+    assert torch.equal(selective_scan(**tm, delta_softplus=softplus, backend="cpu"), gathered)
+    flipped = {k: v.flip(-1) if k in ("u", "delta", "B", "C", "z") and v is not None else v for k, v in x.items()}
+    backward = selective_scan(**tm, delta_softplus=softplus, backend="cpu", reverse=True)
+    assert torch.equal(backward, selective_scan(**flipped, delta_softplus=softplus, backend="cpu").flip(-1))
+
+
 def _grads(x, softplus, backend):
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
     y = selective_scan(**leaves, delta_softplus=softplus, backend=backend)

@@ -336,14 +336,14 @@ _FLAT = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", 
 
 
 @intrinsic
-def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, hout, arow, bcrow, nn):
+def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow, bcrow, nn):
     """One position of the scan's recurrence for LANES channels and all N states, in explicit vectors:
 
         for n < N:  h′[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h′[n]·C[n]
 
-    dt, dtu, ys: the rows at [row, row + LANES); h: N×LANES states at hrow, h′ written at hout (the same
-    place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow; bm, cm: B and C of this
-    position at [bcrow, bcrow + N). All 1-d contiguous float32; no bounds checks. The same operations in
+    dt, dtu: the rows at [row, row + LANES); ys: the row at yrow; h: N×LANES states at hrow, h′ written at hout
+    (the same place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow; bm, cm: B and C of
+    this position at [bcrow, bcrow + N). All 1-d contiguous float32; no bounds checks. The same operations in
     the same order as the scalar loop it replaced, so the same results; but ys stays in registers across
     the N states, and dt, dtu are loaded once (LLVM's vectoriser stored ys back after every state).
     """
@@ -351,7 +351,7 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, hout, arow, bcrow
         return None
 
     def codegen(context, builder, signature, args):
-        row, hrow, hout, arow, bcrow, nn = args[7:]
+        row, yrow, hrow, hout, arow, bcrow, nn = args[7:]
         v = _Vectors(context, builder, signature, args)
         dtv, dtuv = v.row(0, row), v.row(1, row)
 
@@ -365,10 +365,10 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, hrow, hout, arow, bcrow
             v.store_row(h, 3, builder.add(hout, nrow))
             return [v.fma(hi, cv, y) for hi, y in zip(h, ys, strict=True)]
 
-        v.store_row(v.state_loop(nn, v.row(2, row), state), 2, row)
+        v.store_row(v.state_loop(nn, v.row(2, yrow), state), 2, yrow)
         return context.get_dummy_value()
 
-    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 6), codegen
+    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 7), codegen
 
 
 @intrinsic
@@ -537,20 +537,36 @@ def _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k)
             dtu[g, t, j] = (sp if softplus else x) * xs[g, 0, t, j]
 
 
+@njit(inline="always")
+def _row_at(direct, b, k, t, nl, nd, rev, base):
+    """Where row t (scan order) of batch b, block k starts: in the B×L×D array itself when direct (position
+    L − 1 − t when rev), else in rows of LANES gathered at base (see _to_rows)."""
+    if direct:
+        return (b * nl + (nl - 1 - t if rev else t)) * nd + k * LANES
+    return base + t * LANES
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps):
     """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
     along L when rev).
 
-    Scratch per group g (G×…): xs 3×L×LANES, dt, dtu L×LANES (see _load_block), ys L×LANES,
-    h N×LANES (the states, all N advanced together one step t at a time), ps (2N+2)×LANES (_load_params).
+    A token-major block of LANES channels is read and written where it lies (its rows are LANES contiguous
+    floats); other blocks (B×D×L, or the ragged last one) are gathered into rows first (_to_rows), their
+    output assembled in ys and scattered back (_from_rows): the same operations on the same values.
+    Scratch per group g (G×…): xs 3×L×LANES (the gathered u, delta, z), dt = softplus?(delta + bias),
+    dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the states, all N advanced together one step t at a
+    time), ps (2N+2)×LANES (_load_params).
     """
     nb, nl = out.shape[0], dt.shape[1]
-    nn = A.shape[1]
-    nblk = (A.shape[0] + LANES - 1) // LANES
+    nd, nn = A.shape
+    nblk = (nd + LANES - 1) // LANES
     ntask = nb * nblk
     ngroup = h.shape[0]
-    ys_flat, dt_flat, dtu_flat, h_flat = ys.reshape(-1), dt.reshape(-1), dtu.reshape(-1), h.reshape(-1)
+    row = nl * LANES
+    u_flat, delta_flat, z_flat, out_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), out.reshape(-1)
+    xs_flat, ys_flat, h_flat = xs.reshape(-1), ys.reshape(-1), h.reshape(-1)
+    dt_flat, dtu_flat = dt.reshape(-1), dtu.reshape(-1)
     ps_flat, bm_flat, cm_flat = ps.reshape(-1), Bm.reshape(-1), Cm.reshape(-1)
     for g in prange(ngroup):
         _full_width()
@@ -559,20 +575,43 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
             b = task // nblk
             k = task % nblk
             _load_params(A, Dv, bias, ps, g, k)
-            _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k)
+            direct = tm and (k + 1) * LANES <= nd
+            if direct:
+                su, sd, sz, so = u_flat, delta_flat, z_flat, out_flat
+            else:
+                _to_rows(u, tm, rev, b, k, xs_flat, 3 * g * row)
+                _to_rows(delta, tm, rev, b, k, xs_flat, (3 * g + 1) * row)
+                if has_z:
+                    _to_rows(z, tm, rev, b, k, xs_flat, (3 * g + 2) * row)
+                su, sd, sz, so = xs_flat, xs_flat, xs_flat, ys_flat
+            for t in range(nl):  # rows as views: indexed by range variables, their loops vectorise
+                ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
+                rd = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 1) * row)
+                ur, dr = su[ru : ru + LANES], sd[rd : rd + LANES]
+                for j in range(LANES):
+                    x = dr[j] + ps[g, nn + BIAS, j]
+                    d = _softplus(x) if softplus else x
+                    dt[g, t, j] = d
+                    dtu[g, t, j] = d * ur[j]
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
             for t in range(nl):
+                ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
+                ro = _row_at(direct, b, k, t, nl, nd, rev, g * row)
+                ur, yr = su[ru : ru + LANES], so[ro : ro + LANES]
                 for j in range(LANES):
-                    ys[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
-                _advance(dt_flat, dtu_flat, ys_flat, h_flat, ps_flat, bm_flat, cm_flat, (g * nl + t) * LANES,
+                    yr[j] = ps[g, nn + D_SKIP, j] * ur[j]
+                _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, (g * nl + t) * LANES, ro,
                          g * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
                 if has_z:
+                    rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
+                    zr = sz[rz : rz + LANES]
                     for j in range(LANES):
-                        zv = xs[g, 2, t, j]
-                        ys[g, t, j] *= zv * _sigmoid(zv)
-            _from_rows(ys_flat, g * nl * LANES, tm, rev, out, b, k)
+                        zv = zr[j]
+                        yr[j] *= zv * _sigmoid(zv)
+            if not direct:
+                _from_rows(ys_flat, g * row, tm, rev, out, b, k)
             task = _take(counter)
 
 
@@ -660,7 +699,8 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
     yb_f = yb.reshape(-1)
     for t in range(nl):
         hrow = (g * (nl + 1) + t) * nn * LANES
-        _advance(dt_f, dtu_f, yb_f, hs_f, ps_f, bm_f, cm_f, (g * nl + t) * LANES, hrow, hrow + nn * LANES,
+        row = (g * nl + t) * LANES
+        _advance(dt_f, dtu_f, yb_f, hs_f, ps_f, bm_f, cm_f, row, row, hrow, hrow + nn * LANES,
                  g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
     for t in range(nl - 1, -1, -1):
         _retreat(gy_f, dt_f, dtu_f, gdec_f, ghb_f, hs_f, gh_f, gacc_f, ps_f, bm_f, cm_f, sums_f,
