@@ -146,9 +146,10 @@ class BiMamba(nn.Module):
         return entry[2]
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
-        """The parameters one direction's are derived from (conv weight and bias, x_proj and dt_proj weights,
-        dt_proj bias, A_log, D)."""
-        conv, x_proj, dt_proj = (getattr(self, f"{name}{suffix}") for name in ("conv1d", "x_proj", "dt_proj"))
+        """The parameters of one direction as stored (conv weight and bias, x_proj and dt_proj weights, dt_proj
+        bias, A_log, D): what _direction derives its tensors from."""
+        conv, x_proj, dt_proj = getattr(self, f"conv1d{suffix}"), getattr(self, f"x_proj{suffix}"), getattr(
+            self, f"dt_proj{suffix}")  # not a generator: dynamo cannot trace one (a whole block compiles as one graph)
         return (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
                 getattr(self, "A_log" if not suffix else "A_b_log"), getattr(self, f"D{suffix}"))  # fmt: skip
 
@@ -210,10 +211,10 @@ class BiMamba(nn.Module):
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``with frozen(model): ...``: for inference with weights that do not change inside. The Vim mixers of
     ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
-    of at every call: a merged Vim-S 1.09× and a merged Vim-Ti 1.18× as fast at batch 1 (docs/cpu_speed.md,
-    round 6). A parameter replaced or changed by a tensor operation is seen (its address or version counter
-    moves) and laid out again; a write through ``param.data`` is not, hence the explicit scope. Forwards that
-    record gradients or Δ take the usual path, unaffected."""
+    of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
+    (docs/cpu_speed.md, round 6). A parameter given new data or changed by a tensor operation is seen (its
+    address or version counter moves) and laid out again; a write through ``param.data`` is not, hence the
+    explicit scope. Forwards that record gradients or Δ take the usual path, unaffected."""
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
     before = [m._prepared for m in mixers]
     for m in mixers:

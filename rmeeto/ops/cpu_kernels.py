@@ -1,8 +1,9 @@
 """Numba kernels for the fused CPU selective scan: bias, softplus, scan, D skip and z gate in one pass.
 
-Channels are processed in blocks of ``LANES``; a task is (batch, block) and its inputs are gathered
-into rows laid out L×LANES (8×8 tiles transposed in registers), so every inner loop runs over LANES
-contiguous channels and vectorises; the recurrence of one position over all N states (_advance, and
+Channels are processed in blocks of ``LANES``; a task is (batch, block) and its inputs are read as rows of
+LANES contiguous channels: in place for a full block of token-major (B×L×D) arrays in the forward, else
+gathered into rows laid out L×LANES (8×8 tiles transposed in registers), so every inner loop runs over
+LANES contiguous channels and vectorises; the recurrence of one position over all N states (_advance, and
 _retreat in the backward) is written as explicit 16-float vectors in LLVM IR, so its accumulators stay
 in registers. fastmath stays off (no reassociation); multiply-adds are
 explicit single-rounding FMAs and exp/softplus are vectorisable float32 polynomials, so results
