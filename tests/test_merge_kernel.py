@@ -1,6 +1,8 @@
 """R-MeeTo's merge kernel (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used only
 where it applies."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -129,11 +131,13 @@ def test_the_kernel_is_used_only_where_it_applies(case):
     assert calls == []
 
 
-def test_a_merged_vim_compiles_without_gradients():
-    """torch.compile cannot trace numba: the kernels' entry points run eagerly between the graphs."""
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_merged_vim_compiles_without_gradients(frozen):
+    """torch.compile cannot trace numba: the kernels' entry points run eagerly between the graphs (also with
+    the parameters laid out once, inside rmeeto.frozen)."""
     model = tiny_vim(depth=3).eval()
     R.apply(model, "rmeeto", r=3)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), rmeeto.frozen(model) if frozen else contextlib.nullcontext():
         compiled = torch.compile(model, backend="aot_eager", dynamic=False)
         torch.testing.assert_close(compiled(x), model(x))

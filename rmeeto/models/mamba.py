@@ -110,7 +110,7 @@ class BiMamba(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
         self.record = False
         self.last_record: ScanRecord | None = None
-        self._prepared: dict[str, tuple[tuple, tuple, InnerParams]] | None = None  # see frozen()
+        self._prepared: dict[str, tuple[list, tuple, InnerParams]] | None = None  # see frozen()
 
     def _scan(
         self, x: Tensor, z: Tensor, suffix: str, workspace: Workspace | None
@@ -226,10 +226,10 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             m._prepared = prepared
 
 
-def _stamp(params: tuple[Tensor | None, ...]) -> tuple[int, ...]:
+def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
     """The addresses and version counters of params (None skipped): they move when a parameter gets new data
     or is changed in place by a tensor operation."""
-    return tuple(x for p in params if p is not None for x in (p.data_ptr(), p._version))
+    return [x for p in params if p is not None for x in (p.data_ptr(), p._version)]
 
 
 def _matmul(a: Tensor, b: Tensor, workspace: Workspace | None) -> Tensor:

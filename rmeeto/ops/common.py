@@ -39,8 +39,14 @@ class CoreScan(Protocol):
 
 def wants_grad(tensors: Iterable[Tensor | None]) -> bool:
     """Whether autograd would record an op on these tensors (None entries ignored); ``tensors`` is not iterated
-    when gradients are off."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    when gradients are off. A plain loop, not any() over a generator expression: once dynamo has met such a
+    generator's frame on its own (after a graph break), compiling a block with fullgraph=True fails on it."""
+    if not torch.is_grad_enabled():
+        return False
+    for x in tensors:
+        if x is not None and x.requires_grad:
+            return True
+    return False
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
