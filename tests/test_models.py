@@ -202,8 +202,9 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(monkeypatch):
     """Inside rmeeto.frozen the mixers lay out their parameters for the cpu kernels once: the same logits to
-    the bit with a quarter of the layouts over two forwards. A parameter changed in place or given new data is
-    laid out again; a forward with gradients is unaffected; nesting keeps the outer scope, the exit ends it."""
+    the bit, and over two forwards half the layouts (none in the second). A parameter changed in place or given
+    new data is laid out again; a forward with gradients is unaffected; nesting keeps the outer scope, the exit
+    ends it."""
     import rmeeto.models.mamba as mamba
 
     model = tiny(embed_dim=40).eval()
