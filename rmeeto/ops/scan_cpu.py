@@ -17,8 +17,6 @@ torch.compile cannot trace into numba, so the public entry points are opaque to 
 import math
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -71,13 +69,25 @@ def _threads() -> int:
     return n
 
 
-@contextmanager
-def kernel_lock() -> Iterator[int]:
-    """Hold the lock every numba kernel call of this package takes (numba's threading layers are not
-    re-entrant), with numba's thread count set to torch's; yields that count. For kernels outside this
-    module (the reducer's: rmeeto.reduction.merge_cpu)."""
-    with _LOCK:
-        yield _threads()
+class _KernelLock:
+    """``with kernel_lock as threads:`` around every numba kernel call of this package (this module's and the
+    reducer's, rmeeto.reduction.merge_cpu): holds _LOCK (numba's threading layers are not re-entrant) and
+    sets numba's thread count to torch's, which it gives. A class, not @contextmanager: a generator-based
+    one cost 2.6 µs more a call, on a path a Vim at batch 1 takes some 150 times a forward."""
+
+    def __enter__(self) -> int:
+        _LOCK.acquire()
+        try:
+            return _threads()
+        except BaseException:
+            _LOCK.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        _LOCK.release()
+
+
+kernel_lock = _KernelLock()
 
 
 def _scan(
@@ -91,8 +101,8 @@ def _scan(
     u, delta, zl = (_layout(x, tm) for x in (u, delta, u if z is None else z))
     arrays = (_param(A, nd), *(_scan_order(x, reverse) for x in (B, C)), _param(D, nd), _param(delta_bias, nd))
     out = _new(u, tm, pooled)
-    with _LOCK:
-        groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
+    with kernel_lock as threads:
+        groups = min(threads, nb * math.ceil(nd / _k.LANES))
         scratch = _scratch(_k.forward_scratch(L, A.shape[1]), groups)
         _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, zl)), tm, reverse, *arrays, softplus, z is not None,
                         _np_of(out, tm), _counter(), *scratch)  # fmt: skip
@@ -122,8 +132,7 @@ class _CpuScan(torch.autograd.Function):
         g_z = _new(u, tm) if ctx.has_z else g_u
         g_A = gout.new_empty(nb, nblk, nn, lanes)
         g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
-        with _LOCK:
-            threads = _threads()
+        with kernel_lock as threads:
             parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
             groups = min(threads, nb * parts)
             g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
@@ -240,8 +249,7 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: b
     taps = conv_weight(weight).detach().t().contiguous()  # K×D
     b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
     out = _new(x, True, pooled)
-    with _LOCK:
-        _threads()
+    with kernel_lock:
         _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
     return out, (x, taps, b)
 
@@ -264,8 +272,7 @@ class _CpuConv(torch.autograd.Function):
         parts = nb * math.ceil(L / _CONV_CHUNK)
         ga, g_x = _new(x, True), _new(x, True)
         g_w, g_b = x.new_empty(parts, taps.shape[0], nd), x.new_empty(parts, nd)
-        with _LOCK:
-            _threads()
+        with kernel_lock:
             _k.conv_backward(_np_of(x, True), taps.numpy(), b.numpy(), ctx.reverse, ctx.silu,
                              _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, _np_of(ga, True),
                              _np_of(g_x, True), g_w.numpy(), g_b.numpy())  # fmt: skip
@@ -299,8 +306,7 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
     pair = (hidden, hidden if residual is None else residual)  # the kernel ignores the second when there is no residual
     rows = [t.detach().reshape(-1, t.shape[-1]).contiguous() for t in pair]
     out_res, out_norm = torch.empty_like(rows[0]), torch.empty_like(rows[0])
-    with _LOCK:
-        _threads()
+    with kernel_lock:
         _k.add_rms_norm(*_np(rows), residual is not None, weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
                         out_res.numpy(), out_norm.numpy())  # fmt: skip
     return out_norm.view(hidden.shape), out_res.view(hidden.shape)
@@ -352,15 +358,14 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     nn = params.A.shape[1]
     rank = params.x_proj_t.shape[1] - 2 * nn
     conv = workspace.empty(nb, L, nd)
-    with _LOCK:
-        _threads()
+    with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, reverse, True, conv.numpy())
     x_dbl = conv @ params.x_proj_t  # B×L×(R+2N)
     delta = torch.matmul(x_dbl[..., :rank], params.dt_proj_t, out=workspace.empty(nb, L, nd))
     bc = (x_dbl[..., rank:].flip(1) if reverse else x_dbl[..., rank:]).numpy()  # B, C in scan order
     out = workspace.empty(nb, L, nd)
-    with _LOCK:
-        groups = min(_threads(), nb * math.ceil(nd / _k.LANES))
+    with kernel_lock as threads:
+        groups = min(threads, nb * math.ceil(nd / _k.LANES))
         _k.scan_forward(conv.numpy(), delta.numpy(), z.transpose(1, 2).numpy(), True, reverse, params.A,
                         np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), params.D,
                         params.dt_bias, True, True, out.numpy(), _counter(),

@@ -54,6 +54,6 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     cls_slot = torch.empty(b, dtype=torch.long)
     arrays = (hidden, residual, size, state.cls_index, node_idx, edge_idx[:, :removed].contiguous(),
               out_hidden, out_residual, out_size, cls_slot)  # fmt: skip
-    with kernel_lock():
+    with kernel_lock:
         _k.bipartite_wavg(*(t.numpy() for t in arrays))
     return TokenState(out_hidden, out_residual, cls_slot, out_size)
