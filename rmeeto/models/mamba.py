@@ -131,8 +131,7 @@ class BiMamba(nn.Module):
     def _direction(self, suffix: str) -> tuple[Tensor, ...]:
         """The parameters of one direction ("" or "_b"): conv weight and bias, x_proj and dt_proj weights,
         Δ bias, A = −exp(A_log), D; fp32 where the scan wants it."""
-        conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_log, d = self._sources(suffix)
-        return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias.float(), -torch.exp(a_log.float()), d.float()
+        return _derive(self._sources(suffix))
 
     def _inner_params(self, suffix: str) -> InnerParams:
         """One direction's parameters for mamba_inner_cpu: prepared at each call, or once inside frozen() (again
@@ -142,7 +141,7 @@ class BiMamba(nn.Module):
         entry = self._prepared.get(suffix)
         if entry is None or entry[0] != _stamp(entry[1]):
             sources = self._sources(suffix)
-            entry = self._prepared[suffix] = (_stamp(sources), sources, prepare_inner(*self._direction(suffix)))
+            entry = self._prepared[suffix] = (_stamp(sources), sources, prepare_inner(*_derive(sources)))
         return entry[2]
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
@@ -224,6 +223,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, prepared in zip(mixers, before, strict=True):
             m._prepared = prepared
+
+
+def _derive(sources: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """BiMamba._sources → _direction's tensors: Δ bias and D in fp32, A = −exp(A_log)."""
+    conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_log, d = sources
+    return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias.float(), -torch.exp(a_log.float()), d.float()
 
 
 def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
