@@ -27,6 +27,7 @@ from rmeeto.ops.dispatch import resolve_backend
 from rmeeto.ops.scan_ref import selective_scan_ref
 
 FAST = [b for b in ("torch", "cpu") if b in available_backends()]
+AVX512 = "cpu" in FAST and __import__("rmeeto.ops.cpu_kernels").ops.cpu_kernels._VECTOR_BITS == 512
 IMPLS = ["torch", "torch-tiny-chunks", *FAST[1:]]  # FAST[1:]: the cpu backend when numba imports
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 SHAPES = [(1, 1, 1, 1), (2, 5, 1, 3), (2, 37, 17, 16), (3, 70, 64, 4), (1, 3, 300, 8)]
@@ -282,8 +283,9 @@ def test_cpu_ops_without_gradients_skip_the_graph_and_give_the_same_values(monke
         torch.testing.assert_close(y, y_rec.detach(), rtol=0, atol=0)
 
 
-def _vec_exp2_of(x):
-    """The kernels' vector 2^x (cpu_kernels._vec_exp2) applied to x, 16 floats at a time (len(x) % 16 == 0)."""
+def _vec_exp2_of(x, scalef=None):
+    """The kernels' vector 2^x (cpu_kernels._vec_exp2, in the form ``scalef`` picks) applied to x, 16 floats
+    at a time (len(x) % 16 == 0)."""
     import numba
     import numpy as np
     from numba.extending import intrinsic
@@ -294,12 +296,12 @@ def _vec_exp2_of(x):
     def exp2_16(typingctx, src, dst, i):
         def codegen(context, builder, signature, args):
             at = [k._vec_at(context, builder, signature.args[j], args[j], args[2], 16) for j in (0, 1)]
-            builder.store(k._vec_exp2(builder, builder.load(at[0], align=4)), at[1], align=4)
+            builder.store(k._vec_exp2(builder, builder.load(at[0], align=4), scalef), at[1], align=4)
             return context.get_dummy_value()
 
         return numba.types.void(src, dst, i), codegen
 
-    @numba.njit
+    @numba.njit(cache=False)
     def apply(src):
         out = np.empty_like(src)
         for i in range(0, len(src), 16):
@@ -330,6 +332,21 @@ def test_cpu_kernel_exp_exp2_and_softplus_accuracy():
     x = np.linspace(-40, 40, 200_001, dtype=np.float32)
     want = np.logaddexp(0, x.astype(np.float64))
     assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
+
+
+@pytest.mark.skipif(not AVX512, reason="vscalefps needs numba and a CPU with AVX-512")
+def test_vec_exp2_by_vscalefps_gives_the_clamped_forms_bits_and_is_exact_past_its_range():
+    """The AVX-512 form of the decays' 2^x (vrndscaleps, vscalefps) gives the same bits as the portable
+    form (clamp, rounding by 1.5·2²³, exponent bits added) over the portable form's range, and past it
+    2^x's own limits (0, inf) where the portable form stops at 2^±125."""
+    import numpy as np
+
+    x = np.concatenate([np.linspace(-125, 126, 199_996, dtype=np.float32), np.float32([-0.5, 0.5, 1e-9, 0])])
+    assert np.array_equal(_vec_exp2_of(x, scalef=True), _vec_exp2_of(x, scalef=False))
+    far = np.float32([-1e30, -1e4, -200, 1e4] + [0] * 12)
+    got = _vec_exp2_of(far, scalef=True)
+    assert got[:3].tolist() == [0, 0, 0] and got[3] == np.inf
+    assert (_vec_exp2_of(far, scalef=False)[:3] > 0).all()  # the clamped form's floor
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
