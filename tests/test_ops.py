@@ -27,7 +27,18 @@ from rmeeto.ops.dispatch import resolve_backend
 from rmeeto.ops.scan_ref import selective_scan_ref
 
 FAST = [b for b in ("torch", "cpu") if b in available_backends()]
-AVX512 = "cpu" in FAST and __import__("rmeeto.ops.cpu_kernels").ops.cpu_kernels._VECTOR_BITS == 512
+
+
+def _avx512() -> bool:
+    """The cpu kernels are compiled for AVX-512 here."""
+    if "cpu" not in FAST:
+        return False
+    from rmeeto.ops import cpu_kernels
+
+    return cpu_kernels._VECTOR_BITS == 512
+
+
+AVX512 = _avx512()
 IMPLS = ["torch", "torch-tiny-chunks", *FAST[1:]]  # FAST[1:]: the cpu backend when numba imports
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 SHAPES = [(1, 1, 1, 1), (2, 5, 1, 3), (2, 37, 17, 16), (3, 70, 64, 4), (1, 3, 300, 8)]
