@@ -352,26 +352,57 @@ def _vec_exp2(builder, x, scalef=None):
     return builder.bitcast(builder.add(builder.bitcast(p, ity), k), vty)
 
 
+def _vec_exp(builder, x):
+    """_exp on a vector of float32, operation for operation as numba compiles the scalar function (the clamps
+    as its min and max, floor, the conversion to int32), so the same bits: for the gate's sigmoid in _advance."""
+    vty = x.type
+    ity = ir.VectorType(ir.IntType(32), vty.count)
+    fma = _vec_fma(builder, vty)
+
+    def const(c):
+        return ir.Constant(vty, [float(np.float32(c))] * vty.count)
+
+    def call(*a):
+        return builder.call(fma, list(a))
+
+    lo, hi = const(-87.0), const(88.0)
+    x = builder.select(builder.fcmp_ordered(">", lo, x), lo, x)
+    x = builder.select(builder.fcmp_ordered("<", hi, x), hi, x)
+    floor = _intrinsic(builder, f"llvm.floor.v{vty.count}f32", vty, [vty])
+    k = builder.call(floor, [call(x, const(_LOG2E), const(0.5))])
+    nk = builder.fneg(k)
+    r = call(nk, const(_LN2_LO), call(nk, const(_LN2_HI), x))
+    r2 = builder.fmul(r, r)
+    q = call(call(const(8.31253e-3), r, const(4.189011e-2)), r2, call(const(1.6667114e-1), r, const(4.9999232e-1)))
+    p = builder.fadd(call(q, r2, r), const(1.0))
+    bits = builder.shl(builder.add(builder.fptosi(k, ity), ir.Constant(ity, [127] * vty.count)),
+                       ir.Constant(ity, [23] * vty.count))  # fmt: skip
+    return builder.fmul(p, builder.bitcast(bits, vty))
+
+
 _FLAT = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", readonly=True))
 
 
 @intrinsic
-def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow, bcrow, nn):
+def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow, bcrow, nn, us, urow, zs, zrow):
     """One position of the scan's recurrence for LANES channels and all N states, in explicit vectors:
 
         for n < N:  h′[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h′[n]·C[n]
 
     dt, dtu: the rows at [row, row + LANES); ys: the row at yrow; h: N×LANES states at hrow, h′ written at hout
-    (the same place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow; bm, cm: B and C of
-    this position at [bcrow, bcrow + N). All 1-d contiguous float32; no bounds checks. The same operations in
-    the same order as the scalar loop it replaced, so the same results; but ys stays in registers across
-    the N states, and dt, dtu are loaded once (LLVM's vectoriser stored ys back after every state).
+    (the same place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow, D right after
+    them; bm, cm: B and C of this position at [bcrow, bcrow + N). With ``us`` (else None), ys starts as D·u
+    (u: the row at urow of us) instead of being read; with ``zs``, y is then gated: ys = y·(z·sigmoid(z)),
+    z the row at zrow of zs. All 1-d contiguous float32; no bounds checks. The same operations in the same
+    order as the scalar loops they replaced (the gate's exp is _exp's, operation for operation), so the same
+    results; but ys stays in registers across the N states and the gate, and dt, dtu are loaded once.
     """
-    if any(a != _FLAT[0] for a in (dt, dtu, ys, h, ps)) or {bm, cm} - set(_FLAT):
+    optional = (*_FLAT, types.none)
+    if any(a != _FLAT[0] for a in (dt, dtu, ys, h, ps)) or {bm, cm} - set(_FLAT) or {us, zs} - set(optional):
         return None
 
     def codegen(context, builder, signature, args):
-        row, yrow, hrow, hout, arow, bcrow, nn = args[7:]
+        row, yrow, hrow, hout, arow, bcrow, nn, _, urow, _, zrow = args[7:]
         v = _Vectors(context, builder, signature, args)
         dtv, dtuv = v.row(0, row), v.row(1, row)
 
@@ -385,10 +416,22 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow,
             v.store_row(h, 3, builder.add(hout, nrow))
             return [v.fma(hi, cv, y) for hi, y in zip(h, ys, strict=True)]
 
-        v.store_row(v.state_loop(nn, v.row(2, yrow), state), 2, yrow)
+        if signature.args[14] == types.none:
+            ys = v.row(2, yrow)
+        else:
+            d_row = builder.add(arow, builder.mul(builder.add(nn, ir.Constant(nn.type, D_SKIP)),
+                                                  ir.Constant(nn.type, LANES)))  # fmt: skip
+            ys = [builder.fmul(d, u) for d, u in zip(v.row(4, d_row), v.row(14, urow), strict=True)]
+        ys = v.state_loop(nn, ys, state)
+        if signature.args[16] != types.none:
+            one = ir.Constant(v.vty, [1.0] * _WIDTH)
+            for i, z in enumerate(v.row(16, zrow)):
+                gate = builder.fdiv(one, builder.fadd(one, _vec_exp(builder, builder.fneg(z))))  # sigmoid(z)
+                ys[i] = builder.fmul(ys[i], builder.fmul(z, gate))
+        v.store_row(ys, 2, yrow)
         return context.get_dummy_value()
 
-    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 7), codegen
+    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 7, us, types.intp, zs, types.intp), codegen
 
 
 @intrinsic
@@ -616,20 +659,18 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
-            for t in range(nl):
+            for t in range(nl):  # y = (D·u + the states' sum)·silu(z), in registers
                 ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
                 ro = _row_at(direct, b, k, t, nl, nd, rev, g * row)
-                ur, yr = su[ru : ru + LANES], so[ro : ro + LANES]
-                for j in range(LANES):
-                    yr[j] = ps[g, nn + D_SKIP, j] * ur[j]
-                _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, (g * nl + t) * LANES, ro,
-                         g * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
+                hrow, arow = g * nn * LANES, g * ps.shape[1] * LANES
+                dtrow, bcrow = (g * nl + t) * LANES, (b * nl + t) * nn
                 if has_z:
                     rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
-                    zr = sz[rz : rz + LANES]
-                    for j in range(LANES):
-                        zv = zr[j]
-                        yr[j] *= zv * _sigmoid(zv)
+                    _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow, arow,
+                             bcrow, nn, su, ru, sz, rz)  # fmt: skip
+                else:
+                    _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow, arow,
+                             bcrow, nn, su, ru, None, 0)  # fmt: skip
             if not direct:
                 _from_rows(ys_flat, g * row, tm, rev, out, b, k)
             task = _take(counter)
@@ -721,7 +762,7 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
         hrow = (g * (nl + 1) + t) * nn * LANES
         row = (g * nl + t) * LANES
         _advance(dt_f, dtu_f, yb_f, hs_f, ps_f, bm_f, cm_f, row, row, hrow, hrow + nn * LANES,
-                 g * ps.shape[1] * LANES, (b * nl + t) * nn, nn)  # fmt: skip
+                 g * ps.shape[1] * LANES, (b * nl + t) * nn, nn, None, 0, None, 0)  # fmt: skip
     for t in range(nl - 1, -1, -1):
         _retreat(gy_f, dt_f, dtu_f, gdec_f, ghb_f, hs_f, gh_f, gacc_f, ps_f, bm_f, cm_f, sums_f,
                  (g * nl + t) * LANES, (g * (nl + 1) + t) * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES,
