@@ -294,9 +294,9 @@ def test_cpu_ops_without_gradients_skip_the_graph_and_give_the_same_values(monke
         torch.testing.assert_close(y, y_rec.detach(), rtol=0, atol=0)
 
 
-def _vec_exp2_of(x, scalef=None):
-    """The kernels' vector 2^x (cpu_kernels._vec_exp2, in the form ``scalef`` picks) applied to x, 16 floats
-    at a time (len(x) % 16 == 0)."""
+def _vector_of(ir_fn, x):
+    """A vector function of the kernels (builder, 16-float vector → vector, e.g. cpu_kernels._vec_exp2) applied
+    to x, 16 floats at a time (len(x) % 16 == 0)."""
     import numba
     import numpy as np
     from numba.extending import intrinsic
@@ -304,10 +304,10 @@ def _vec_exp2_of(x, scalef=None):
     from rmeeto.ops import cpu_kernels as k
 
     @intrinsic
-    def exp2_16(typingctx, src, dst, i):
+    def apply16(typingctx, src, dst, i):
         def codegen(context, builder, signature, args):
             at = [k._vec_at(context, builder, signature.args[j], args[j], args[2], 16) for j in (0, 1)]
-            builder.store(k._vec_exp2(builder, builder.load(at[0], align=4), scalef), at[1], align=4)
+            builder.store(ir_fn(builder, builder.load(at[0], align=4)), at[1], align=4)
             return context.get_dummy_value()
 
         return numba.types.void(src, dst, i), codegen
@@ -316,11 +316,18 @@ def _vec_exp2_of(x, scalef=None):
     def apply(src):
         out = np.empty_like(src)
         for i in range(0, len(src), 16):
-            exp2_16(src, out, i)
+            apply16(src, out, i)
         return out
 
     assert len(x) % 16 == 0
     return apply(x)
+
+
+def _vec_exp2_of(x, scalef=None):
+    """The kernels' vector 2^x (cpu_kernels._vec_exp2, in the form ``scalef`` picks) applied to x."""
+    from rmeeto.ops import cpu_kernels as k
+
+    return _vector_of(lambda builder, v: k._vec_exp2(builder, v, scalef), x)
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
@@ -343,6 +350,25 @@ def test_cpu_kernel_exp_exp2_and_softplus_accuracy():
     x = np.linspace(-40, 40, 200_001, dtype=np.float32)
     want = np.logaddexp(0, x.astype(np.float64))
     assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_vec_exp_gives_the_scalar_exps_bits():
+    """The gate's exp inside the recurrence (_vec_exp, vector IR) is _exp operation for operation: the same
+    bits over and past its clamp, so the gate computed there equals the scalar loop it replaced."""
+    import numba
+    import numpy as np
+
+    from rmeeto.ops import cpu_kernels as k
+
+    @numba.njit(cache=False)
+    def scalar(x):
+        return np.array([k._exp(v) for v in x], dtype=np.float32)
+
+    x = np.concatenate([np.linspace(-100, 100, 199_984, dtype=np.float32),
+                        np.float32([-1e30, -87, -86.99, 0, -0.0, 1e-9, 87.99, 88, 1e30, 0.5, -0.5, 1, -1, 20, -20,
+                                    3.4e38])])  # fmt: skip
+    assert np.array_equal(_vector_of(k._vec_exp, x), scalar(x))
 
 
 @pytest.mark.skipif(not AVX512, reason="vscalefps needs numba and a CPU with AVX-512")
