@@ -36,7 +36,7 @@ def main() -> None:
     target, *runs = sys.argv[1:]
     series = {label: ratios(Path(path).read_text()) for label, path in (r.split("=", 1) for r in runs)}
     keys = list(next(iter(series.values())))
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(keys) + 1.5))
+    fig, ax = plt.subplots(figsize=(10.5, 0.32 * len(keys) + 1.5))
     height = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         ax.barh([k + i * height for k in range(len(keys))], [values.get(key, 0) for key in keys], height,
@@ -45,7 +45,7 @@ def main() -> None:
     ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))], keys, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("images/s relative to timm's DeiT of the same size (1 = as fast)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: with many series it would cover bars
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     print(f"wrote {target}")
