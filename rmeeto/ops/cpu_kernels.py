@@ -303,6 +303,11 @@ def _intrinsic(builder, name, ret, params):
     return builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ret, params), name)
 
 
+def _splat(vty, c):
+    """The float32 constant c in every lane of vector type vty."""
+    return ir.Constant(vty, [float(np.float32(c))] * vty.count)
+
+
 def _vec_fma(builder, vty):
     """llvm.fma for vectors of type vty (llvmlite's builder.fma takes scalars only)."""
     return _intrinsic(builder, f"llvm.fma.v{vty.count}f32", vty, [vty] * 3)
@@ -327,7 +332,7 @@ def _vec_exp2(builder, x, scalef=None):
     scalef = _VECTOR_BITS == 512 and vty.count == 16 if scalef is None else scalef
 
     def const(c):
-        return ir.Constant(vty, [float(c)] * vty.count)
+        return _splat(vty, c)
 
     def poly(f):
         p = builder.call(fma, [builder.call(fma, [const(1.3264698e-3), f, const(9.6715093e-3)]), f,
@@ -360,7 +365,7 @@ def _vec_exp(builder, x):
     fma = _vec_fma(builder, vty)
 
     def const(c):
-        return ir.Constant(vty, [float(np.float32(c))] * vty.count)
+        return _splat(vty, c)
 
     def call(*a):
         return builder.call(fma, list(a))
@@ -425,7 +430,7 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow,
             ys = [builder.fmul(d, u) for d, u in zip(v.row(4, d_row), v.row(14, urow), strict=True)]
         ys = v.state_loop(nn, ys, state)
         if signature.args[16] != types.none:
-            one = ir.Constant(v.vty, [1.0] * _WIDTH)
+            one = _splat(v.vty, 1.0)
             for i, z in enumerate(v.row(16, zrow)):
                 gate = builder.fdiv(one, builder.fadd(one, _vec_exp(builder, builder.fneg(z))))  # sigmoid(z)
                 ys[i] = builder.fmul(ys[i], builder.fmul(z, gate))
@@ -660,10 +665,10 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
+            hrow, arow = g * nn * LANES, g * ps.shape[1] * LANES
             for t in range(nl):  # y = (D·u + the states' sum)·silu(z), in registers
                 ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
                 ro = _row_at(direct, b, k, t, nl, nd, rev, g * row)
-                hrow, arow = g * nn * LANES, g * ps.shape[1] * LANES
                 dtrow, bcrow = (g * nl + t) * LANES, (b * nl + t) * nn
                 if has_z:
                     rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
