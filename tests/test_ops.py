@@ -323,6 +323,18 @@ def _vector_of(ir_fn, x):
     return apply(x)
 
 
+def _scalar_of(fn, x):
+    """A scalar numba function of the kernels (e.g. cpu_kernels._exp) applied to each float of x."""
+    import numba
+    import numpy as np
+
+    @numba.njit(cache=False)
+    def apply(fn, x):
+        return np.array([fn(v) for v in x], dtype=np.float32)
+
+    return apply(fn, x)
+
+
 def _vec_exp2_of(x, scalef=None):
     """The kernels' vector 2^x (cpu_kernels._vec_exp2, in the form ``scalef`` picks) applied to x."""
     from rmeeto.ops import cpu_kernels as k
@@ -332,43 +344,33 @@ def _vec_exp2_of(x, scalef=None):
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_cpu_kernel_exp_exp2_and_softplus_accuracy():
-    import numba
     import numpy as np
 
     from rmeeto.ops import cpu_kernels as k
 
-    @numba.njit
-    def apply(fn, x):
-        return np.array([fn(v) for v in x], dtype=np.float32)
-
     x = np.linspace(-87, 88, 200_001, dtype=np.float32)
     want = np.exp(x.astype(np.float64))
-    assert (np.abs(apply(k._exp, x) - want) / want).max() < 2.5e-7
+    assert (np.abs(_scalar_of(k._exp, x) - want) / want).max() < 2.5e-7
     x = np.concatenate([np.linspace(-125, 126, 199_996, dtype=np.float32), np.float32([-0.5, 0.5, 1e-9, 0])])
     want = np.exp2(x.astype(np.float64))  # the decays' 2^x, as the kernels' explicit vectors compute it
     assert (np.abs(_vec_exp2_of(x) - want) / want).max() < 2e-7
     x = np.linspace(-40, 40, 200_001, dtype=np.float32)
     want = np.logaddexp(0, x.astype(np.float64))
-    assert (np.abs(apply(k._softplus, x) - want) / want).max() < 5e-7
+    assert (np.abs(_scalar_of(k._softplus, x) - want) / want).max() < 5e-7
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_vec_exp_gives_the_scalar_exps_bits():
     """The gate's exp inside the recurrence (_vec_exp, vector IR) is _exp operation for operation: the same
     bits over and past its clamp, so the gate computed there equals the scalar loop it replaced."""
-    import numba
     import numpy as np
 
     from rmeeto.ops import cpu_kernels as k
 
-    @numba.njit(cache=False)
-    def scalar(x):
-        return np.array([k._exp(v) for v in x], dtype=np.float32)
-
     x = np.concatenate([np.linspace(-100, 100, 199_984, dtype=np.float32),
                         np.float32([-1e30, -87, -86.99, 0, -0.0, 1e-9, 87.99, 88, 1e30, 0.5, -0.5, 1, -1, 20, -20,
                                     3.4e38])])  # fmt: skip
-    assert np.array_equal(_vector_of(k._vec_exp, x), scalar(x))
+    assert np.array_equal(_vector_of(k._vec_exp, x), _scalar_of(k._exp, x))
 
 
 @pytest.mark.skipif(not AVX512, reason="vscalefps needs numba and a CPU with AVX-512")
