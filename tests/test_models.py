@@ -238,9 +238,10 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
 @pytest.mark.parametrize("method", [None, "rmeeto"])
 def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
     """Without gradients the mixers put their temporaries in one workspace held across the blocks
-    (rmeeto.ops.workspace) and run each direction as one mamba_inner_cpu call: the logits are the same to the
-    bit as with fresh memory and the general ops, every block gets in_proj's output at the same address, and a
-    recording mixer (MTR's) takes the general ops, without the workspace."""
+    (rmeeto.ops.workspace) and run each direction as one mamba_inner_cpu call: the logits are those of fresh
+    memory and the general ops (up to dt_proj's summation order, which mamba_inner_cpu does in its scan), every
+    block gets in_proj's output at the same address, and a recording mixer (MTR's) takes the general ops,
+    without the workspace."""
     import rmeeto.models.mamba as mamba
     from rmeeto.ops import workspace
 
@@ -275,7 +276,7 @@ def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_block
         assert len(addresses) == 2 * len(model.layers) and len(set(addresses[::2])) == 1  # x, z per block
         monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)  # each temporary fresh, the general ops
         fresh = model(x)
-    assert torch.equal(reused, fresh)
+    torch.testing.assert_close(reused, fresh, rtol=1e-5, atol=1e-6 * fresh.abs().max().item())
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")

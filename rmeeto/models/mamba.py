@@ -182,7 +182,8 @@ class BiMamba(nn.Module):
         """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
         (which see the active workspace), in the workspace when one is given (nothing from it is returned).
         With a workspace on the cpu backend each direction is one mamba_inner_cpu call: the same numbers as
-        _scan's ops, without their per-call dispatch (a Vim-Ti mixer 1.31× faster at batch 1)."""
+        _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
+        faster at batch 1)."""
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         x, z = (_matmul(hidden, w.t(), workspace).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: each direction in one call

@@ -615,10 +615,39 @@ def _row_at(direct, b, k, t, nl, nd, rev, base):
     return base + t * LANES
 
 
+@intrinsic
+def _low_rank_row(typingctx, lr, at, w, base, stride, nr, out, orow):
+    """out[orow + j] = Σ_{r < nr} lr[at + r]·w[base + r·stride + j] for j < LANES, by FMAs from zero in r order,
+    in explicit vectors (the sums stay in registers): one position's Δ for a block of channels from its
+    rank-R projection. All 1-d contiguous float32; no bounds checks."""
+    if {lr, w} - set(_FLAT) or out != _FLAT[0]:
+        return None
+
+    def codegen(context, builder, signature, args):
+        at, base, stride, nr, orow = args[1], args[3], args[4], args[5], args[7]
+        v = _Vectors(context, builder, signature, args)
+
+        def rank(r, acc):
+            c = v.splat(0, builder.add(at, r))
+            return [v.fma(c, wr, a) for wr, a in zip(v.row(2, builder.add(base, builder.mul(r, stride))), acc,
+                                                    strict=True)]  # fmt: skip
+
+        v.store_row(v.state_loop(nr, [ir.Constant(v.vty, None)] * len(_PARTS), rank), 6, orow)
+        return context.get_dummy_value()
+
+    return types.void(lr, types.intp, w, types.intp, types.intp, types.intp, out, types.intp), codegen
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps):
+def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps,
+                 low_rank, dt_w):  # fmt: skip
     """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
     along L when rev).
+
+    With dt_w of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta is not read: Δ before
+    its bias is computed here, as _low_rank_row, from the first R columns of low_rank (B×L×F, F ≥ R; the
+    x_proj output in sequence order), which is what dt_proj's product gives up to its summation order.
+    Otherwise pass dt_w with no rows (low_rank is then not read).
 
     A token-major block of LANES channels is read and written where it lies (its rows are LANES contiguous
     floats); other blocks (B×D×L, or the ragged last one) are gathered into rows first (_to_rows), their
@@ -633,6 +662,7 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
     ntask = nb * nblk
     ngroup = h.shape[0]
     row = nl * LANES
+    nr, nf, lr_flat, w_flat = dt_w.shape[0], low_rank.shape[2], low_rank.reshape(-1), dt_w.reshape(-1)
     u_flat, delta_flat, z_flat, out_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), out.reshape(-1)
     xs_flat, ys_flat, h_flat = xs.reshape(-1), ys.reshape(-1), h.reshape(-1)
     dt_flat, dtu_flat = dt.reshape(-1), dtu.reshape(-1)
@@ -649,14 +679,21 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
                 su, sd, sz, so = u_flat, delta_flat, z_flat, out_flat
             else:
                 _to_rows(u, tm, rev, b, k, xs_flat, 3 * g * row)
-                _to_rows(delta, tm, rev, b, k, xs_flat, (3 * g + 1) * row)
+                if nr == 0:
+                    _to_rows(delta, tm, rev, b, k, xs_flat, (3 * g + 1) * row)
                 if has_z:
                     _to_rows(z, tm, rev, b, k, xs_flat, (3 * g + 2) * row)
                 su, sd, sz, so = xs_flat, xs_flat, xs_flat, ys_flat
             for t in range(nl):  # rows as views: indexed by range variables, their loops vectorise
                 ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
-                rd = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 1) * row)
-                ur, dr = su[ru : ru + LANES], sd[rd : rd + LANES]
+                ur = su[ru : ru + LANES]
+                if nr:  # Δ into the row a gathered delta takes, then read from there
+                    sd, rd = xs_flat, (3 * g + 1) * row + t * LANES
+                    _low_rank_row(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, w_flat, k * LANES,
+                                  dt_w.shape[1], nr, sd, rd)  # fmt: skip
+                else:
+                    rd = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 1) * row)
+                dr = sd[rd : rd + LANES]
                 for j in range(LANES):
                     x = dr[j] + ps[g, nn + BIAS, j]
                     d = _softplus(x) if softplus else x

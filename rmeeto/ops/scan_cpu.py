@@ -105,7 +105,7 @@ def _scan(
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
         scratch = _scratch(_k.forward_scratch(L, A.shape[1]), groups)
         _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, zl)), tm, reverse, *arrays, softplus, z is not None,
-                        _np_of(out, tm), _counter(), *scratch)  # fmt: skip
+                        _np_of(out, tm), _counter(), *scratch, *_NO_LOW_RANK)  # fmt: skip
     return out, (u, delta, zl, tm, arrays)
 
 
@@ -312,6 +312,9 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
     return out_norm.view(hidden.shape), out_res.view(hidden.shape)
 
 
+_NO_LOW_RANK = (np.zeros((1, 1, 1), np.float32), np.zeros((0, _k.LANES if AVAILABLE else 1), np.float32))
+"""scan_forward's last two arguments when it reads Δ from its delta array."""
+
 _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
@@ -323,7 +326,7 @@ class InnerParams(NamedTuple):
     taps: np.ndarray  # K×Dᵢ conv taps
     conv_b: np.ndarray  # (Dᵢ,), zeros when the conv has no bias
     x_proj_t: Tensor  # Dᵢ×(R+2N)
-    dt_proj_t: Tensor  # R×Dᵢ
+    dt_w: np.ndarray  # R×Dᵢ' dt_proj's weight transposed, zero-padded to whole blocks of channels (Dᵢ' ≥ Dᵢ)
     dt_bias: np.ndarray  # (Dᵢ,)
     A: np.ndarray  # Dᵢ×N
     D: np.ndarray  # (Dᵢ,)
@@ -336,38 +339,41 @@ def prepare_inner(conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_pr
     which a caller that knows the weights are fixed may do once (rmeeto.models.frozen)."""
     nd = A.shape[0]
     taps = conv_weight(conv_w).detach().t().contiguous().numpy()
-    return InnerParams(taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_proj_w.detach().t(), _param(dt_bias, nd),
-                       _param(A, nd), _param(D, nd))
+    dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
+    dt_w[:, :nd] = dt_proj_w.detach().t().numpy()
+    return InnerParams(taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_w, _param(dt_bias, nd), _param(A, nd),
+                       _param(D, nd))
 
 
 @torch.compiler.disable
 def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace, reverse: bool = False) -> Tensor:
     """One direction of a Mamba mixer for a forward without gradients, on the cpu kernels called directly:
-    conv + SiLU, x_proj, dt_proj, then the scan with Δ's bias and softplus, the D skip and the z gate (what
-    mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
+    conv + SiLU, x_proj, then the scan with dt_proj's product, Δ's bias and softplus, the D skip and the z gate
+    (what mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
 
     x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); params: prepare_inner's. The
     same numbers as the general path (causal_conv1d, the linear layers and selective_scan with these
-    arguments), in far fewer tensor operations: inside a Vim each costs 4–15 µs (3–5× its cost in a tight
-    loop), so at batch 1 the general path's dispatch and layout checks cost about as much as the kernels of a
-    Vim-Ti (docs/cpu_speed.md, round 5).
+    arguments) up to dt_proj's summation order, in far fewer tensor operations: inside a Vim each costs
+    4–15 µs (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and layout checks cost
+    about as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5). dt_proj's rank-R product (K = R =
+    24 for Vim-S) ran at a third to half of the GEMM rate and wrote Δ out for the scan to read back; the scan
+    computes it per row instead (merged Vim-S 1.09× at batch 1, docs/cpu_speed.md, round 8).
     """
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, nd, L = x.shape
     nn = params.A.shape[1]
-    rank = params.x_proj_t.shape[1] - 2 * nn
     conv = workspace.empty(nb, L, nd)
     with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, reverse, True, conv.numpy())
     x_dbl = conv @ params.x_proj_t  # B×L×(R+2N)
-    delta = torch.matmul(x_dbl[..., :rank], params.dt_proj_t, out=workspace.empty(nb, L, nd))
+    rank = params.dt_w.shape[0]
     bc = (x_dbl[..., rank:].flip(1) if reverse else x_dbl[..., rank:]).numpy()  # B, C in scan order
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        _k.scan_forward(conv.numpy(), delta.numpy(), z.transpose(1, 2).numpy(), True, reverse, params.A,
+        _k.scan_forward(conv.numpy(), conv.numpy(), z.transpose(1, 2).numpy(), True, reverse, params.A,
                         np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), params.D,
                         params.dt_bias, True, True, out.numpy(), _counter(),
-                        *_scratch(_k.forward_scratch(L, nn), groups))  # fmt: skip
+                        *_scratch(_k.forward_scratch(L, nn), groups), x_dbl.numpy(), params.dt_w)  # fmt: skip
     return out.transpose(1, 2)
