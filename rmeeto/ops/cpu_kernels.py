@@ -640,14 +640,14 @@ def _low_rank_row(typingctx, lr, at, w, base, stride, nr, out, orow):
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps,
-                 low_rank, dt_w):  # fmt: skip
+                 x_dbl, dt_w):  # fmt: skip
     """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
     along L when rev).
 
-    With dt_w of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta is not read: Δ before
-    its bias is computed here, as _low_rank_row, from the first R columns of low_rank (B×L×F, F ≥ R; the
-    x_proj output in sequence order), which is what dt_proj's product gives up to its summation order.
-    Otherwise pass dt_w with no rows (low_rank is then not read).
+    With dt_w of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta, Bm and Cm are not read
+    but x_dbl (B×L×(R+2N), x_proj's output in sequence order): Δ before its bias is computed here from its
+    first R columns (_low_rank_row: what dt_proj's product gives, up to its summation order), and B and C
+    are its next N columns and the N after them. Otherwise pass dt_w with no rows (x_dbl is then not read).
 
     A token-major block of LANES channels is read and written where it lies (its rows are LANES contiguous
     floats); other blocks (B×D×L, or the ragged last one) are gathered into rows first (_to_rows), their
@@ -662,11 +662,12 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
     ntask = nb * nblk
     ngroup = h.shape[0]
     row = nl * LANES
-    nr, nf, lr_flat, w_flat = dt_w.shape[0], low_rank.shape[2], low_rank.reshape(-1), dt_w.reshape(-1)
+    nr, nf, lr_flat, w_flat = dt_w.shape[0], x_dbl.shape[2], x_dbl.reshape(-1), dt_w.reshape(-1)
     u_flat, delta_flat, z_flat, out_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), out.reshape(-1)
     xs_flat, ys_flat, h_flat = xs.reshape(-1), ys.reshape(-1), h.reshape(-1)
     dt_flat, dtu_flat = dt.reshape(-1), dtu.reshape(-1)
-    ps_flat, bm_flat, cm_flat = ps.reshape(-1), Bm.reshape(-1), Cm.reshape(-1)
+    ps_flat = ps.reshape(-1)
+    bm_flat, cm_flat, bc_stride = (lr_flat[nr:], lr_flat[nr + nn :], nf) if nr else (Bm.reshape(-1), Cm.reshape(-1), nn)
     for g in prange(ngroup):
         _full_width()
         task = _take(counter)
@@ -706,7 +707,7 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
             for t in range(nl):  # y = (D·u + the states' sum)·silu(z), in registers
                 ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
                 ro = _row_at(direct, b, k, t, nl, nd, rev, g * row)
-                dtrow, bcrow = (g * nl + t) * LANES, (b * nl + t) * nn
+                dtrow, bcrow = (g * nl + t) * LANES, (b * nl + (nl - 1 - t if rev and nr else t)) * bc_stride
                 if has_z:
                     rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
                     _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow, arow,

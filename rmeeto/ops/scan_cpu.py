@@ -366,14 +366,12 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     conv = workspace.empty(nb, L, nd)
     with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, reverse, True, conv.numpy())
-    x_dbl = conv @ params.x_proj_t  # B×L×(R+2N)
-    rank = params.dt_w.shape[0]
-    bc = (x_dbl[..., rank:].flip(1) if reverse else x_dbl[..., rank:]).numpy()  # B, C in scan order
+    x_dbl = (conv @ params.x_proj_t).numpy()  # B×L×(R+2N): dt, B, C, read by the scan where they lie
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        _k.scan_forward(conv.numpy(), conv.numpy(), z.transpose(1, 2).numpy(), True, reverse, params.A,
-                        np.ascontiguousarray(bc[..., :nn]), np.ascontiguousarray(bc[..., nn:]), params.D,
+        conv_np = conv.numpy()  # also in the places of the arrays the scan does not read (delta, B, C)
+        _k.scan_forward(conv_np, conv_np, z.transpose(1, 2).numpy(), True, reverse, params.A, x_dbl, x_dbl, params.D,
                         params.dt_bias, True, True, out.numpy(), _counter(),
-                        *_scratch(_k.forward_scratch(L, nn), groups), x_dbl.numpy(), params.dt_w)  # fmt: skip
+                        *_scratch(_k.forward_scratch(L, nn), groups), x_dbl, params.dt_w)  # fmt: skip
     return out.transpose(1, 2)
