@@ -221,16 +221,24 @@ def test_reverse_scan_is_the_scan_of_the_flipped_sequence(backend, layout, shape
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("nd", [64, 70, 130])
 def test_cpu_scan_reads_token_major_blocks_in_place_with_the_gathered_numbers(nd, options):
-    """The cpu scan reads and writes the full 64-channel blocks of token-major inputs where they lie, and
-    gathers the rest (a ragged block, B×D×L inputs) into rows first: the same numbers to the bit either way,
-    in both directions."""
+    """The cpu scan's forward and backward kernels read (and the forward writes) the full 64-channel blocks of
+    token-major inputs where they lie, and gather the rest (a ragged block, B×D×L inputs) into rows first:
+    the same outputs and gradients to the bit either way, in both directions."""
     x, softplus = make_inputs(2, nd, 23, 8, options, dtype=torch.float32)
+    seq = ("u", "delta", "B", "C", "z")
     tm = {k: token_major(v) if k in ("u", "delta", "z") and v is not None else v for k, v in x.items()}
-    gathered = selective_scan(**x, delta_softplus=softplus, backend="cpu")
-    assert torch.equal(selective_scan(**tm, delta_softplus=softplus, backend="cpu"), gathered)
-    flipped = {k: v.flip(-1) if k in ("u", "delta", "B", "C", "z") and v is not None else v for k, v in x.items()}
-    backward = selective_scan(**tm, delta_softplus=softplus, backend="cpu", reverse=True)
-    assert torch.equal(backward, selective_scan(**flipped, delta_softplus=softplus, backend="cpu").flip(-1))
+    flipped = {k: v.flip(-1) if k in seq and v is not None else v for k, v in x.items()}
+    gy = torch.randn(2, nd, 23, generator=torch.Generator().manual_seed(1))
+
+    def run(inputs, reverse=False, flip=False):  # flip: y and the sequences' gradients back to tm's order
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+        y = selective_scan(**leaves, delta_softplus=softplus, backend="cpu", reverse=reverse)
+        grads = torch.autograd.grad(y, list(leaves.values()), gy.flip(-1) if flip else gy)
+        named = zip(("y", *leaves), (y, *grads), strict=True)
+        return [t.flip(-1) if flip and k in ("y", *seq) else t for k, t in named]
+
+    for got, want in ((run(tm), run(x)), (run(tm, reverse=True), run(flipped, flip=True))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def _grads(x, softplus, backend):

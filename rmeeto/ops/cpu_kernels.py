@@ -48,7 +48,7 @@ def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
 
 def backward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
     """Per-group scratch shapes of scan_backward: xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps."""
-    return ((3, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), *[(nn, LANES)] * 2, (2, nn),
+    return ((4, nl, LANES), *[(nl, LANES)] * 7, (nl + 1, nn, LANES), *[(nn, LANES)] * 2, (2, nn),
             (2 * nn + 2, LANES))
 
 
@@ -584,26 +584,20 @@ def _states(ps):
 
 
 @njit(inline="always")
-def _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k):
-    """Rows for batch b, block k (see _to_rows): xs[g] = u, x = delta + bias (ps, see _load_params),
-    z (if has_z); dt[g] = softplus?(x); dtu[g] = dt·u."""
+def _load_block(su, sd, base, direct, rev, softplus, dt, dtu, ps, g, b, k, nd):
+    """dt[g] = softplus?(delta + bias) (bias: ps, see _load_params), dtu[g] = dt·u for batch b, block k; the
+    rows of u and delta where _row_at finds them (gathered: u's at base, delta's L rows after; nd: D)."""
     nl = dt.shape[1]
     nn = _states(ps)
-    row = nl * LANES
-    flat = xs.reshape(-1)
-    _to_rows(u, tm, rev, b, k, flat, 3 * g * row)
-    _to_rows(delta, tm, rev, b, k, flat, (3 * g + 1) * row)
-    if has_z:
-        _to_rows(z, tm, rev, b, k, flat, (3 * g + 2) * row)
     for t in range(nl):
+        ru = _row_at(direct, b, k, t, nl, nd, rev, base)
+        rd = _row_at(direct, b, k, t, nl, nd, rev, base + nl * LANES)
+        ur, dr = su[ru : ru + LANES], sd[rd : rd + LANES]
         for j in range(LANES):
-            xs[g, 1, t, j] += ps[g, nn + BIAS, j]
-    for t in range(nl):
-        for j in range(LANES):
-            x = xs[g, 1, t, j]
+            x = dr[j] + ps[g, nn + BIAS, j]
             sp = _softplus(x)
             dt[g, t, j] = sp if softplus else x
-            dtu[g, t, j] = (sp if softplus else x) * xs[g, 0, t, j]
+            dtu[g, t, j] = (sp if softplus else x) * ur[j]
 
 
 @njit(inline="always")
@@ -726,24 +720,28 @@ def scan_backward(
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
     xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
 ):  # fmt: skip
-    """Gradients of scan_forward, gathering the inputs again and recomputing the states. gout, gu, gdelta,
-    gz in the layout of u (tm); gB, gC in scan order.
+    """Gradients of scan_forward, reading the inputs again (full token-major blocks in place, the others
+    gathered into xs: u, delta, z, gout) and recomputing the states. gout, gu, gdelta, gz in the layout of
+    u (tm); gB, gC in scan order.
 
     Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
     (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
-    are partial sums too. Scratch per group g (G×…; one array per role): xs 3×L×LANES, dt, dtu (see
-    _load_block); L×LANES: go ∂out (then ∂out·silu'(z)), gy ∂y, gdec Σ_n ∂/∂dt through the decay (then
+    are partial sums too. Scratch per group g (G×…; one array per role): xs 4×L×LANES, dt, dtu (see
+    _load_block); L×LANES: go ∂out·silu'(z), gy ∂y, gdec Σ_n ∂/∂dt through the decay (then
     ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before the gate (then ∂z); hs (L+1)×N×LANES states;
     N×LANES: gh carried ∂h, gacc ∂A; sums 2×N: one position's Σ ∂y·h and Σ ∂h·dt·u (for gC, gB);
     ps (2N+2)×LANES (_load_params).
     """
     nb, nl = gu.shape[0], dt.shape[1]
+    nd = A.shape[0]
     nblk = gA.shape[1]
     npart = gB.shape[0]
     ntask = nb * npart
     ngroup = hs.shape[0]
     row = nl * LANES
-    go_flat, gdec_flat, ghb_flat, yb_flat = go.reshape(-1), gdec.reshape(-1), ghb.reshape(-1), yb.reshape(-1)
+    gdec_flat, ghb_flat, yb_flat = gdec.reshape(-1), ghb.reshape(-1), yb.reshape(-1)
+    u_flat, delta_flat, z_flat, gout_flat, xs_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), gout.reshape(
+        -1), xs.reshape(-1)  # fmt: skip
     for g in prange(ngroup):
         _full_width()
         task = _take(counter)
@@ -752,13 +750,24 @@ def scan_backward(
             p = task % npart
             for k in range(p * nblk // npart, (p + 1) * nblk // npart):
                 _load_params(A, Dv, bias, ps, g, k)
-                _load_block(u, delta, z, tm, rev, softplus, has_z, xs, dt, dtu, ps, g, b, k)
-                _to_rows(gout, tm, rev, b, k, go_flat, g * row)
-                _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g)
+                direct = tm and (k + 1) * LANES <= nd  # read in place (see scan_forward), else gathered
+                if direct:
+                    su, sd, sz, sg = u_flat, delta_flat, z_flat, gout_flat
+                else:
+                    _to_rows(u, tm, rev, b, k, xs_flat, 4 * g * row)
+                    _to_rows(delta, tm, rev, b, k, xs_flat, (4 * g + 1) * row)
+                    if has_z:
+                        _to_rows(z, tm, rev, b, k, xs_flat, (4 * g + 2) * row)
+                    _to_rows(gout, tm, rev, b, k, xs_flat, (4 * g + 3) * row)
+                    su, sd, sz, sg = xs_flat, xs_flat, xs_flat, xs_flat
+                base = 4 * g * row
+                _load_block(su, sd, base, direct, rev, softplus, dt, dtu, ps, g, b, k, nd)
+                _grad_in(has_z, su, sz, sg, base, direct, rev, go, gy, gdec, ghb, yb, ps, g, b, k, nd)
                 first = k == p * nblk // npart
                 _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
                                 g, b, k, p, first)  # fmt: skip
-                _block_finish(softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, ps, g, b, k)
+                _block_finish(softplus, su, sd, base, direct, rev, gD, gbias, dt, go, gy, gdec, ghb, yb, ps, g, b, k,
+                              nd)  # fmt: skip
                 _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
                 _from_rows(ghb_flat, g * row, tm, rev, gu, b, k)
                 if has_z:
@@ -767,18 +776,24 @@ def scan_backward(
 
 
 @njit(inline="always")
-def _grad_in(has_z, xs, go, gy, gdec, ghb, yb, ps, g):
-    """gy = ∂out·silu(z), go *= silu'(z) (when has_z, else gy = ∂out); gdec, ghb zeroed, yb = D·u."""
+def _grad_in(has_z, su, sz, sg, base, direct, rev, go, gy, gdec, ghb, yb, ps, g, b, k, nd):
+    """gy = ∂out·silu(z), go = ∂out·silu'(z) (when has_z, else both ∂out); gdec, ghb zeroed, yb = D·u. The
+    rows of u, z and ∂out where _row_at finds them (gathered: at base, 2 and 3 times L rows after)."""
+    nl = go.shape[1]
     nn = _states(ps)
-    for t in range(go.shape[1]):
+    for t in range(nl):
+        ru = _row_at(direct, b, k, t, nl, nd, rev, base)
+        rz = _row_at(direct, b, k, t, nl, nd, rev, base + 2 * nl * LANES)
+        rg = _row_at(direct, b, k, t, nl, nd, rev, base + 3 * nl * LANES)
+        ur, zr, gr = su[ru : ru + LANES], sz[rz : rz + LANES], sg[rg : rg + LANES]
         for j in range(LANES):
-            zv, gov = xs[g, 2, t, j] if has_z else _F1, go[g, t, j]
+            zv, gov = zr[j] if has_z else _F1, gr[j]
             s = _sigmoid(zv)
             gy[g, t, j] = gov * zv * s if has_z else gov
             go[g, t, j] = gov * s * (_F1 + zv * (_F1 - s)) if has_z else gov
             gdec[g, t, j] = 0
             ghb[g, t, j] = 0
-            yb[g, t, j] = ps[g, nn + D_SKIP, j] * xs[g, 0, t, j]
+            yb[g, t, j] = ps[g, nn + D_SKIP, j] * ur[j]
 
 
 @njit(inline="always")
@@ -820,18 +835,22 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
 
 
 @njit(inline="always")
-def _block_finish(softplus, gD, gbias, xs, dt, go, gy, gdec, ghb, yb, ps, g, b, k):
+def _block_finish(softplus, su, sd, base, direct, rev, gD, gbias, dt, go, gy, gdec, ghb, yb, ps, g, b, k, nd):
     """In place: gdec → ∂delta, ghb → ∂u, yb → ∂z for batch b, block k; partial sums gD[b, k],
-    gbias[b, k]."""
+    gbias[b, k]. u and delta read as in _load_block."""
+    nl = dt.shape[1]
     nn = _states(ps)
     for j in range(LANES):
         gD[b, k, j] = 0
         gbias[b, k, j] = 0
-    for t in range(dt.shape[1]):
+    for t in range(nl):
+        ru = _row_at(direct, b, k, t, nl, nd, rev, base)
+        rd = _row_at(direct, b, k, t, nl, nd, rev, base + nl * LANES)
+        ur, dr = su[ru : ru + LANES], sd[rd : rd + LANES]
         for j in range(LANES):
-            uv, gyv, hb = xs[g, 0, t, j], gy[g, t, j], ghb[g, t, j]
+            uv, gyv, hb = ur[j], gy[g, t, j], ghb[g, t, j]
             gdt = _fma(hb, uv, gdec[g, t, j])
-            gdl = gdt * _sigmoid(xs[g, 1, t, j])
+            gdl = gdt * _sigmoid(dr[j] + ps[g, nn + BIAS, j])
             gdec[g, t, j] = gdl if softplus else gdt
             ghb[g, t, j] = _fma(hb, dt[g, t, j], gyv * ps[g, nn + D_SKIP, j])
             yb[g, t, j] = go[g, t, j] * yb[g, t, j]
