@@ -337,6 +337,8 @@ def prepare_inner(conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_pr
     """The parameters of one direction (conv_w Dᵢ×K or Dᵢ×1×K, x_proj_w (R+2N)×Dᵢ, dt_proj_w Dᵢ×R, A Dᵢ×N, the
     rest (Dᵢ,); fp32) laid out for mamba_inner_cpu: some ten tensor operations, each several µs inside a Vim,
     which a caller that knows the weights are fixed may do once (rmeeto.models.frozen)."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu mixer kernels need numba")
     nd = A.shape[0]
     taps = conv_weight(conv_w).detach().t().contiguous().numpy()
     dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
@@ -370,7 +372,7 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        conv_np = conv.numpy()  # also in the places of the arrays the scan does not read (delta, B, C)
+        conv_np = conv.numpy()  # conv also stands for delta, x_dbl for B and C: with dt_w the scan reads neither
         _k.scan_forward(conv_np, conv_np, z.transpose(1, 2).numpy(), True, reverse, params.A, x_dbl, x_dbl, params.D,
                         params.dt_bias, True, True, out.numpy(), _counter(),
                         *_scratch(_k.forward_scratch(L, nn), groups), x_dbl, params.dt_w)  # fmt: skip
