@@ -1,4 +1,5 @@
-"""Numba kernels for the fused CPU selective scan: bias, softplus, scan, D skip and z gate in one pass.
+"""Numba kernels for the fused CPU selective scan: bias, softplus, scan, D skip and z gate in one pass (and,
+for mamba_inner_cpu, Δ's rank-R product from x_proj's output).
 
 Channels are processed in blocks of ``LANES``; a task is (batch, block) and its inputs are read as rows of
 LANES contiguous channels: in place for a full block of token-major (B×L×D) arrays in the forward, else
