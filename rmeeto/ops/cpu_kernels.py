@@ -585,14 +585,15 @@ def _states(ps):
 
 
 @njit(inline="always")
-def _load_block(su, sd, base, direct, rev, softplus, dt, dtu, ps, g, b, k, nd):
+def _load_block(su, sd, base, direct, d_direct, rev, softplus, dt, dtu, ps, g, b, k, nd):
     """dt[g] = softplus?(delta + bias) (bias: ps, see _load_params), dtu[g] = dt·u for batch b, block k; the
-    rows of u and delta where _row_at finds them (gathered: u's at base, delta's L rows after; nd: D)."""
+    rows of u and delta where _row_at finds them (u's by direct, delta's by d_direct; gathered: u's at base,
+    delta's L rows after; nd: D)."""
     nl = dt.shape[1]
     nn = _states(ps)
     for t in range(nl):
         ru = _row_at(direct, b, k, t, nl, nd, rev, base)
-        rd = _row_at(direct, b, k, t, nl, nd, rev, base + nl * LANES)
+        rd = _row_at(d_direct, b, k, t, nl, nd, rev, base + nl * LANES)
         ur, dr = su[ru : ru + LANES], sd[rd : rd + LANES]
         for j in range(LANES):
             x = dr[j] + ps[g, nn + BIAS, j]
@@ -680,21 +681,12 @@ def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out
                 if has_z:
                     _to_rows(z, tm, rev, b, k, xs_flat, (3 * g + 2) * row)
                 su, sd, sz, so = xs_flat, xs_flat, xs_flat, ys_flat
-            for t in range(nl):  # rows as views: indexed by range variables, their loops vectorise
-                ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
-                ur = su[ru : ru + LANES]
-                if nr:  # Δ into the row a gathered delta takes, then read from there
-                    sd, rd = xs_flat, (3 * g + 1) * row + t * LANES
+            if nr:  # Δ into the rows a gathered delta takes, then read from there
+                for t in range(nl):
                     _low_rank_row(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, w_flat, k * LANES,
-                                  dt_w.shape[1], nr, sd, rd)  # fmt: skip
-                else:
-                    rd = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 1) * row)
-                dr = sd[rd : rd + LANES]
-                for j in range(LANES):
-                    x = dr[j] + ps[g, nn + BIAS, j]
-                    d = _softplus(x) if softplus else x
-                    dt[g, t, j] = d
-                    dtu[g, t, j] = d * ur[j]
+                                  dt_w.shape[1], nr, xs_flat, (3 * g + 1) * row + t * LANES)  # fmt: skip
+                sd = xs_flat
+            _load_block(su, sd, 3 * g * row, direct, direct and nr == 0, rev, softplus, dt, dtu, ps, g, b, k, nd)
             for n in range(nn):
                 for j in range(LANES):
                     h[g, n, j] = 0
@@ -762,7 +754,7 @@ def scan_backward(
                     _to_rows(gout, tm, rev, b, k, xs_flat, (4 * g + 3) * row)
                     su, sd, sz, sg = xs_flat, xs_flat, xs_flat, xs_flat
                 base = 4 * g * row
-                _load_block(su, sd, base, direct, rev, softplus, dt, dtu, ps, g, b, k, nd)
+                _load_block(su, sd, base, direct, direct, rev, softplus, dt, dtu, ps, g, b, k, nd)
                 _grad_in(has_z, su, sz, sg, base, direct, rev, go, gy, gdec, ghb, yb, ps, g, b, k, nd)
                 first = k == p * nblk // npart
                 _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
