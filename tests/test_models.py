@@ -235,6 +235,37 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
+    """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
+    (without it each forward holds a new one, freed at its end), and the logits stay those of fresh memory."""
+    import rmeeto.models.mamba as mamba
+
+    model = tiny(embed_dim=40).eval()
+    rmeeto.reduction.apply(model, "rmeeto", r=4)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []  # the workspaces themselves, kept alive: ids of freed objects can come back
+    inner = mamba.mamba_inner_cpu
+    monkeypatch.setattr(mamba, "mamba_inner_cpu", lambda *a, **k: seen.append(a[3]) or inner(*a, **k))
+
+    def workspaces(n: int) -> list[set[int]]:
+        """The ids of the workspaces the last n forwards used, one set per forward."""
+        per = 2 * len(model.layers)
+        return [set(map(id, seen[len(seen) - (n - i) * per : len(seen) - (n - i - 1) * per])) for i in range(n)]
+
+    with torch.no_grad(), use_backend("cpu"):
+        want, _ = model(x), model(x)
+        apart = workspaces(2)
+        with rmeeto.frozen(model):
+            got = [model(x), model(x)]
+            held = workspaces(2)
+        model(x)
+        after = workspaces(1)[0]
+    assert all(len(ws) == 1 for ws in apart + held) and apart[0] != apart[1]
+    assert held[0] == held[1] and after != held[0]
+    assert all(torch.equal(y, want) for y in got)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 @pytest.mark.parametrize("method", [None, "rmeeto"])
 def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
     """Without gradients the mixers put their temporaries in one workspace held across the blocks

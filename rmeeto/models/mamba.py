@@ -33,7 +33,7 @@ from rmeeto.ops import (
     selective_scan,
 )
 from rmeeto.ops.common import wants_grad
-from rmeeto.ops.workspace import Workspace, reuse
+from rmeeto.ops.workspace import Workspace, hold, reuse
 
 
 @dataclass
@@ -214,13 +214,19 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
     (docs/cpu_speed.md, round 6). A parameter given new data or changed by a tensor operation is seen (its
     address or version counter moves) and laid out again; a write through ``param.data`` is not, hence the
-    explicit scope. Forwards that record gradients or Δ take the usual path, unaffected."""
+    explicit scope. Forwards that record gradients or Δ take the usual path, unaffected.
+
+    The scope also holds the inference workspace (rmeeto.ops.workspace.hold) on this thread: one forward's
+    temporaries take the memory the previous one used instead of fresh pages (a merged Vim-S at batch 8
+    page-faulted about 8,600 times a forward without, 560 with; docs/cpu_speed.md, round 9); the scope's end
+    frees it."""
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
     before = [m._prepared for m in mixers]
     for m in mixers:
         m._prepared = {} if m._prepared is None else m._prepared
     try:
-        yield model
+        with hold():
+            yield model
     finally:
         for m, prepared in zip(mixers, before, strict=True):
             m._prepared = prepared

@@ -6,9 +6,10 @@ project's machine, near a fifth of its time (its token counts change every other
 rarely fit the next request). Inside :func:`reuse`, the i-th buffer asked for takes the memory of the i-th
 buffer of the previous ``reuse()`` under the same :func:`hold`, so the same pages serve every block.
 
-A Vim's forward_blocks holds a workspace; each mixer call that records no gradients hands out its
-temporaries from it (``with reuse() as workspace``), and rmeeto's cpu kernels put their outputs there while
-one is active. A buffer is valid until the next ``reuse()`` under the same hold begins, or the hold ends
+A Vim's forward_blocks holds a workspace, and ``rmeeto.frozen`` holds one for its whole scope, so that
+forwards one after another reuse the same pages too; each mixer call that records no gradients hands out
+its temporaries from it (``with reuse() as workspace``), and rmeeto's cpu kernels put their outputs there
+while one is active. A buffer is valid until the next ``reuse()`` under the same hold begins, or the hold ends
 (which frees the memory): nothing obtained inside ``reuse()`` may be kept past its end.
 """
 
