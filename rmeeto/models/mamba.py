@@ -218,8 +218,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
     The scope also holds the inference workspace (rmeeto.ops.workspace.hold) on this thread: one forward's
     temporaries take the memory the previous one used instead of fresh pages (a merged Vim-S at batch 8
-    page-faulted about 8,600 times a forward without, 560 with; docs/cpu_speed.md, round 9); the scope's end
-    frees it."""
+    page-faulted about 8,600 times a forward without, 560 with; docs/cpu_speed.md, round 9). It keeps the
+    largest temporaries any forward in the scope asked for (a few B×L×Dᵢ buffers) until the scope ends."""
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
     before = [m._prepared for m in mixers]
     for m in mixers:
