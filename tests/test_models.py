@@ -237,7 +237,8 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
-    (without it each forward holds a new one, freed at its end), and the logits stay those of fresh memory."""
+    (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to
+    the bit as outside."""
     import rmeeto.models.mamba as mamba
 
     model = tiny(embed_dim=40).eval()
