@@ -733,8 +733,8 @@ def scan_backward(
     ngroup = hs.shape[0]
     row = nl * LANES
     gdec_flat, ghb_flat, yb_flat = gdec.reshape(-1), ghb.reshape(-1), yb.reshape(-1)
-    u_flat, delta_flat, z_flat, gout_flat, xs_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), gout.reshape(
-        -1), xs.reshape(-1)  # fmt: skip
+    u_flat, delta_flat, z_flat, gout_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), gout.reshape(-1)
+    xs_flat = xs.reshape(-1)
     for g in prange(ngroup):
         _full_width()
         task = _take(counter)
