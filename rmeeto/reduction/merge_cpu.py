@@ -1,10 +1,12 @@
-"""R-MeeTo's merge at inference on the `cpu` backend: the matching in tensor operations, everything after it
-in one numba kernel (rmeeto.reduction.merge_kernel).
+"""R-MeeTo's merge at inference on the `cpu` backend: the tokens' norms, their scores and ranking in tensor
+operations, the rest in two numba kernels (rmeeto.reduction.merge_kernel): one lays out the normalised A and
+B tokens, one does everything after the matching.
 
 The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
 operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations
 cost several µs each, so the reducer was 10.5 % of a merged Vim-S forward at batch 1 and 5.5 % at batch 8
-(docs/cpu_speed.md, round 6). Same tokens merged and the same numbers to the bit as the general path.
+(docs/cpu_speed.md, round 6). Same tokens merged and the same numbers to the bit as the general path: a
+token's norm does not depend on where its row lies, and the kernels divide and sum as the tensor operations do.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from rmeeto.models.vim import TokenState
 from rmeeto.ops.common import wants_grad
 from rmeeto.ops.dispatch import resolve_backend
 from rmeeto.ops.scan_cpu import kernel_lock
-from rmeeto.reduction.merge import others_index, take_rows
-from rmeeto.reduction.plans import bipartite_match
+from rmeeto.reduction.plans import rank_matches, unit_scores
 
 try:
     from rmeeto.reduction import merge_kernel as _k
@@ -46,9 +47,10 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
     b, n, c = hidden.shape
     size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
-    others = take_rows(hidden, others_index(state.cls_index, n))  # B×M×C: A tokens at even places, B at odd
+    a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
     with torch.autocast("cpu", enabled=False):
-        node_idx, edge_idx = bipartite_match(others[:, 0::2], others[:, 1::2], distance, kth)
+        _k.unit_halves(hidden.numpy(), hidden.norm(dim=-1).numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
+        node_idx, edge_idx = rank_matches(unit_scores(a, b_set, distance), kth)
     k1 = n - removed
     out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
     cls_slot = torch.empty(b, dtype=torch.long)

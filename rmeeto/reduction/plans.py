@@ -38,9 +38,14 @@ def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
     with torch.autocast(a.device.type, enabled=False):
         a = a.float() / a.float().norm(dim=-1, keepdim=True)
         b = b.float() / b.float().norm(dim=-1, keepdim=True)
-        if distance == "cosine":
-            return a @ b.transpose(-1, -2)
-        return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
+        return unit_scores(a, b, distance)
+
+
+def unit_scores(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
+    """:func:`similarity` of vectors already divided by their norms (B×Ma×F, B×Mb×F fp32) → B×Ma×Mb."""
+    if distance == "cosine":
+        return a @ b.transpose(-1, -2)
+    return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
 def best_match(scores: Tensor, kth: int = 1) -> tuple[Tensor, Tensor]:
@@ -81,7 +86,12 @@ def finish_plan(merged: Tensor, partner: Tensor, removed: int, *, prune: bool = 
 def bipartite_match(a: Tensor, b: Tensor, distance: Distance = "cosine", kth: int = 1) -> tuple[Tensor, Tensor]:
     """Bipartite matching of B×Na×F A tokens to B×Nb×F B tokens → (node_idx: B×Na, each A token's k-th closest
     B token; edge_idx: B×Na, the A tokens by descending score of that match, so its first r are merged)."""
-    node_max, node_idx = best_match(similarity(a, b, distance), kth)
+    return rank_matches(similarity(a, b, distance), kth)
+
+
+def rank_matches(scores: Tensor, kth: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`bipartite_match` from its B×Na×Nb scores."""
+    node_max, node_idx = best_match(scores, kth)
     return node_idx, node_max.argsort(dim=-1, descending=True)
 
 
