@@ -691,34 +691,42 @@ def test_block_compiles_without_graph_breaks_on_torch_backend():
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("ndir", [1, 2])
 @pytest.mark.parametrize("nb,L,nd,nn,rank,conv_bias", [(1, 2, 64, 16, 4, True), (2, 13, 80, 8, 5, False),
                                                         (3, 70, 130, 4, 2, True)])
-def test_mamba_inner_cpu_equals_the_general_ops(nb, L, nd, nn, rank, conv_bias, reverse):
-    """One mixer direction as one call (conv, x_proj, scan kernels; Δ's rank-R product inside the scan) gives
-    what the conv, the linear maps and selective_scan give through their entry points on the cpu backend, up
-    to the summation order of dt_proj's product (the kernel sums in r order; the BLAS's order is its own, the
-    same at some shapes): ragged channel blocks, two tokens (at one, nothing is token-major and the mixers take
-    the general path), no conv bias, both directions."""
+def test_mamba_inner_cpu_equals_the_general_ops(nb, L, nd, nn, rank, conv_bias, ndir):
+    """A mixer's directions as one call (conv, x_proj, scan kernels; Δ's rank-R product inside the scan; the
+    second direction scanning backwards and added to the first) give what the conv, the linear maps and
+    selective_scan give through their entry points on the cpu backend, summed, up to the summation order of
+    dt_proj's product (the kernel sums in r order; the BLAS's order is its own, the same at some shapes):
+    ragged channel blocks, two tokens (at one, nothing is token-major and the mixers take the general path),
+    no conv bias, one direction or two, with parameters of their own."""
     from rmeeto.ops import mamba_inner_cpu, prepare_inner
     from rmeeto.ops.workspace import Workspace
 
     g = torch.Generator().manual_seed(nb * L + nd)
     x, z = (torch.randn(nb, L, nd, generator=g).transpose(1, 2) for _ in range(2))  # token-major B×D×L
-    conv_w, conv_b = torch.randn(nd, 1, 4, generator=g), torch.randn(nd, generator=g) if conv_bias else None
-    x_proj_w, dt_proj_w = torch.randn(rank + 2 * nn, nd, generator=g) / nd**0.5, torch.randn(nd, rank, generator=g)
-    dt_bias, D = torch.randn(nd, generator=g), torch.randn(nd, generator=g)
-    A = -torch.rand(nd, nn, generator=g) - 0.1
+
+    def direction() -> tuple:
+        conv_w, conv_b = torch.randn(nd, 1, 4, generator=g), torch.randn(nd, generator=g) if conv_bias else None
+        x_proj_w = torch.randn(rank + 2 * nn, nd, generator=g) / nd**0.5
+        dt_proj_w, dt_bias = torch.randn(nd, rank, generator=g), torch.randn(nd, generator=g)
+        A, D = -torch.rand(nd, nn, generator=g) - 0.1, torch.randn(nd, generator=g)
+        return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D
+
+    directions = [direction() for _ in range(ndir)]
     with torch.no_grad():
-        params = prepare_inner(conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D)
-        y = mamba_inner_cpu(x, z, params, Workspace(), reverse=reverse)
+        y = mamba_inner_cpu(x, z, prepare_inner(*directions), Workspace())
+        want = 0
         with use_backend("cpu"):
-            conv = causal_conv1d(x, conv_w, conv_b, activation="silu", reverse=reverse)
-            x_dbl = F.linear(conv.transpose(1, 2), x_proj_w)
-            delta = (x_dbl[..., :rank] @ dt_proj_w.t()).transpose(1, 2)
-            bm, cm = x_dbl[..., rank:rank + nn].transpose(1, 2), x_dbl[..., rank + nn:].transpose(1, 2)
-            want = selective_scan(conv, delta, A, bm, cm, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                  reverse=reverse)
+            for (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D), reverse in zip(directions, (False, True)[:ndir],
+                                                                                     strict=True):
+                conv = causal_conv1d(x, conv_w, conv_b, activation="silu", reverse=reverse)
+                x_dbl = F.linear(conv.transpose(1, 2), x_proj_w)
+                delta = (x_dbl[..., :rank] @ dt_proj_w.t()).transpose(1, 2)
+                bm, cm = x_dbl[..., rank:rank + nn].transpose(1, 2), x_dbl[..., rank + nn:].transpose(1, 2)
+                want = want + selective_scan(conv, delta, A, bm, cm, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                             reverse=reverse)
     assert y.shape == (nb, nd, L) and y.stride(1) == 1  # token-major, as the general path gives it
     torch.testing.assert_close(y, want, rtol=2e-6, atol=2e-6 * want.abs().max().item())
 

@@ -110,7 +110,7 @@ class BiMamba(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
         self.record = False
         self.last_record: ScanRecord | None = None
-        self._prepared: dict[str, tuple[list, tuple, InnerParams]] | None = None  # see frozen()
+        self._prepared: list | None = None  # see frozen(): [] or [stamp, sources, InnerParams]
 
     def _scan(
         self, x: Tensor, z: Tensor, suffix: str, workspace: Workspace | None
@@ -133,16 +133,15 @@ class BiMamba(nn.Module):
         Δ bias, A = −exp(A_log), D; fp32 where the scan wants it."""
         return _derive(self._sources(suffix))
 
-    def _inner_params(self, suffix: str) -> InnerParams:
-        """One direction's parameters for mamba_inner_cpu: prepared at each call, or once inside frozen() (again
+    def _inner_params(self) -> InnerParams:
+        """Both directions' parameters for mamba_inner_cpu: prepared at each call, or once inside frozen() (again
         if one of them got new data or changed in place since: its address or version counter moved)."""
         if self._prepared is None:
-            return prepare_inner(*self._direction(suffix))
-        entry = self._prepared.get(suffix)
-        if entry is None or entry[0] != _stamp(entry[1]):
-            sources = self._sources(suffix)
-            entry = self._prepared[suffix] = (_stamp(sources), sources, prepare_inner(*_derive(sources)))
-        return entry[2]
+            return prepare_inner(*(self._direction(s) for s in ("", "_b")))
+        if not self._prepared or self._prepared[0] != _stamp(self._prepared[1]):
+            sources = self._sources("") + self._sources("_b")
+            self._prepared[:] = _stamp(sources), sources, prepare_inner(_derive(sources[:7]), _derive(sources[7:]))
+        return self._prepared[2]
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
         """The parameters of one direction as stored (conv weight and bias, x_proj and dt_proj weights, dt_proj
@@ -181,16 +180,15 @@ class BiMamba(nn.Module):
     def _forward(self, hidden: Tensor, workspace: Workspace | None) -> Tensor:
         """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
         (which see the active workspace), in the workspace when one is given (nothing from it is returned).
-        With a workspace on the cpu backend each direction is one mamba_inner_cpu call: the same numbers as
+        With a workspace on the cpu backend both directions are one mamba_inner_cpu call: the same numbers as
         _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
-        faster at batch 1)."""
+        faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5)."""
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         x, z = (_matmul(hidden, w.t(), workspace).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L
-        if workspace is not None and fused_inner_cpu(x):  # nothing to record: each direction in one call
-            y_f, y_b = (mamba_inner_cpu(x, z, self._inner_params(s), workspace, reverse=s == "_b") for s in ("", "_b"))
-        else:
-            y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
-            y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
+        if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
+            return self._project(mamba_inner_cpu(x, z, self._inner_params(), workspace))
+        y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
+        y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
             self.last_record = ScanRecord(
                 delta=(
@@ -202,7 +200,10 @@ class BiMamba(nn.Module):
             )
         # in place where autograd allows (nothing recorded on y_f), as the halving always is: each new B×L×Dᵢ
         # buffer costs page faults on a CPU (glibc hands big blocks back to the OS when freed)
-        y = y_f + y_b if y_f.requires_grad else y_f.add_(y_b)
+        return self._project(y_f + y_b if y_f.requires_grad else y_f.add_(y_b))
+
+    def _project(self, y: Tensor) -> Tensor:
+        """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``."""
         out = self.out_proj(y.transpose(1, 2))  # no copy: token-major y on the cpu backend
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
 
@@ -223,7 +224,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
     before = [m._prepared for m in mixers]
     for m in mixers:
-        m._prepared = {} if m._prepared is None else m._prepared
+        m._prepared = [] if m._prepared is None else m._prepared
     try:
         with hold():
             yield model

@@ -18,6 +18,8 @@ scratch) instead of storing them in the forward.
     rev: scan from the last position to the first (tm only: rows are gathered in reverse order)
     A: D×N    Dv, bias: (D,) (zeros mean "absent")    Bm, Cm: B×L×N
     Each task lays out its block's A, Dv and bias as lanes itself (scratch ps, zero-padded past D).
+    scan_forward and conv_forward take P directions at once: their per-direction arrays stacked along a first
+    axis, and revs (P,) in place of rev.
 """
 
 import numba
@@ -563,6 +565,19 @@ def _from_rows(src, base, tm, rev, dst, b, k):
 
 
 @njit(inline="always")
+def _add_rows(src, base, rev, dst, b, k):
+    """dst[b, t, k·LANES + j] += src[base + t·LANES + j] for the channels that exist, row L − 1 − t when rev:
+    _from_rows into token-major dst (B×L×D), adding instead of writing."""
+    nl, nd = dst.shape[1], dst.shape[2]
+    nj = min(LANES, nd - k * LANES)
+    flat = dst.reshape(-1)
+    for t in range(nl):
+        row = base + (nl - 1 - t if rev else t) * LANES
+        start = (b * nl + t) * nd + k * LANES
+        flat[start : start + nj] += src[row : row + nj]
+
+
+@njit(inline="always")
 def _load_params(A, Dv, bias, ps, g, k):
     """Block k's parameters as lanes, zeros past D: ps[g, n] = A[k·LANES + j, n]·log₂e for n < N (the
     decays are computed as powers of 2), then the rows D_SKIP (Dv), BIAS (bias) and A_ROWS + n (A)."""
@@ -635,75 +650,87 @@ def _low_rank_row(typingctx, lr, at, w, base, stride, nr, out, orow):
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def scan_forward(u, delta, z, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps,
+def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, out, counter, xs, dt, dtu, ys, h, ps,
                  x_dbl, dt_w):  # fmt: skip
-    """out = (Σ_n C·h + D·u)·silu(z); arrays as B×D×L, or B×L×D when tm; Bm, Cm in scan order (reversed
-    along L when rev).
+    """out = Σ_p (Σ_n C·h + D·u)·silu(z) over P scan directions p, each with its own u[p], delta[p], A[p] (D×N),
+    Bm[p], Cm[p], Dv[p], bias[p] (D,), x_dbl[p] and dt_w[p], and scanning from the last position to the first
+    when revs[p] (a Vim mixer's two directions in one call: P = 2, revs = (False, True)). Arrays as B×D×L, or
+    B×L×D when tm; Bm[p], Cm[p] in scan order (reversed along L when revs[p]). A task (batch, block of
+    channels) runs the directions one after another: the first writes out, each next one adds its rows to it
+    (y₀ + y₁: what adding the outputs of separate calls gives). P > 1 needs tm.
 
-    With dt_w of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta, Bm and Cm are not read
-    but x_dbl (B×L×(R+2N), x_proj's output in sequence order): Δ before its bias is computed here from its
-    first R columns (_low_rank_row: what dt_proj's product gives, up to its summation order), and B and C
+    With dt_w[p] of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta, Bm and Cm are not
+    read but x_dbl[p] (B×L×(R+2N), x_proj's output in sequence order): Δ before its bias is computed here from
+    its first R columns (_low_rank_row: what dt_proj's product gives, up to its summation order), and B and C
     are its next N columns and the N after them. Otherwise pass dt_w with no rows (x_dbl is then not read).
 
-    A token-major block of LANES channels is read and written where it lies (its rows are LANES contiguous
-    floats); other blocks (B×D×L, or the ragged last one) are gathered into rows first (_to_rows), their
-    output assembled in ys and scattered back (_from_rows): the same operations on the same values.
-    Scratch per group g (G×…): xs 3×L×LANES (the gathered u, delta, z), dt = softplus?(delta + bias),
-    dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the states, all N advanced together one step t at a
-    time), ps (2N+2)×LANES (_load_params).
+    A token-major block of LANES channels is read where it lies (its rows are LANES contiguous floats), and the
+    first direction writes it there; other blocks (B×D×L, or the ragged last one), and the next directions'
+    outputs, are assembled in rows first (_to_rows) and scattered back (_from_rows, _add_rows): the same
+    operations on the same values. Scratch per group g (G×…): xs 3×L×LANES (the gathered u, delta, z),
+    dt = softplus?(delta + bias), dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the states, all N advanced
+    together one step t at a time), ps (2N+2)×LANES (_load_params).
     """
     nb, nl = out.shape[0], dt.shape[1]
-    nd, nn = A.shape
+    ndir, nd, nn = A.shape
     nblk = (nd + LANES - 1) // LANES
     ntask = nb * nblk
     ngroup = h.shape[0]
     row = nl * LANES
-    nr, nf, lr_flat, w_flat = dt_w.shape[0], x_dbl.shape[2], x_dbl.reshape(-1), dt_w.reshape(-1)
-    u_flat, delta_flat, z_flat, out_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), out.reshape(-1)
+    nr, nf = dt_w.shape[1], x_dbl.shape[3]
+    z_flat, out_flat = z.reshape(-1), out.reshape(-1)
     xs_flat, ys_flat, h_flat = xs.reshape(-1), ys.reshape(-1), h.reshape(-1)
     dt_flat, dtu_flat = dt.reshape(-1), dtu.reshape(-1)
     ps_flat = ps.reshape(-1)
-    bm_flat, cm_flat, bc_stride = (lr_flat[nr:], lr_flat[nr + nn :], nf) if nr else (Bm.reshape(-1), Cm.reshape(-1), nn)
     for g in prange(ngroup):
         _full_width()
         task = _take(counter)
         while task < ntask:
             b = task // nblk
             k = task % nblk
-            _load_params(A, Dv, bias, ps, g, k)
-            direct = tm and (k + 1) * LANES <= nd
-            if direct:
-                su, sd, sz, so = u_flat, delta_flat, z_flat, out_flat
-            else:
-                _to_rows(u, tm, rev, b, k, xs_flat, 3 * g * row)
-                if nr == 0:
-                    _to_rows(delta, tm, rev, b, k, xs_flat, (3 * g + 1) * row)
-                if has_z:
-                    _to_rows(z, tm, rev, b, k, xs_flat, (3 * g + 2) * row)
-                su, sd, sz, so = xs_flat, xs_flat, xs_flat, ys_flat
-            if nr:  # Δ into the rows a gathered delta takes, then read from there
-                for t in range(nl):
-                    _low_rank_row(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, w_flat, k * LANES,
-                                  dt_w.shape[1], nr, xs_flat, (3 * g + 1) * row + t * LANES)  # fmt: skip
-                sd = xs_flat
-            _load_block(su, sd, 3 * g * row, direct, direct and nr == 0, rev, softplus, dt, dtu, ps, g, b, k, nd)
-            for n in range(nn):
-                for j in range(LANES):
-                    h[g, n, j] = 0
-            hrow, arow = g * nn * LANES, g * ps.shape[1] * LANES
-            for t in range(nl):  # y = (D·u + the states' sum)·silu(z), in registers
-                ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
-                ro = _row_at(direct, b, k, t, nl, nd, rev, g * row)
-                dtrow, bcrow = (g * nl + t) * LANES, (b * nl + (nl - 1 - t if rev and nr else t)) * bc_stride
-                if has_z:
-                    rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
-                    _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow, arow,
-                             bcrow, nn, su, ru, sz, rz)  # fmt: skip
+            for p in range(ndir):
+                rev = revs[p]
+                lr_flat, w_flat, u_flat = x_dbl[p].reshape(-1), dt_w[p].reshape(-1), u[p].reshape(-1)
+                bm_flat, cm_flat, bc_stride = ((lr_flat[nr:], lr_flat[nr + nn :], nf) if nr
+                                               else (Bm[p].reshape(-1), Cm[p].reshape(-1), nn))  # fmt: skip
+                _load_params(A[p], Dv[p], bias[p], ps, g, k)
+                direct = tm and (k + 1) * LANES <= nd
+                in_place = direct and p == 0  # written where it lies, else assembled in ys
+                if direct:
+                    su, sd, sz = u_flat, delta[p].reshape(-1), z_flat
                 else:
-                    _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow, arow,
-                             bcrow, nn, su, ru, None, 0)  # fmt: skip
-            if not direct:
-                _from_rows(ys_flat, g * row, tm, rev, out, b, k)
+                    _to_rows(u[p], tm, rev, b, k, xs_flat, 3 * g * row)
+                    if nr == 0:
+                        _to_rows(delta[p], tm, rev, b, k, xs_flat, (3 * g + 1) * row)
+                    if has_z:
+                        _to_rows(z, tm, rev, b, k, xs_flat, (3 * g + 2) * row)
+                    su, sd, sz = xs_flat, xs_flat, xs_flat
+                so = out_flat if in_place else ys_flat
+                if nr:  # Δ into the rows a gathered delta takes, then read from there
+                    for t in range(nl):
+                        _low_rank_row(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, w_flat, k * LANES,
+                                      dt_w.shape[2], nr, xs_flat, (3 * g + 1) * row + t * LANES)  # fmt: skip
+                    sd = xs_flat
+                _load_block(su, sd, 3 * g * row, direct, direct and nr == 0, rev, softplus, dt, dtu, ps, g, b, k, nd)
+                for n in range(nn):
+                    for j in range(LANES):
+                        h[g, n, j] = 0
+                hrow, arow = g * nn * LANES, g * ps.shape[1] * LANES
+                for t in range(nl):  # y = (D·u + the states' sum)·silu(z), in registers
+                    ru = _row_at(direct, b, k, t, nl, nd, rev, 3 * g * row)
+                    ro = _row_at(in_place, b, k, t, nl, nd, rev, g * row)
+                    dtrow, bcrow = (g * nl + t) * LANES, (b * nl + (nl - 1 - t if rev and nr else t)) * bc_stride
+                    if has_z:
+                        rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
+                        _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow,
+                                 arow, bcrow, nn, su, ru, sz, rz)  # fmt: skip
+                    else:
+                        _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow,
+                                 arow, bcrow, nn, su, ru, None, 0)  # fmt: skip
+                if p > 0:
+                    _add_rows(ys_flat, g * row, rev, out, b, k)
+                elif not in_place:
+                    _from_rows(ys_flat, g * row, tm, rev, out, b, k)
             task = _take(counter)
 
 
@@ -852,27 +879,30 @@ def _block_finish(softplus, su, sd, base, direct, rev, gD, gbias, dt, go, gy, gd
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def conv_forward(x, wt, bias, rev, silu, out):
-    """Depthwise conv along L of token-major x (B×L×D) with taps wt (K×D) and bias (D,), into out (B×L×D):
-    out[b, t] = act(bias + Σ_k wt[k]·x[b, t − K + 1 + k]) (causal), or with x[b, t + K − 1 − k] when rev
-    (the causal conv of the flipped sequence, flipped back); positions outside [0, L) read zeros.
+def conv_forward(x, wt, bias, revs, silu, out):
+    """Depthwise convs along L of token-major x (B×L×D), one per direction p < P (a Vim mixer's two in one
+    pass over x): taps wt[p] (K×D) and bias[p] (D,), into out[p] (B×L×D):
+    out[p, b, t] = act(bias[p] + Σ_k wt[p, k]·x[b, t − K + 1 + k]) (causal), or with x[b, t + K − 1 − k]
+    when revs[p] (the causal conv of the flipped sequence, flipped back); positions outside [0, L) read zeros.
     act: SiLU when silu, else none. Every inner loop runs over D contiguous channels."""
     nb, nl, nd = x.shape
-    nk = wt.shape[0]
+    ndir, nk = wt.shape[0], wt.shape[1]
     for task in prange(nb * nl):
         _full_width()
         b, t = task // nl, task % nl
-        for d in range(nd):
-            out[b, t, d] = bias[d]
-        for k in range(nk):
-            s = t + nk - 1 - k if rev else t - nk + 1 + k
-            if 0 <= s < nl:
-                for d in range(nd):
-                    out[b, t, d] = _fma(wt[k, d], x[b, s, d], out[b, t, d])
-        if silu:
+        for p in range(ndir):
+            o = out[p, b, t]
             for d in range(nd):
-                v = out[b, t, d]
-                out[b, t, d] = v * _sigmoid(v)
+                o[d] = bias[p, d]
+            for k in range(nk):
+                s = t + nk - 1 - k if revs[p] else t - nk + 1 + k
+                if 0 <= s < nl:
+                    for d in range(nd):
+                        o[d] = _fma(wt[p, k, d], x[b, s, d], o[d])
+            if silu:
+                for d in range(nd):
+                    v = o[d]
+                    o[d] = v * _sigmoid(v)
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)

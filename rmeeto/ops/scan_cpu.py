@@ -104,8 +104,9 @@ def _scan(
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
         scratch = _scratch(_k.forward_scratch(L, A.shape[1]), groups)
-        _k.scan_forward(*(_np_of(x, tm) for x in (u, delta, zl)), tm, reverse, *arrays, softplus, z is not None,
-                        _np_of(out, tm), _counter(), *scratch, *_NO_LOW_RANK)  # fmt: skip
+        _k.scan_forward(_np_of(u, tm)[None], _np_of(delta, tm)[None], _np_of(zl, tm), tm, _ONE_WAY[reverse],
+                        *(a[None] for a in arrays), softplus, z is not None, _np_of(out, tm), _counter(), *scratch,
+                        *_NO_LOW_RANK)  # fmt: skip
     return out, (u, delta, zl, tm, arrays)
 
 
@@ -250,7 +251,8 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: b
     b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
     out = _new(x, True, pooled)
     with kernel_lock:
-        _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu, _np_of(out, True))
+        _k.conv_forward(_np_of(x, True), taps.numpy()[None], b.numpy()[None], _ONE_WAY[reverse], silu,
+                        _np_of(out, True)[None])  # fmt: skip
     return out, (x, taps, b)
 
 
@@ -312,68 +314,84 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
     return out_norm.view(hidden.shape), out_res.view(hidden.shape)
 
 
-_NO_LOW_RANK = (np.zeros((1, 1, 1), np.float32), np.zeros((0, _k.LANES if AVAILABLE else 1), np.float32))
-"""scan_forward's last two arguments when it reads Δ from its delta array."""
+_NO_LOW_RANK = (np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 0, _k.LANES if AVAILABLE else 1), np.float32))
+"""scan_forward's last two arguments when it reads Δ from its delta arrays."""
+
+_ONE_WAY = {False: np.array([False]), True: np.array([True])}
+"""The kernels' revs for one direction, scanning forwards or backwards."""
 
 _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
 
 class InnerParams(NamedTuple):
-    """One mixer direction's parameters as mamba_inner_cpu's kernels read them (prepare_inner). The arrays and
-    views share the parameters' memory where no conversion was needed; taps and A are computed copies."""
+    """A mixer's directions' parameters as mamba_inner_cpu's kernels read them (prepare_inner), stacked along a
+    first axis P (direction p scans backwards when revs[p]). Computed copies, but x_proj_t's views."""
 
-    taps: np.ndarray  # K×Dᵢ conv taps
-    conv_b: np.ndarray  # (Dᵢ,), zeros when the conv has no bias
-    x_proj_t: Tensor  # Dᵢ×(R+2N)
-    dt_w: np.ndarray  # R×Dᵢ' dt_proj's weight transposed, zero-padded to whole blocks of channels (Dᵢ' ≥ Dᵢ)
-    dt_bias: np.ndarray  # (Dᵢ,)
-    A: np.ndarray  # Dᵢ×N
-    D: np.ndarray  # (Dᵢ,)
+    taps: np.ndarray  # P×K×Dᵢ conv taps
+    conv_b: np.ndarray  # P×Dᵢ, zeros when the conv has no bias
+    x_proj_t: tuple[Tensor, ...]  # P views Dᵢ×(R+2N)
+    dt_w: np.ndarray  # P×R×Dᵢ' dt_proj's weight transposed, zero-padded to whole blocks of channels (Dᵢ' ≥ Dᵢ)
+    dt_bias: np.ndarray  # P×Dᵢ
+    A: np.ndarray  # P×Dᵢ×N
+    D: np.ndarray  # P×Dᵢ
+    revs: np.ndarray  # (P,) bool
 
 
-def prepare_inner(conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor, dt_bias: Tensor,
-                  A: Tensor, D: Tensor) -> InnerParams:
-    """The parameters of one direction (conv_w Dᵢ×K or Dᵢ×1×K, x_proj_w (R+2N)×Dᵢ, dt_proj_w Dᵢ×R, A Dᵢ×N, the
-    rest (Dᵢ,); fp32) laid out for mamba_inner_cpu: some ten tensor operations, each several µs inside a Vim,
-    which a caller that knows the weights are fixed may do once (rmeeto.models.frozen)."""
+def prepare_inner(*directions: tuple[Tensor | None, ...]) -> InnerParams:
+    """The parameters of a mixer's directions, each (conv_w Dᵢ×K or Dᵢ×1×K, conv_b, x_proj_w (R+2N)×Dᵢ,
+    dt_proj_w Dᵢ×R, dt_bias, A Dᵢ×N, D; fp32; conv_b may be None), the first scanning forwards and the second,
+    if any, backwards (a Vim mixer's), laid out for mamba_inner_cpu: some ten tensor operations a direction,
+    each several µs inside a Vim, which a caller that knows the weights are fixed may do once
+    (rmeeto.models.frozen)."""
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
-    nd = A.shape[0]
-    taps = conv_weight(conv_w).detach().t().contiguous().numpy()
-    dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
-    dt_w[:, :nd] = dt_proj_w.detach().t().numpy()
-    return InnerParams(taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_w, _param(dt_bias, nd), _param(A, nd),
-                       _param(D, nd))
+    if len(directions) not in (1, 2):
+        raise ValueError(f"a mixer has one or two scan directions, got {len(directions)}")
+
+    def one(conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D) -> tuple:
+        nd = A.shape[0]
+        dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
+        dt_w[:, :nd] = dt_proj_w.detach().t().numpy()
+        taps = conv_weight(conv_w).detach().t().contiguous().numpy()
+        return taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_w, _param(dt_bias, nd), _param(A, nd), _param(D, nd)
+
+    taps, conv_b, x_proj_t, dt_w, dt_bias, A, D = zip(*(one(*d) for d in directions), strict=True)
+    return InnerParams(np.stack(taps), np.stack(conv_b), x_proj_t, np.stack(dt_w), np.stack(dt_bias), np.stack(A),
+                       np.stack(D), np.array([False, True][: len(directions)]))  # fmt: skip
 
 
-@torch.compiler.disable
-def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace, reverse: bool = False) -> Tensor:
-    """One direction of a Mamba mixer for a forward without gradients, on the cpu kernels called directly:
-    conv + SiLU, x_proj, then the scan with dt_proj's product, Δ's bias and softplus, the D skip and the z gate
-    (what mamba-ssm's mamba_inner_fn computes, out_proj aside) → y B×Dᵢ×L, token-major, in ``workspace``.
+def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace) -> Tensor:
+    """A Mamba mixer's scan directions for a forward without gradients, on the cpu kernels called directly:
+    per direction conv + SiLU, x_proj, then the scan with dt_proj's product, Δ's bias and softplus, the D skip
+    and the z gate (what mamba-ssm's mamba_inner_fn computes, out_proj aside) → the directions' y summed
+    (forwards, then backwards: y_f + y_b), B×Dᵢ×L, token-major, in ``workspace``.
 
     x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); params: prepare_inner's. The
     same numbers as the general path (causal_conv1d, the linear layers and selective_scan with these
-    arguments) up to dt_proj's summation order, in far fewer tensor operations: inside a Vim each costs
-    4–15 µs (3–5× its cost in a tight loop), so at batch 1 the general path's dispatch and layout checks cost
-    about as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round 5). dt_proj's rank-R product (K = R =
-    24 for Vim-S) ran at a third to half of the GEMM rate and wrote Δ out for the scan to read back; the scan
-    computes it per row instead (merged Vim-S 1.09× at batch 1, docs/cpu_speed.md, round 8).
+    arguments, and the sum of the directions) up to dt_proj's summation order, in far fewer tensor
+    operations: inside a Vim each costs 4–15 µs (3–5× its cost in a tight loop), so at batch 1 the general
+    path's dispatch and layout checks cost about as much as the kernels of a Vim-Ti (docs/cpu_speed.md, round
+    5). dt_proj's rank-R product (K = R = 24 for Vim-S) ran at a third to half of the GEMM rate and wrote Δ out
+    for the scan to read back; the scan computes it per row instead (merged Vim-S 1.09× at batch 1,
+    docs/cpu_speed.md, round 8). Both directions go through one conv call and one scan call, which adds the
+    second direction's rows to the first's output (docs/cpu_speed.md, round 10).
     """
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, nd, L = x.shape
-    nn = params.A.shape[1]
-    conv = workspace.empty(nb, L, nd)
+    ndir, nn, nf = len(params.x_proj_t), params.A.shape[2], params.x_proj_t[0].shape[1]
+    conv = workspace.empty(ndir, nb, L, nd)
     with kernel_lock:
-        _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, reverse, True, conv.numpy())
-    x_dbl = (conv @ params.x_proj_t).numpy()  # B×L×(R+2N): dt, B, C, read by the scan where they lie
+        _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, params.revs, True, conv.numpy())
+    x_dbl = workspace.empty(ndir, nb, L, nf)  # per direction B×L×(R+2N): dt, B, C, read by the scan where they lie
+    for p, w in enumerate(params.x_proj_t):
+        torch.matmul(conv[p], w, out=x_dbl[p])
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        conv_np = conv.numpy()  # conv also stands for delta, x_dbl for B and C: with dt_w the scan reads neither
-        _k.scan_forward(conv_np, conv_np, z.transpose(1, 2).numpy(), True, reverse, params.A, x_dbl, x_dbl, params.D,
-                        params.dt_bias, True, True, out.numpy(), _counter(),
-                        *_scratch(_k.forward_scratch(L, nn), groups), x_dbl, params.dt_w)  # fmt: skip
+        conv_np, x_dbl_np = conv.numpy(), x_dbl.numpy()  # conv also stands for delta, x_dbl for B and C
+        _k.scan_forward(conv_np, conv_np, z.transpose(1, 2).numpy(), True, params.revs, params.A, x_dbl_np, x_dbl_np,
+                        params.D, params.dt_bias, True, True, out.numpy(), _counter(),
+                        *_scratch(_k.forward_scratch(L, nn), groups), x_dbl_np, params.dt_w)  # fmt: skip
     return out.transpose(1, 2)
