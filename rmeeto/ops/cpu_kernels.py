@@ -539,9 +539,9 @@ def _to_rows(src, tm, rev, b, k, dst, base):
 
 
 @njit(inline="always")
-def _from_rows(src, base, tm, rev, dst, b, k):
+def _from_rows(src, base, tm, rev, dst, b, k, add=False):
     """Lanes → channels, the inverse of _to_rows for the channels that exist: dst[b, k·LANES + j, t]
-    (dst[b, t, k·LANES + j] when tm) = src[base + t·LANES + j], row L − 1 − t when rev."""
+    (dst[b, t, k·LANES + j] when tm) = src[base + t·LANES + j], row L − 1 − t when rev; += when add (tm only)."""
     if tm:
         nl, nd = dst.shape[1], dst.shape[2]
         nj = min(LANES, nd - k * LANES)
@@ -549,7 +549,10 @@ def _from_rows(src, base, tm, rev, dst, b, k):
         for t in range(nl):
             row = base + (nl - 1 - t if rev else t) * LANES
             start = (b * nl + t) * nd + k * LANES
-            flat[start : start + nj] = src[row : row + nj]
+            if add:
+                flat[start : start + nj] += src[row : row + nj]
+            else:
+                flat[start : start + nj] = src[row : row + nj]
         return
     nd, nl = dst.shape[1], dst.shape[2]
     flat = dst.reshape(-1)
@@ -562,19 +565,6 @@ def _from_rows(src, base, tm, rev, dst, b, k):
     for j in range(nj):
         for t in range(nt, nl):
             flat[start + j * nl + t] = src[base + t * LANES + j]
-
-
-@njit(inline="always")
-def _add_rows(src, base, rev, dst, b, k):
-    """dst[b, t, k·LANES + j] += src[base + t·LANES + j] for the channels that exist, row L − 1 − t when rev:
-    _from_rows into token-major dst (B×L×D), adding instead of writing."""
-    nl, nd = dst.shape[1], dst.shape[2]
-    nj = min(LANES, nd - k * LANES)
-    flat = dst.reshape(-1)
-    for t in range(nl):
-        row = base + (nl - 1 - t if rev else t) * LANES
-        start = (b * nl + t) * nd + k * LANES
-        flat[start : start + nj] += src[row : row + nj]
 
 
 @njit(inline="always")
@@ -666,7 +656,7 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
 
     A token-major block of LANES channels is read where it lies (its rows are LANES contiguous floats), and the
     first direction writes it there; other blocks (B×D×L, or the ragged last one), and the next directions'
-    outputs, are assembled in rows first (_to_rows) and scattered back (_from_rows, _add_rows): the same
+    outputs, are assembled in rows first (_to_rows) and scattered back (_from_rows): the same
     operations on the same values. Scratch per group g (G×…): xs 3×L×LANES (the gathered u, delta, z),
     dt = softplus?(delta + bias), dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the states, all N advanced
     together one step t at a time), ps (2N+2)×LANES (_load_params).
@@ -727,10 +717,8 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
                     else:
                         _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow,
                                  arow, bcrow, nn, su, ru, None, 0)  # fmt: skip
-                if p > 0:
-                    _add_rows(ys_flat, g * row, rev, out, b, k)
-                elif not in_place:
-                    _from_rows(ys_flat, g * row, tm, rev, out, b, k)
+                if not in_place:  # the first direction writes, the next ones add
+                    _from_rows(ys_flat, g * row, tm, rev, out, b, k, p > 0)
             task = _take(counter)
 
 
