@@ -468,7 +468,7 @@ print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
 )
 def test_cpu_backend_threading_layer(env, layers):
     """In a fresh process: numba's OpenMP layer where it loads (else workqueue), the user's choice when
-    set, and the wait policy set while the threads start is not left in the environment."""
+    set, and no wait policy put in the environment (torch's runtime, which numba's layer runs on, keeps its own)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
     out = subprocess.run([sys.executable, "-c", _THREADS_PROBE], env={**clean, **env}, capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip

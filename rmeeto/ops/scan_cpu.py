@@ -1,14 +1,16 @@
 """`cpu` backend: fused numba selective scan (forward and backward), causal conv, and residual add +
 RMSNorm (available only if numba imports).
 
-Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless
-NUMBA_THREADING_LAYER is set), and its OpenMP runtime is loaded with OMP_WAIT_POLICY=PASSIVE (unless
-the user set one), so its idle threads sleep instead of spinning against PyTorch's between kernels:
-with ``workqueue``, or with spinning OpenMP threads, the scans of a Vim-S forward ran ~1.4× slower
-on a 2-core machine (and the matrix multiplies between them slower too). That runtime is not
-fork-safe: a process forked after the scan ran here must not run it again (numba stops it with a
-message); set NUMBA_THREADING_LAYER=workqueue for such uses. Kernel calls are serialised by a lock
-(the layers are not re-entrant) and use torch.get_num_threads() threads.
+Threads: numba prefers its OpenMP layer here, then ``workqueue``, then tbb (unless NUMBA_THREADING_LAYER
+is set). That layer's GOMP_* calls bind to the first OpenMP runtime in the process's global scope, which
+with PyTorch's wheels is torch's own bundled libgomp (torch loads it globally, before numba's layer loads
+its system copy): numba's kernels and torch's operations then run on one thread pool, with torch's wait
+policy (a worker spins some ms after each parallel region, then sleeps), so they do not fight over the
+cores (checked with LD_DEBUG=bindings and per-thread CPU time, docs/cpu_speed.md, round 11). ``workqueue``
+is a second pool: the scans of a Vim-S forward ran ~1.4× slower with it on a 2-core machine. That runtime
+is not fork-safe: a process forked after the scan ran here must not run it again (numba stops it with a
+message); set NUMBA_THREADING_LAYER=workqueue for such uses. Kernel calls are serialised by a lock (the
+layers are not re-entrant) and use torch.get_num_threads() threads.
 
 torch.compile cannot trace into numba, so the public entry points are opaque to it
 (torch.compiler.disable, 0.3 µs a call): a compiled model runs them eagerly between its graphs.
@@ -37,7 +39,6 @@ except ImportError:  # numba missing or broken: the backend is simply unavailabl
 
 AVAILABLE = _k is not None
 _LOCK = threading.Lock()
-_STARTED = False  # numba's threads are running
 _LOCAL = threading.local()  # .threads: the count numba was last given on this thread
 
 if AVAILABLE and "NUMBA_THREADING_LAYER" not in os.environ:
@@ -53,19 +54,10 @@ def _threads() -> int:
     """Set numba's thread count (a per-thread setting) to torch's, capped, and return it; the first call
     starts the threads. numba is asked again only when the count changes (each ask took ~22 µs inside a Vim
     forward at batch 1)."""
-    global _STARTED
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if getattr(_LOCAL, "threads", None) == n:
-        return n
-    if _STARTED or "OMP_WAIT_POLICY" in os.environ:
+    if getattr(_LOCAL, "threads", None) != n:
         numba.set_num_threads(n)
-    else:  # the runtime reads the policy once, when it loads; the process keeps its own environment
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        try:
-            numba.set_num_threads(n)
-        finally:
-            del os.environ["OMP_WAIT_POLICY"]
-    _STARTED, _LOCAL.threads = True, n
+        _LOCAL.threads = n
     return n
 
 
