@@ -383,7 +383,7 @@ def test_vec_exp_gives_the_scalar_exps_bits():
 
 @pytest.mark.skipif(not AVX512, reason="vscalefps needs numba and a CPU with AVX-512")
 def test_vec_exp2_by_vscalefps_gives_the_clamped_forms_bits_and_is_exact_past_its_range():
-    """The AVX-512 form of the decays' 2^x (vrndscaleps, vscalefps) gives the same bits as the portable
+    """The AVX-512 form of the decays' 2^x (vreduceps, vscalefps) gives the same bits as the portable
     form (clamp, rounding by 1.5·2²³, exponent bits added) over the portable form's range, and past it
     2^x's own limits (0, inf) where the portable form stops at 2^±125."""
     import numpy as np
@@ -399,7 +399,7 @@ def test_vec_exp2_by_vscalefps_gives_the_clamped_forms_bits_and_is_exact_past_it
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_cpu_kernels_ask_for_full_width_vectors_where_the_cpu_has_avx512(monkeypatch):
     """_full_width marks the function compiled around it (each kernel's parallel body) with LLVM's
-    prefer-vector-width=512 when the CPU numba compiles for has AVX-512, and with nothing otherwise."""
+    prefer-vector-width=512 when the CPU numba compiles for has AVX-512 (F and DQ), and with nothing otherwise."""
     import numba
 
     from rmeeto.ops import cpu_kernels as k
@@ -414,6 +414,8 @@ def test_cpu_kernels_ask_for_full_width_vectors_where_the_cpu_has_avx512(monkeyp
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
     assert k._vector_bits() is None
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw")
+    assert k._vector_bits() is None  # no vreduceps (DQ) for _vec_exp2
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+avx512dq,+avx512bw")
     assert k._vector_bits() == 512
 
 

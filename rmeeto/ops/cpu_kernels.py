@@ -56,9 +56,10 @@ def backward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _vector_bits() -> int | None:
-    """512 when the CPU numba compiles for has AVX-512 (NUMBA_CPU_FEATURES, else the host's), else None."""
-    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    return 512 if "+avx512f" in features.split(",") else None
+    """512 when the CPU numba compiles for has AVX-512 F and DQ (NUMBA_CPU_FEATURES, else the host's; every
+    AVX-512 CPU since Skylake-SP has both, and _vec_exp2 uses DQ's vreduceps), else None."""
+    features = (numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()).split(",")
+    return 512 if {"+avx512f", "+avx512dq"} <= set(features) else None
 
 
 _VECTOR_BITS = _vector_bits()
@@ -322,14 +323,17 @@ def _vec_exp2(builder, x, scalef=None):
     p(0) = 1, fitted for the least maximum relative error (Lawson's weighted least squares), by Horner's scheme
     (the scan evaluates many independently, so the dependency chain does not matter, the operation count does).
 
-    With AVX-512 (``scalef``, default: when the kernels are compiled for it), k comes from one vrndscaleps and
-    2^k·p from one vscalefps, which is exact over float32's whole range (0 below it, inf above), so x needs no
-    clamp. Otherwise x is clamped to [-125, 126], adding 1.5·2²³ rounds it to k kept in the low bits of the
-    sum, and 2^k·p is an integer add of k·2²³ to the bits of p. Both give the same bits for x in [-125, 126]
-    (both round to nearest even); the AVX-512 form takes 8 vector operations where the other takes 12–14
-    (LLVM may turn a clamp's compare and select into a min or max). The scan's forward
+    With AVX-512 (``scalef``, default: when the kernels are compiled for it), f comes from one vreduceps (x minus
+    x rounded to the nearest integer, exact), k = x − f (exact), and 2^k·p from one vscalefps, which is exact
+    over float32's whole range (0 below it, inf above), so x needs no clamp. Otherwise x is clamped to [-125,
+    126], adding 1.5·2²³ rounds it to k kept in the low bits of the sum, and 2^k·p is an integer add of k·2²³
+    to the bits of p. Both give the same bits for x in [-125, 126] (both round to nearest even); the AVX-512
+    form takes 8 vector operations (9 µops) where the other takes 12–14 (LLVM may turn a clamp's compare and
+    select into a min or max). The scan's forward
     ran 1.10–1.14× as fast with this function (the clamped form) as with _exp, and 1.02–1.17× as fast again
-    with the AVX-512 form (docs/cpu_speed.md, round 7)."""
+    with the AVX-512 form (docs/cpu_speed.md, round 7); taking f from vreduceps (one µop) instead of rounding
+    with vrndscaleps (two, on one port) and subtracting made a Vim-S mixer's conv + scan 1.03–1.05× as fast
+    again, with the same bits (round 11)."""
     vty = x.type
     ity = ir.VectorType(ir.IntType(32), vty.count)
     scalef = _VECTOR_BITS == 512 and vty.count == 16 if scalef is None else scalef
@@ -346,11 +350,12 @@ def _vec_exp2(builder, x, scalef=None):
 
     fma = _vec_fma(builder, vty)
     if scalef:
-        k = builder.call(_intrinsic(builder, f"llvm.roundeven.v{vty.count}f32", vty, [vty]), [x])
-        scale = _intrinsic(builder, "llvm.x86.avx512.mask.scalef.ps.512", vty,
-                           [vty, vty, vty, ir.IntType(16), ir.IntType(32)])  # fmt: skip
-        return builder.call(scale, [poly(builder.fsub(x, k)), k, ir.Constant(vty, None),
-                                    ir.Constant(ir.IntType(16), -1), ir.Constant(ir.IntType(32), 4)])  # fmt: skip
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        masked = [ir.Constant(vty, None), ir.Constant(i16, -1), ir.Constant(i32, 4)]  # no pass-through, all lanes
+        reduce = _intrinsic(builder, "llvm.x86.avx512.mask.reduce.ps.512", vty, [vty, i32, vty, i16, i32])
+        f = builder.call(reduce, [x, ir.Constant(i32, 8), *masked])  # imm 8: x − roundeven(x), no precision exception
+        scale = _intrinsic(builder, "llvm.x86.avx512.mask.scalef.ps.512", vty, [vty, vty, vty, i16, i32])
+        return builder.call(scale, [poly(f), builder.fsub(x, f), *masked])
     lo, hi, rnd = const(-125.0), const(126.0), const(_ROUND)
     x = builder.select(builder.fcmp_ordered(">", lo, x), lo, x)  # max(x, lo), as numba compiles it
     x = builder.select(builder.fcmp_ordered("<", hi, x), hi, x)
