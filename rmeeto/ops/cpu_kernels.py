@@ -328,7 +328,7 @@ def _vec_exp2(builder, x, scalef=None):
     over float32's whole range (0 below it, inf above), so x needs no clamp. Otherwise x is clamped to [-125,
     126], adding 1.5·2²³ rounds it to k kept in the low bits of the sum, and 2^k·p is an integer add of k·2²³
     to the bits of p. Both give the same bits for x in [-125, 126] (both round to nearest even); the AVX-512
-    form takes 8 vector operations (9 µops) where the other takes 12–14 (LLVM may turn a clamp's compare and
+    form takes 8 vector operations where the other takes 12–14 (LLVM may turn a clamp's compare and
     select into a min or max). The scan's forward
     ran 1.10–1.14× as fast with this function (the clamped form) as with _exp, and 1.02–1.17× as fast again
     with the AVX-512 form (docs/cpu_speed.md, round 7); taking f from vreduceps (one µop) instead of rounding
