@@ -477,6 +477,26 @@ def test_cpu_backend_threading_layer(env, layers):
     assert out[0] in layers and out[1] == "None"
 
 
+_TORCH_THREADS_PROBE = """
+import torch
+from rmeeto.ops.scan_cpu import selective_scan_cpu
+torch.set_num_threads(1)
+x = torch.randn(1, 4, 5) + 0  # a torch op first, as in a model
+selective_scan_cpu(x, x, -torch.rand(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5), None, None, None, False)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+def test_cpu_backend_keeps_torchs_thread_count():
+    """Starting numba's threads (the first scan) leaves the thread count the user gave torch as it was, in a
+    fresh process whose numba would use 2 threads."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _TORCH_THREADS_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out.split() == ["1"]
+
+
 # --- causal conv1d ---------------------------------------------------------------------------------
 
 

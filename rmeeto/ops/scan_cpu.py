@@ -53,10 +53,15 @@ def _param(x: Tensor | None, nd: int) -> np.ndarray:
 def _threads() -> int:
     """Set numba's thread count (a per-thread setting) to torch's, capped, and return it; the first call
     starts the threads. numba is asked again only when the count changes (each ask took ~22 µs inside a Vim
-    forward at batch 1)."""
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    forward at batch 1). Starting numba's OpenMP layer sets the shared runtime's default count to
+    NUMBA_NUM_THREADS (omp_set_num_threads), which is torch's count too: torch's is put back, else a user's
+    torch.set_num_threads(1) would silently become all cores after the first scan."""
+    torch_threads = torch.get_num_threads()
+    n = min(torch_threads, numba.config.NUMBA_NUM_THREADS)
     if getattr(_LOCAL, "threads", None) != n:
         numba.set_num_threads(n)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
         _LOCAL.threads = n
     return n
 
