@@ -398,7 +398,7 @@ _FLAT = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C", 
 
 
 @intrinsic
-def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow, bcrow, nn, us, urow, zs, zrow):
+def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow, bcrow, nn, us, urow, zs, zrow, add):
     """One position of the scan's recurrence for LANES channels and all N states, in explicit vectors:
 
         for n < N:  h′[n] = 2^(dt·A′[n])·h[n] + dtu·B[n];  ys += h′[n]·C[n]
@@ -407,16 +407,18 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow,
     (the same place, or the next position's); ps: A′ = A·log₂e as N rows of LANES at arow, D right after
     them; bm, cm: B and C of this position at [bcrow, bcrow + N). With ``us`` (else None), ys starts as D·u
     (u: the row at urow of us) instead of being read; with ``zs``, y is then gated: ys = y·(z·sigmoid(z)),
-    z the row at zrow of zs. All 1-d contiguous float32; no bounds checks. The same operations in the same
-    order as the scalar loops they replaced (the gate's exp is _exp's, operation for operation), so the same
-    results; but ys stays in registers across the N states and the gate, and dt, dtu are loaded once.
+    z the row at zrow of zs. With ``add`` nonzero the row at yrow gets its old value plus y (a second scan
+    direction's y added to the first's where it lies). All 1-d contiguous float32; no bounds checks. The
+    same operations in the same order as the scalar loops they replaced (the gate's exp is _exp's, operation for
+    operation), so the same results; but ys stays in registers across the N states and the gate, and dt, dtu are loaded
+    once.
     """
     optional = (*_FLAT, types.none)
     if any(a != _FLAT[0] for a in (dt, dtu, ys, h, ps)) or {bm, cm} - set(_FLAT) or {us, zs} - set(optional):
         return None
 
     def codegen(context, builder, signature, args):
-        row, yrow, hrow, hout, arow, bcrow, nn, _, urow, _, zrow = args[7:]
+        row, yrow, hrow, hout, arow, bcrow, nn, _, urow, _, zrow, add = args[7:]
         v = _Vectors(context, builder, signature, args)
         dtv, dtuv = v.row(0, row), v.row(1, row)
 
@@ -442,10 +444,13 @@ def _advance(typingctx, dt, dtu, ys, h, ps, bm, cm, row, yrow, hrow, hout, arow,
             for i, z in enumerate(v.row(16, zrow)):
                 gate = builder.fdiv(one, builder.fadd(one, _vec_exp(builder, builder.fneg(z))))  # sigmoid(z)
                 ys[i] = builder.fmul(ys[i], builder.fmul(z, gate))
+        adding = builder.icmp_signed("!=", add, ir.Constant(add.type, 0))
+        ys = [builder.select(adding, builder.fadd(old, y), y) for old, y in zip(v.row(2, yrow), ys, strict=True)]
         v.store_row(ys, 2, yrow)
         return context.get_dummy_value()
 
-    return types.void(dt, dtu, ys, h, ps, bm, cm, *[types.intp] * 7, us, types.intp, zs, types.intp), codegen
+    ints = [types.intp] * 7
+    return types.void(dt, dtu, ys, h, ps, bm, cm, *ints, us, types.intp, zs, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -554,8 +559,9 @@ def _from_rows(src, base, tm, rev, dst, b, k, add=False):
         for t in range(nl):
             row = base + (nl - 1 - t if rev else t) * LANES
             start = (b * nl + t) * nd + k * LANES
-            if add:
-                flat[start : start + nj] += src[row : row + nj]
+            if add:  # a loop: the slice form allocated a temporary per row (40 ns a row of 64)
+                for j in range(nj):
+                    flat[start + j] += src[row + j]
             else:
                 flat[start : start + nj] = src[row : row + nj]
         return
@@ -621,27 +627,44 @@ def _row_at(direct, b, k, t, nl, nd, rev, base):
     return base + t * LANES
 
 
+_LOW_RANK_ROWS = 4
+"""Positions _low_rank_rows computes at once."""
+
+
 @intrinsic
-def _low_rank_row(typingctx, lr, at, w, base, stride, nr, out, orow):
-    """out[orow + j] = Σ_{r < nr} lr[at + r]·w[base + r·stride + j] for j < LANES, by FMAs from zero in r order,
-    in explicit vectors (the sums stay in registers): one position's Δ for a block of channels from its
-    rank-R projection. All 1-d contiguous float32; no bounds checks."""
+def _low_rank_rows(typingctx, lr, at, at_step, w, base, stride, nr, out, orow, nq):
+    """out[orow + q·LANES + j] = Σ_{r < nr} lr[at + q·at_step + r]·w[base + r·stride + j] for j < LANES and
+    q < nq ≤ _LOW_RANK_ROWS, by FMAs from zero in r order, in explicit vectors (the sums stay in registers):
+    Δ of up to _LOW_RANK_ROWS positions for a block of channels from its rank-R projection. Several positions
+    at once share each load of w and give the FMAs independent chains (one position's 24 chained FMAs left
+    the units idle); each value is the same sum in the same order. (With nq < _LOW_RANK_ROWS the last
+    position is computed and stored more than once.) All 1-d contiguous float32; no bounds checks."""
     if {lr, w} - set(_FLAT) or out != _FLAT[0]:
         return None
 
     def codegen(context, builder, signature, args):
-        at, base, stride, nr, orow = args[1], args[3], args[4], args[5], args[7]
+        at, at_step, base, stride, nr, orow, nq = args[1], args[2], args[4], args[5], args[6], args[8], args[9]
         v = _Vectors(context, builder, signature, args)
+        last = builder.sub(nq, ir.Constant(nq.type, 1))
+        qs = [builder.select(builder.icmp_signed("<", ir.Constant(nq.type, q), nq), ir.Constant(nq.type, q), last)
+              for q in range(_LOW_RANK_ROWS)]  # fmt: skip
+        starts = [builder.add(at, builder.mul(at_step, q)) for q in qs]
 
-        def rank(r, acc):
-            c = v.splat(0, builder.add(at, r))
-            return [v.fma(c, wr, a) for wr, a in zip(v.row(2, builder.add(base, builder.mul(r, stride))), acc,
-                                                    strict=True)]  # fmt: skip
+        parts = len(_PARTS)
 
-        v.store_row(v.state_loop(nr, [ir.Constant(v.vty, None)] * len(_PARTS), rank), 6, orow)
+        def rank(r, acc):  # acc: the sums of position 0's vectors, then position 1's, …
+            wr = v.row(3, builder.add(base, builder.mul(r, stride)))
+            c = [v.splat(0, builder.add(start, r)) for start in starts]
+            return [v.fma(c[i // parts], wr[i % parts], a) for i, a in enumerate(acc)]
+
+        sums = v.state_loop(nr, [ir.Constant(v.vty, None)] * (parts * _LOW_RANK_ROWS), rank)
+        for i, q in enumerate(qs):
+            at_row = builder.add(orow, builder.mul(q, ir.Constant(q.type, LANES)))
+            v.store_row(sums[i * parts : (i + 1) * parts], 7, at_row)
         return context.get_dummy_value()
 
-    return types.void(lr, types.intp, w, types.intp, types.intp, types.intp, out, types.intp), codegen
+    ints = [types.intp] * 3
+    return types.void(lr, types.intp, types.intp, w, *ints, out, types.intp, types.intp), codegen
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
@@ -656,15 +679,15 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
 
     With dt_w[p] of R > 0 rows (R × whole blocks of channels, zero-padded; tm only) delta, Bm and Cm are not
     read but x_dbl[p] (B×L×(R+2N), x_proj's output in sequence order): Δ before its bias is computed here from
-    its first R columns (_low_rank_row: what dt_proj's product gives, up to its summation order), and B and C
+    its first R columns (_low_rank_rows: what dt_proj's product gives, up to its summation order), and B and C
     are its next N columns and the N after them. Otherwise pass dt_w with no rows (x_dbl is then not read).
 
-    A token-major block of LANES channels is read where it lies (its rows are LANES contiguous floats), and the
-    first direction writes it there; other blocks (B×D×L, or the ragged last one), and the next directions'
-    outputs, are assembled in rows first (_to_rows) and scattered back (_from_rows): the same
-    operations on the same values. Scratch per group g (G×…): xs 3×L×LANES (the gathered u, delta, z),
-    dt = softplus?(delta + bias), dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the states, all N advanced
-    together one step t at a time), ps (2N+2)×LANES (_load_params).
+    A token-major block of LANES channels is read where it lies (its rows are LANES contiguous floats), and its
+    output is written there by the first direction and added to there by the next ones (_advance's add);
+    other blocks (B×D×L, or the ragged last one) are assembled in rows first (_to_rows) and scattered back
+    (_from_rows): the same operations on the same values. Scratch per group g (G×…): xs 3×L×LANES (the
+    gathered u, delta, z), dt = softplus?(delta + bias), dtu = dt·u (L×LANES), ys L×LANES, h N×LANES (the
+    states, all N advanced together one step t at a time), ps (2N+2)×LANES (_load_params).
     """
     nb, nl = out.shape[0], dt.shape[1]
     ndir, nd, nn = A.shape
@@ -690,7 +713,7 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
                                                else (Bm[p].reshape(-1), Cm[p].reshape(-1), nn))  # fmt: skip
                 _load_params(A[p], Dv[p], bias[p], ps, g, k)
                 direct = tm and (k + 1) * LANES <= nd
-                in_place = direct and p == 0  # written where it lies, else assembled in ys
+                in_place = direct  # written (first direction) or added (next ones) where it lies, else assembled in ys
                 if direct:
                     su, sd, sz = u_flat, delta[p].reshape(-1), z_flat
                 else:
@@ -702,9 +725,10 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
                     su, sd, sz = xs_flat, xs_flat, xs_flat
                 so = out_flat if in_place else ys_flat
                 if nr:  # Δ into the rows a gathered delta takes, then read from there
-                    for t in range(nl):
-                        _low_rank_row(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, w_flat, k * LANES,
-                                      dt_w.shape[2], nr, xs_flat, (3 * g + 1) * row + t * LANES)  # fmt: skip
+                    for t in range(0, nl, _LOW_RANK_ROWS):
+                        _low_rank_rows(lr_flat, (b * nl + (nl - 1 - t if rev else t)) * nf, -nf if rev else nf, w_flat,
+                                       k * LANES, dt_w.shape[2], nr, xs_flat, (3 * g + 1) * row + t * LANES,
+                                       min(_LOW_RANK_ROWS, nl - t))  # fmt: skip
                     sd = xs_flat
                 _load_block(su, sd, 3 * g * row, direct, direct and nr == 0, rev, softplus, dt, dtu, ps, g, b, k, nd)
                 for n in range(nn):
@@ -718,10 +742,10 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
                     if has_z:
                         rz = _row_at(direct, b, k, t, nl, nd, rev, (3 * g + 2) * row)
                         _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow,
-                                 arow, bcrow, nn, su, ru, sz, rz)  # fmt: skip
+                                 arow, bcrow, nn, su, ru, sz, rz, in_place and p > 0)  # fmt: skip
                     else:
                         _advance(dt_flat, dtu_flat, so, h_flat, ps_flat, bm_flat, cm_flat, dtrow, ro, hrow, hrow,
-                                 arow, bcrow, nn, su, ru, None, 0)  # fmt: skip
+                                 arow, bcrow, nn, su, ru, None, 0, in_place and p > 0)  # fmt: skip
                 if not in_place:  # the first direction writes, the next ones add
                     _from_rows(ys_flat, g * row, tm, rev, out, b, k, p > 0)
             task = _take(counter)
@@ -834,7 +858,7 @@ def _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc
         hrow = (g * (nl + 1) + t) * nn * LANES
         row = (g * nl + t) * LANES
         _advance(dt_f, dtu_f, yb_f, hs_f, ps_f, bm_f, cm_f, row, row, hrow, hrow + nn * LANES,
-                 g * ps.shape[1] * LANES, (b * nl + t) * nn, nn, None, 0, None, 0)  # fmt: skip
+                 g * ps.shape[1] * LANES, (b * nl + t) * nn, nn, None, 0, None, 0, 0)  # fmt: skip
     for t in range(nl - 1, -1, -1):
         _retreat(gy_f, dt_f, dtu_f, gdec_f, ghb_f, hs_f, gh_f, gacc_f, ps_f, bm_f, cm_f, sums_f,
                  (g * nl + t) * LANES, (g * (nl + 1) + t) * nn * LANES, g * nn * LANES, g * ps.shape[1] * LANES,
