@@ -323,11 +323,11 @@ _NORM_CHUNK = 32
 
 class InnerParams(NamedTuple):
     """A mixer's directions' parameters as mamba_inner_cpu's kernels read them (prepare_inner), stacked along a
-    first axis P (direction p scans backwards when revs[p]). Computed copies, but x_proj_t's views."""
+    first axis P (direction p scans backwards when revs[p]). Computed copies."""
 
     taps: np.ndarray  # P×K×Dᵢ conv taps
     conv_b: np.ndarray  # P×Dᵢ, zeros when the conv has no bias
-    x_proj_t: tuple[Tensor, ...]  # P views Dᵢ×(R+2N)
+    x_proj: Tensor  # P×(R+2N)×Dᵢ x_proj's weights
     dt_w: np.ndarray  # P×R×Dᵢ' dt_proj's weight transposed, zero-padded to whole blocks of channels (Dᵢ' ≥ Dᵢ)
     dt_bias: np.ndarray  # P×Dᵢ
     A: np.ndarray  # P×Dᵢ×N
@@ -351,11 +351,11 @@ def prepare_inner(*directions: tuple[Tensor | None, ...]) -> InnerParams:
         dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
         dt_w[:, :nd] = dt_proj_w.detach().t().numpy()
         taps = conv_weight(conv_w).detach().t().contiguous().numpy()
-        return taps, _param(conv_b, nd), x_proj_w.detach().t(), dt_w, _param(dt_bias, nd), _param(A, nd), _param(D, nd)
+        return taps, _param(conv_b, nd), x_proj_w.detach(), dt_w, _param(dt_bias, nd), _param(A, nd), _param(D, nd)
 
-    taps, conv_b, x_proj_t, dt_w, dt_bias, A, D = zip(*(one(*d) for d in directions), strict=True)
-    return InnerParams(np.stack(taps), np.stack(conv_b), x_proj_t, np.stack(dt_w), np.stack(dt_bias), np.stack(A),
-                       np.stack(D), np.array([False, True][: len(directions)]))  # fmt: skip
+    taps, conv_b, x_proj, dt_w, dt_bias, A, D = zip(*(one(*d) for d in directions), strict=True)
+    return InnerParams(np.stack(taps), np.stack(conv_b), torch.stack(x_proj), np.stack(dt_w), np.stack(dt_bias),
+                       np.stack(A), np.stack(D), np.array([False, True][: len(directions)]))  # fmt: skip
 
 
 def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace) -> Tensor:
@@ -377,13 +377,15 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, nd, L = x.shape
-    ndir, nn, nf = len(params.x_proj_t), params.A.shape[2], params.x_proj_t[0].shape[1]
+    ndir, nf, _ = params.x_proj.shape
+    nn = params.A.shape[2]
     conv = workspace.empty(ndir, nb, L, nd)
     with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, params.revs, True, conv.numpy())
     x_dbl = workspace.empty(ndir, nb, L, nf)  # per direction B×L×(R+2N): dt, B, C, read by the scan where they lie
-    for p, w in enumerate(params.x_proj_t):
-        torch.matmul(conv[p], w, out=x_dbl[p])
+    # both directions' products in one call (their output is narrow, R + 2N = 56 for Vim-S): at Vim-S's sizes
+    # 1.3× the GFLOP/s of a call each with 131 tokens, 1.06× with 1,048 (docs/cpu_speed.md, round 12)
+    torch.bmm(conv.view(ndir, nb * L, nd), params.x_proj.transpose(1, 2), out=x_dbl.view(ndir, nb * L, nf))
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
