@@ -202,9 +202,9 @@ def test_vim_on_the_cpu_kernels_matches_ref(method):
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(monkeypatch):
     """Inside rmeeto.frozen the mixers lay out their parameters for the cpu kernels once: the same logits to
-    the bit, and over two forwards half the layouts (none in the second). A parameter changed in place or given
-    new data is laid out again; a forward with gradients is unaffected; nesting keeps the outer scope, the exit
-    ends it."""
+    the bit, and over two forwards half the layouts (none in the second). A parameter changed in place or given new data
+    is laid out (or packed) again; a forward with gradients is unaffected; nesting keeps the outer scope, the exit ends
+    it."""
     import rmeeto.models.mamba as mamba
 
     model = tiny(embed_dim=40).eval()
@@ -224,6 +224,7 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
             mixer = model.layers[1].mixer
             mixer.A_b_log.add_(0.5)  # in place: its version counter moves
             mixer.conv1d.weight.data = mixer.conv1d.weight.data * 2  # new data: its address moves
+            model.layers[0].mixer.out_proj.weight.mul_(1.5)  # alone in its mixer; packed for MKL (rmeeto.ops.packed)
             with rmeeto.frozen(model):
                 changed = model(x)
             assert model.layers[0].mixer._prepared  # still frozen after the inner scope
@@ -298,8 +299,8 @@ def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_block
         addresses = []
         matmul = mamba._matmul
 
-        def recorded(a, b, ws):
-            out = matmul(a, b, ws)
+        def recorded(*args):
+            out = matmul(*args)
             addresses.append(out.data_ptr())
             return out
 

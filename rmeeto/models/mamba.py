@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from rmeeto.ops import (
     selective_scan,
 )
 from rmeeto.ops.common import wants_grad
+from rmeeto.ops.packed import PackedLinear
 from rmeeto.ops.workspace import Workspace, hold, reuse
 
 
@@ -47,6 +49,15 @@ class ScanRecord:
     delta: tuple[Tensor, Tensor]
     B: tuple[Tensor, Tensor]
     C: tuple[Tensor, Tensor]
+
+
+class Prepared(NamedTuple):
+    """A mixer's parameters laid out once inside frozen(): mamba_inner_cpu's, and in_proj's halves and out_proj
+    packed for MKL."""
+
+    inner: InnerParams
+    in_proj: tuple[PackedLinear, PackedLinear]
+    out_proj: PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -110,7 +121,7 @@ class BiMamba(nn.Module):
             self.register_parameter(f"D{suffix}", nn.Parameter(torch.ones(di)))
         self.record = False
         self.last_record: ScanRecord | None = None
-        self._prepared: list | None = None  # see frozen(): [] or [stamp, sources, InnerParams]
+        self._prepared: list | None = None  # see frozen(): [] or [stamp, sources, Prepared]
 
     def _scan(
         self, x: Tensor, z: Tensor, suffix: str, workspace: Workspace | None
@@ -123,7 +134,7 @@ class BiMamba(nn.Module):
         x = causal_conv1d(x, conv_w, conv_b, activation="silu", reverse=reverse)
         x_dbl = F.linear(x.transpose(1, 2), x_proj_w)  # B×L×(R+2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = _matmul(dt, dt_proj_w.t(), workspace).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
+        delta = _matmul(dt, dt_proj_w, workspace).transpose(1, 2)  # B×Dᵢ×L, bias added inside the scan
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)  # B×N×L views: each backend lays them out as it reads them
         y = selective_scan(x, delta, A, Bm, Cm, D, z=z, delta_bias=dt_bias, delta_softplus=True, reverse=reverse)
         return y, delta, Bm, Cm
@@ -134,13 +145,20 @@ class BiMamba(nn.Module):
         return _derive(self._sources(suffix))
 
     def _inner_params(self) -> InnerParams:
-        """Both directions' parameters for mamba_inner_cpu: prepared at each call, or once inside frozen() (again
-        if one of them got new data or changed in place since: its address or version counter moved)."""
+        """Both directions' parameters for mamba_inner_cpu: prepared at each call, or once inside frozen()."""
+        held = self._frozen()
+        return prepare_inner(*(self._direction(s) for s in ("", "_b"))) if held is None else held.inner
+
+    def _frozen(self) -> Prepared | None:
+        """Inside frozen(): the parameters laid out once (again if one of them got new data or changed in place
+        since: its address or version counter moved); None outside."""
         if self._prepared is None:
-            return prepare_inner(*(self._direction(s) for s in ("", "_b")))
-        if not self._prepared or self._prepared[0] != _stamp(self._prepared[1]):
-            sources = self._sources("") + self._sources("_b")
-            self._prepared[:] = _stamp(sources), sources, prepare_inner(_derive(sources[:7]), _derive(sources[7:]))
+            return None
+        sources = self._sources("") + self._sources("_b") + (self.in_proj.weight, self.out_proj.weight)
+        if not self._prepared or self._prepared[0] != _stamp(sources):
+            inner = prepare_inner(_derive(sources[:7]), _derive(sources[7:14]))
+            in_proj = tuple(PackedLinear(w) for w in self.in_proj.weight.chunk(2))
+            self._prepared[:] = _stamp(sources), sources, Prepared(inner, in_proj, PackedLinear(self.out_proj.weight))
         return self._prepared[2]
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
@@ -183,10 +201,14 @@ class BiMamba(nn.Module):
         With a workspace on the cpu backend both directions are one mamba_inner_cpu call: the same numbers as
         _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
         faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5)."""
+        held = self._frozen() if workspace is not None else None
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
-        x, z = (_matmul(hidden, w.t(), workspace).transpose(1, 2) for w in self.in_proj.weight.chunk(2))  # B×Dᵢ×L
+        packs = (None, None) if held is None else held.in_proj
+        x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2)  # B×Dᵢ×L
+                for w, packed in zip(self.in_proj.weight.chunk(2), packs, strict=True))  # fmt: skip
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
-            return self._project(mamba_inner_cpu(x, z, self._inner_params(), workspace))
+            y = mamba_inner_cpu(x, z, self._inner_params(), workspace)
+            return self._project(y, None if held is None else held.out_proj)
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
@@ -202,9 +224,11 @@ class BiMamba(nn.Module):
         # buffer costs page faults on a CPU (glibc hands big blocks back to the OS when freed)
         return self._project(y_f + y_b if y_f.requires_grad else y_f.add_(y_b))
 
-    def _project(self, y: Tensor) -> Tensor:
-        """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``."""
-        out = self.out_proj(y.transpose(1, 2))  # no copy: token-major y on the cpu backend
+    def _project(self, y: Tensor, packed: PackedLinear | None = None) -> Tensor:
+        """The directions' summed B×Dᵢ×L output → B×L×C: out_proj (by its packed copy when given: fp32 without
+        autocast only), halved with ``divide_out``."""
+        y = y.transpose(1, 2)  # no copy: token-major y on the cpu backend
+        out = self.out_proj(y) if packed is None else packed(y)
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
 
 
@@ -213,9 +237,11 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``with frozen(model): ...``: for inference with weights that do not change inside. The Vim mixers of
     ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
-    (docs/cpu_speed.md, round 6). A parameter given new data or changed by a tensor operation is seen (its
-    address or version counter moves) and laid out again; a write through ``param.data`` is not, hence the
-    explicit scope. Forwards that record gradients or Δ take the usual path, unaffected.
+    (docs/cpu_speed.md, round 6); and they multiply by in_proj's and out_proj's weights packed once for MKL
+    (rmeeto.ops.packed, per batch size: a copy of those weights for each of the last two; round 12). A parameter given
+    new data or changed by a tensor operation is seen (its address or version counter moves) and laid out again; a write
+    through ``param.data`` is not, hence the explicit scope. Forwards that record gradients or Δ take the usual path,
+    unaffected.
 
     The scope also holds the inference workspace (rmeeto.ops.workspace.hold) on this thread: one forward's
     temporaries take the memory the previous one used instead of fresh pages (a merged Vim-S at batch 8
@@ -245,12 +271,13 @@ def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
     return [x for p in params if p is not None for x in (p.data_ptr(), p._version)]
 
 
-def _matmul(a: Tensor, b: Tensor, workspace: Workspace | None) -> Tensor:
-    """a @ b (…×K @ K×N), into the workspace when one is given (fp32 only, and not under autocast, whose
-    product would not be fp32)."""
+def _matmul(a: Tensor, w: Tensor, workspace: Workspace | None, packed: PackedLinear | None = None) -> Tensor:
+    """a @ wᵀ (…×K @ (N×K)ᵀ), into the workspace when one is given (fp32 only, and not under autocast, whose
+    product would not be fp32), by ``packed`` (w's packed copy) when given."""
     if workspace is None or a.dtype != torch.float32 or torch.is_autocast_enabled(a.device.type):
-        return a @ b
-    return torch.matmul(a, b, out=workspace.empty(*a.shape[:-1], b.shape[-1]))
+        return a @ w.t()
+    out = workspace.empty(*a.shape[:-1], w.shape[0])
+    return torch.matmul(a, w.t(), out=out) if packed is None else packed(a, out)
 
 
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, floor: float) -> None:

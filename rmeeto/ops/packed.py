@@ -1,0 +1,85 @@
+"""Linear maps with fixed weights on MKL's packed GEMM (cblas_sgemm_pack once, cblas_sgemm_compute per call).
+
+An ordinary product re-packs the weight into MKL's internal blocked layout at every call. For inference with
+fixed weights (rmeeto.frozen) the Vim mixers pack in_proj's halves and out_proj once and multiply by the
+packed copy, into the caller's buffer (the inference workspace): at Vim-S's sizes 1.06–1.11× the GFLOP/s of
+torch.matmul, with the same bits (docs/cpu_speed.md, round 12). torch has the same routines behind
+``torch.ops.mkl._mkl_linear``, an internal op that always allocates its output (a fresh B×L×Dᵢ buffer
+page-faults its memory in: 10 % of a merged Vim-S forward at batch 8), so they are called here directly, from
+the MKL that torch's CPU library links and exports. Where that is not so (a torch built without MKL, or on
+another platform) ``AVAILABLE`` is False and PackedLinear multiplies with torch.matmul.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX, _PACKED = 101, 111, 112, 162, 151  # MKL's CBLAS enumerators
+_KEEP = 2
+"""Packed copies a PackedLinear keeps: those of the (rows, threads) used last, e.g. a model run at two batch sizes."""
+
+
+def _mkl() -> ctypes.CDLL | None:
+    """torch's CPU library, with the packed-GEMM signatures declared (LP64: MKL_INT is a C int), or None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        get_size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+    except (OSError, AttributeError):
+        return None
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    get_size.restype, get_size.argtypes = ctypes.c_size_t, [i] * 4
+    pack.restype, pack.argtypes = None, [i] * 6 + [f, p, i, p]
+    compute.restype, compute.argtypes = None, [i] * 6 + [p, i, p, i, f, p, i]
+    return lib
+
+
+_LIB = _mkl()
+AVAILABLE = _LIB is not None
+
+
+class PackedLinear:
+    """``x @ weightᵀ`` for a fixed fp32 weight (N×K), packed once per (rows of x, torch's thread count): MKL
+    packs for the shape and threads it will compute with. The packed copy is taken when first needed; the
+    weight may change afterwards without effect (rmeeto.frozen makes new ones when a parameter changes)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight.detach()
+        self._packs: dict[tuple[int, int], Tensor] = {}
+
+    def _packed(self, rows: int) -> Tensor:
+        key = (rows, torch.get_num_threads())
+        if key in self._packs:
+            self._packs[key] = self._packs.pop(key)  # now the most recently used
+        else:
+            while len(self._packs) >= _KEEP:
+                del self._packs[next(iter(self._packs))]  # the least recently used
+            n, k = self.weight.shape
+            w = self.weight.contiguous()
+            buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(_B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
+            _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, 1.0, w.data_ptr(), k, buf.data_ptr())
+            self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
+        return self._packs[key]
+
+    @torch.compiler.disable
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x: …×K fp32 on the CPU → …×N, into ``out`` (contiguous) when given."""
+        n, k = self.weight.shape
+        out = x.new_empty(*x.shape[:-1], n) if out is None else out
+        fp32 = x.dtype == self.weight.dtype == out.dtype == torch.float32
+        if not (AVAILABLE and fp32 and x.is_cpu and out.is_contiguous()):
+            return torch.matmul(x, self.weight.t(), out=out)
+        a = x.reshape(-1, k)
+        if a.stride(1) != 1 or a.stride(0) < k:
+            a = a.contiguous()
+        rows = a.shape[0]
+        if rows == 0:
+            return out
+        _LIB.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows, n, k, a.data_ptr(), a.stride(0),
+                                 self._packed(rows).data_ptr(), n, 0.0, out.data_ptr(), n)  # fmt: skip
+        return out
