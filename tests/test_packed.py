@@ -65,3 +65,13 @@ def test_packed_linear_falls_back_to_matmul(monkeypatch):
     half = PackedLinear(w.bfloat16())
     assert half(x.bfloat16()).dtype == torch.bfloat16
     assert not f._packs and not half._packs
+
+
+def test_packed_linear_scales_by_a_power_of_two_exactly(monkeypatch):
+    """alpha = 0.5 packed into the weight (a Vim mixer's halving) gives the unscaled product halved, to the bit;
+    the fallback scales too."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 9, 24, generator=g), torch.randn(10, 24, generator=g)
+    assert torch.equal(PackedLinear(w, 0.5)(x), PackedLinear(w)(x) * 0.5)
+    monkeypatch.setattr(packed, "AVAILABLE", False)
+    assert torch.equal(PackedLinear(w, 0.5)(x), torch.matmul(x, w.t()) * 0.5)

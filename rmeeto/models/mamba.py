@@ -158,7 +158,8 @@ class BiMamba(nn.Module):
         if not self._prepared or self._prepared[0] != _stamp(sources):
             inner = prepare_inner(_derive(sources[:7]), _derive(sources[7:14]))
             in_proj = tuple(PackedLinear(w) for w in self.in_proj.weight.chunk(2))
-            self._prepared[:] = _stamp(sources), sources, Prepared(inner, in_proj, PackedLinear(self.out_proj.weight))
+            out_proj = PackedLinear(self.out_proj.weight, 0.5 if self.divide_out else 1.0)  # the halving packed in
+            self._prepared[:] = _stamp(sources), sources, Prepared(inner, in_proj, out_proj)
         return self._prepared[2]
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
@@ -207,7 +208,7 @@ class BiMamba(nn.Module):
         x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2)  # B×Dᵢ×L
                 for w, packed in zip(self.in_proj.weight.chunk(2), packs, strict=True))  # fmt: skip
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
-            y = mamba_inner_cpu(x, z, self._inner_params(), workspace)
+            y = mamba_inner_cpu(x, z, self._inner_params() if held is None else held.inner, workspace)
             return self._project(y, None if held is None else held.out_proj)
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
@@ -225,10 +226,12 @@ class BiMamba(nn.Module):
         return self._project(y_f + y_b if y_f.requires_grad else y_f.add_(y_b))
 
     def _project(self, y: Tensor, packed: PackedLinear | None = None) -> Tensor:
-        """The directions' summed B×Dᵢ×L output → B×L×C: out_proj (by its packed copy when given: fp32 without
-        autocast only), halved with ``divide_out``."""
+        """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``; or ``packed``
+        (fp32 without autocast only), out_proj's packed copy with the halving in it."""
         y = y.transpose(1, 2)  # no copy: token-major y on the cpu backend
-        out = self.out_proj(y) if packed is None else packed(y)
+        if packed is not None:
+            return packed(y)
+        out = self.out_proj(y)
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
 
 

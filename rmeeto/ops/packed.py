@@ -44,12 +44,13 @@ AVAILABLE = _LIB is not None
 
 
 class PackedLinear:
-    """``x @ weightᵀ`` for a fixed fp32 weight (N×K), packed once per (rows of x, torch's thread count): MKL
-    packs for the shape and threads it will compute with. The packed copy is taken when first needed; the
-    weight may change afterwards without effect (rmeeto.frozen makes new ones when a parameter changes)."""
+    """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed once per (rows of x, torch's thread count):
+    MKL packs for the shape and threads it will compute with, and scales the packed copy by alpha (a power of
+    two, as a Vim mixer's halving, scales exactly). The packed copy is taken when first needed; the weight may
+    change afterwards without effect (rmeeto.frozen makes new ones when a parameter changes)."""
 
-    def __init__(self, weight: Tensor):
-        self.weight = weight.detach()
+    def __init__(self, weight: Tensor, alpha: float = 1.0):
+        self.weight, self.alpha = weight.detach(), alpha
         self._packs: dict[tuple[int, int], Tensor] = {}
 
     def _packed(self, rows: int) -> Tensor:
@@ -62,7 +63,8 @@ class PackedLinear:
             n, k = self.weight.shape
             w = self.weight.contiguous()
             buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(_B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
-            _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, 1.0, w.data_ptr(), k, buf.data_ptr())
+            _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
+                                  buf.data_ptr())  # fmt: skip
             self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
         return self._packs[key]
 
@@ -73,7 +75,8 @@ class PackedLinear:
         out = x.new_empty(*x.shape[:-1], n) if out is None else out
         fp32 = x.dtype == self.weight.dtype == out.dtype == torch.float32
         if not (AVAILABLE and fp32 and x.is_cpu and out.is_contiguous()):
-            return torch.matmul(x, self.weight.t(), out=out)
+            out = torch.matmul(x, self.weight.t(), out=out)
+            return out if self.alpha == 1 else out.mul_(self.alpha)
         a = x.reshape(-1, k)
         if a.stride(1) != 1 or a.stride(0) < k:
             a = a.contiguous()
