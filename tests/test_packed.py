@@ -36,22 +36,24 @@ def test_packed_linear_matches_matmul(shape, n):
 
 
 @needs_mkl
-def test_packed_linear_packs_per_row_count_and_thread_count_and_keeps_the_last_two():
-    """A packed copy per (rows, threads), the two used last kept; the weight is packed when first needed."""
+def test_packed_linear_packs_again_for_new_rows_or_threads():
+    """The weight is packed when first needed, for the rows and threads of the call; another row count or
+    thread count packs again (one packed copy kept), with the right product each time."""
     w = torch.randn(8, 4)
     f = PackedLinear(w)
+    assert f._pack is None
     threads = torch.get_num_threads()
-    for rows in (3, 4, 3, 5):
+    for rows in (3, 4, 3):
         x = torch.randn(rows, 4)
         _close(f(x), x @ w.t())
-    assert list(f._packs) == [(3, threads), (5, threads)]
+        assert f._pack[0] == (rows, threads)
     torch.set_num_threads(1)
     try:
-        x = torch.randn(5, 4)
+        x = torch.randn(3, 4)
         _close(f(x), x @ w.t())
+        assert f._pack[0] == (3, 1)
     finally:
         torch.set_num_threads(threads)
-    assert list(f._packs) == [(5, threads), (5, 1)]
 
 
 def test_packed_linear_falls_back_to_matmul(monkeypatch):
@@ -64,7 +66,7 @@ def test_packed_linear_falls_back_to_matmul(monkeypatch):
     monkeypatch.undo()
     half = PackedLinear(w.bfloat16())
     assert half(x.bfloat16()).dtype == torch.bfloat16
-    assert not f._packs and not half._packs
+    assert f._pack is None and half._pack is None
 
 
 def test_packed_linear_scales_by_a_power_of_two_exactly(monkeypatch):

@@ -241,7 +241,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
     (docs/cpu_speed.md, round 6); and they multiply by in_proj's and out_proj's weights packed once for MKL
-    (rmeeto.ops.packed, per batch size: a copy of those weights for each of the last two; round 12). A parameter given
+    (rmeeto.ops.packed: a packed copy of those weights, for the last batch size; round 12). A parameter given
     new data or changed by a tensor operation is seen (its address or version counter moves) and laid out again; a write
     through ``param.data`` is not, hence the explicit scope. Forwards that record gradients or Δ take the usual path,
     unaffected.

@@ -19,8 +19,6 @@ import torch
 from torch import Tensor
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX, _PACKED = 101, 111, 112, 162, 151  # MKL's CBLAS enumerators
-_KEEP = 2
-"""Packed copies a PackedLinear keeps: those of the (rows, threads) used last, e.g. a model run at two batch sizes."""
 
 
 def _mkl() -> ctypes.CDLL | None:
@@ -44,29 +42,27 @@ AVAILABLE = _LIB is not None
 
 
 class PackedLinear:
-    """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed once per (rows of x, torch's thread count):
-    MKL packs for the shape and threads it will compute with, and scales the packed copy by alpha (a power of
-    two, as a Vim mixer's halving, scales exactly). The packed copy is taken when first needed; the weight may
-    change afterwards without effect (rmeeto.frozen makes new ones when a parameter changes)."""
+    """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed for the (rows of x, torch's thread count)
+    of the last call: MKL packs for the shape and threads it will compute with, and scales the packed copy by
+    alpha (a power of two, as a Vim mixer's halving, scales exactly). A new shape packs again, replacing the
+    copy (about one pass over the weight: re-packing before each product of in_proj's half at 131 rows cost
+    nothing measurable). The weight may change after it was packed without effect (rmeeto.frozen makes new
+    PackedLinears when a parameter changes)."""
 
     def __init__(self, weight: Tensor, alpha: float = 1.0):
         self.weight, self.alpha = weight.detach(), alpha
-        self._packs: dict[tuple[int, int], Tensor] = {}
+        self._pack: tuple[tuple[int, int], Tensor] | None = None  # ((rows, threads), the packed copy)
 
     def _packed(self, rows: int) -> Tensor:
         key = (rows, torch.get_num_threads())
-        if key in self._packs:
-            self._packs[key] = self._packs.pop(key)  # now the most recently used
-        else:
-            while len(self._packs) >= _KEEP:
-                del self._packs[next(iter(self._packs))]  # the least recently used
+        if self._pack is None or self._pack[0] != key:
             n, k = self.weight.shape
             w = self.weight.contiguous()
             buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(_B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
             _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
                                   buf.data_ptr())  # fmt: skip
-            self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
-        return self._packs[key]
+            self._pack = key, buf  # never moved: MKL's packed format must stay where it was written
+        return self._pack[1]
 
     @torch.compiler.disable
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
