@@ -212,7 +212,7 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
     x = torch.randn(2, 3, 32, 32)
     prepared = []
     prepare = mamba.prepare_inner
-    monkeypatch.setattr(mamba, "prepare_inner", lambda *a: prepared.append(1) or prepare(*a))
+    monkeypatch.setattr(mamba, "prepare_inner", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
     with torch.no_grad(), use_backend("cpu"):
         want = model(x)
         model(x)
@@ -233,6 +233,21 @@ def test_frozen_prepares_the_mixers_parameters_once_and_again_after_a_change(mon
     with rmeeto.frozen(model):
         model(x).sum().backward()
     assert model.layers[1].mixer.A_b_log.grad is not None
+
+
+def test_frozen_lays_out_mamba_inner_cpus_parameters_only_for_the_cpu_backend(monkeypatch):
+    """On the torch backend (as where numba is missing) a frozen forward packs the products' weights but never
+    asks for mamba_inner_cpu's parameters (prepare_inner needs numba), and gives the unfrozen logits."""
+    import rmeeto.models.mamba as mamba
+
+    model = tiny(embed_dim=40).eval()
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(mamba, "prepare_inner", lambda *a, **k: pytest.fail("prepare_inner called"))
+    with torch.no_grad(), use_backend("torch"):
+        want = model(x)
+        with rmeeto.frozen(model):
+            got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")

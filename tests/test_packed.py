@@ -77,3 +77,10 @@ def test_packed_linear_scales_by_a_power_of_two_exactly(monkeypatch):
     assert torch.equal(PackedLinear(w, 0.5)(x), PackedLinear(w)(x) * 0.5)
     monkeypatch.setattr(packed, "AVAILABLE", False)
     assert torch.equal(PackedLinear(w, 0.5)(x), torch.matmul(x, w.t()) * 0.5)
+
+
+def test_packed_linear_without_packing_is_matmul():
+    """pack=False (a weight used once): torch.matmul's product, scaled, and nothing packed."""
+    w, x = torch.randn(6, 5), torch.randn(3, 5)
+    f = PackedLinear(w, 0.5, pack=False)
+    assert torch.equal(f(x), torch.matmul(x, w.t()) * 0.5) and f._pack is None

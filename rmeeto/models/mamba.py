@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +50,15 @@ class ScanRecord:
     C: tuple[Tensor, Tensor]
 
 
-class Prepared(NamedTuple):
-    """A mixer's parameters laid out once inside frozen(): mamba_inner_cpu's, and in_proj's halves and out_proj
-    packed for MKL."""
+@dataclass
+class Prepared:
+    """A mixer's parameters laid out for a forward without gradients: in_proj's halves and out_proj (the halving
+    in it) as PackedLinears (packed for MKL inside frozen()), and mamba_inner_cpu's parameters (made when first
+    needed: only the cpu backend, which needs numba, reads them)."""
 
-    inner: InnerParams
     in_proj: tuple[PackedLinear, PackedLinear]
     out_proj: PackedLinear
+    inner: InnerParams | None = None
 
 
 class RMSNorm(nn.Module):
@@ -144,23 +145,27 @@ class BiMamba(nn.Module):
         Δ bias, A = −exp(A_log), D; fp32 where the scan wants it."""
         return _derive(self._sources(suffix))
 
-    def _inner_params(self) -> InnerParams:
-        """Both directions' parameters for mamba_inner_cpu: prepared at each call, or once inside frozen()."""
-        held = self._frozen()
-        return prepare_inner(*(self._direction(s) for s in ("", "_b"))) if held is None else held.inner
-
-    def _frozen(self) -> Prepared | None:
-        """Inside frozen(): the parameters laid out once (again if one of them got new data or changed in place
-        since: its address or version counter moved); None outside."""
+    def _laid_out(self) -> Prepared:
+        """The parameters laid out for a forward without gradients: at each call, or once inside frozen() (again
+        if one of them got new data or changed in place since: its address or version counter moved)."""
         if self._prepared is None:
-            return None
+            return self._lay_out()
         sources = self._sources("") + self._sources("_b") + (self.in_proj.weight, self.out_proj.weight)
         if not self._prepared or self._prepared[0] != _stamp(sources):
-            inner = prepare_inner(_derive(sources[:7]), _derive(sources[7:14]))
-            in_proj = tuple(PackedLinear(w) for w in self.in_proj.weight.chunk(2))
-            out_proj = PackedLinear(self.out_proj.weight, 0.5 if self.divide_out else 1.0)  # the halving packed in
-            self._prepared[:] = _stamp(sources), sources, Prepared(inner, in_proj, out_proj)
+            self._prepared[:] = _stamp(sources), sources, self._lay_out()
         return self._prepared[2]
+
+    def _lay_out(self) -> Prepared:
+        """Packed for MKL inside frozen() only (packing at every call costs more than it saves)."""
+        pack = self._prepared is not None
+        in_proj = tuple(PackedLinear(w, pack=pack) for w in self.in_proj.weight.chunk(2))
+        return Prepared(in_proj, PackedLinear(self.out_proj.weight, 0.5 if self.divide_out else 1.0, pack))
+
+    def _inner_params(self, laid_out: Prepared) -> InnerParams:
+        """Both directions' parameters for mamba_inner_cpu, made once per Prepared."""
+        if laid_out.inner is None:
+            laid_out.inner = prepare_inner(*(self._direction(s) for s in ("", "_b")), pack=self._prepared is not None)
+        return laid_out.inner
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
         """The parameters of one direction as stored (conv weight and bias, x_proj and dt_proj weights, dt_proj
@@ -201,15 +206,15 @@ class BiMamba(nn.Module):
         (which see the active workspace), in the workspace when one is given (nothing from it is returned).
         With a workspace on the cpu backend both directions are one mamba_inner_cpu call: the same numbers as
         _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
-        faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5)."""
-        held = self._frozen() if workspace is not None else None
+        faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5). Inside frozen(), in_proj,
+        x_proj and out_proj multiply by their weights packed once for MKL (rmeeto.ops.packed; the same bits)."""
+        laid_out = None if workspace is None else self._laid_out()
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
-        packs = (None, None) if held is None else held.in_proj
+        packs = (None, None) if laid_out is None else laid_out.in_proj
         x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2)  # B×Dᵢ×L
                 for w, packed in zip(self.in_proj.weight.chunk(2), packs, strict=True))  # fmt: skip
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
-            y = mamba_inner_cpu(x, z, self._inner_params() if held is None else held.inner, workspace)
-            return self._project(y, None if held is None else held.out_proj)
+            return self._project(mamba_inner_cpu(x, z, self._inner_params(laid_out), workspace), laid_out.out_proj)
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
@@ -240,8 +245,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """``with frozen(model): ...``: for inference with weights that do not change inside. The Vim mixers of
     ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
-    (docs/cpu_speed.md, round 6); and they multiply by in_proj's and out_proj's weights packed once for MKL
-    (rmeeto.ops.packed: a packed copy of those weights, for the last batch size; round 12). A parameter given
+    (docs/cpu_speed.md, round 6), in_proj's and out_proj's weights packed for MKL among them (rmeeto.ops.packed,
+    round 12; a packed copy of those weights is kept, for the last batch size). A parameter given
     new data or changed by a tensor operation is seen (its address or version counter moves) and laid out again; a write
     through ``param.data`` is not, hence the explicit scope. Forwards that record gradients or Δ take the usual path,
     unaffected.

@@ -45,12 +45,13 @@ class PackedLinear:
     """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed for the (rows of x, torch's thread count)
     of the last call: MKL packs for the shape and threads it will compute with, and scales the packed copy by
     alpha (a power of two, as a Vim mixer's halving, scales exactly). A new shape packs again, replacing the
-    copy (about one pass over the weight: re-packing before each product of in_proj's half at 131 rows cost
-    nothing measurable). The weight may change after it was packed without effect (rmeeto.frozen makes new
-    PackedLinears when a parameter changes)."""
+    copy (one copy kept: its memory is the weight's). The weight may change after it was packed without
+    effect (rmeeto.frozen makes new PackedLinears when a parameter changes). With ``pack=False`` nothing is
+    packed and the product is torch.matmul's: for a weight used once, as packing is not free inside a model
+    (packing at every call made a merged Vim-S 0.90× as fast at batch 1, docs/cpu_speed.md, round 12)."""
 
-    def __init__(self, weight: Tensor, alpha: float = 1.0):
-        self.weight, self.alpha = weight.detach(), alpha
+    def __init__(self, weight: Tensor, alpha: float = 1.0, pack: bool = True):
+        self.weight, self.alpha, self.pack = weight.detach(), alpha, pack
         self._pack: tuple[tuple[int, int], Tensor] | None = None  # ((rows, threads), the packed copy)
 
     def _packed(self, rows: int) -> Tensor:
@@ -70,7 +71,7 @@ class PackedLinear:
         n, k = self.weight.shape
         out = x.new_empty(*x.shape[:-1], n) if out is None else out
         fp32 = x.dtype == self.weight.dtype == out.dtype == torch.float32
-        if not (AVAILABLE and fp32 and x.is_cpu and out.is_contiguous()):
+        if not (self.pack and AVAILABLE and fp32 and x.is_cpu and out.is_contiguous()):
             out = torch.matmul(x, self.weight.t(), out=out)
             return out if self.alpha == 1 else out.mul_(self.alpha)
         a = x.reshape(-1, k)

@@ -336,12 +336,12 @@ class InnerParams(NamedTuple):
     revs: np.ndarray  # (P,) bool
 
 
-def prepare_inner(*directions: tuple[Tensor | None, ...]) -> InnerParams:
+def prepare_inner(*directions: tuple[Tensor | None, ...], pack: bool = False) -> InnerParams:
     """The parameters of a mixer's directions, each (conv_w Dᵢ×K or Dᵢ×1×K, conv_b, x_proj_w (R+2N)×Dᵢ,
     dt_proj_w Dᵢ×R, dt_bias, A Dᵢ×N, D; fp32; conv_b may be None), the first scanning forwards and the second,
     if any, backwards (a Vim mixer's), laid out for mamba_inner_cpu: some ten tensor operations a direction,
     each several µs inside a Vim, which a caller that knows the weights are fixed may do once
-    (rmeeto.models.frozen)."""
+    (rmeeto.models.frozen), and then also pack x_proj's weights for MKL (``pack``; rmeeto.ops.packed)."""
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     if len(directions) not in (1, 2):
@@ -352,7 +352,8 @@ def prepare_inner(*directions: tuple[Tensor | None, ...]) -> InnerParams:
         dt_w = np.zeros((dt_proj_w.shape[1], -(-nd // _k.LANES) * _k.LANES), np.float32)
         dt_w[:, :nd] = dt_proj_w.detach().t().numpy()
         taps = conv_weight(conv_w).detach().t().contiguous().numpy()
-        return taps, _param(conv_b, nd), PackedLinear(x_proj_w), dt_w, _param(dt_bias, nd), _param(A, nd), _param(D, nd)
+        x_proj = PackedLinear(x_proj_w, pack=pack)
+        return taps, _param(conv_b, nd), x_proj, dt_w, _param(dt_bias, nd), _param(A, nd), _param(D, nd)
 
     taps, conv_b, x_proj, dt_w, dt_bias, A, D = zip(*(one(*d) for d in directions), strict=True)
     return InnerParams(np.stack(taps), np.stack(conv_b), x_proj, np.stack(dt_w), np.stack(dt_bias),
@@ -384,7 +385,7 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, params.revs, True, conv.numpy())
     x_dbl = workspace.empty(ndir, nb, L, nf)  # per direction B×L×(R+2N): dt, B, C, read by the scan where they lie
-    for p, x_proj in enumerate(params.x_proj):  # MKL's packed product: 1.3× torch.bmm's GFLOP/s at 131 rows
+    for p, x_proj in enumerate(params.x_proj):  # packed (frozen): 1.3× torch.bmm's GFLOP/s at 131 rows
         x_proj(conv[p], x_dbl[p])
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
