@@ -251,6 +251,22 @@ def test_frozen_lays_out_mamba_inner_cpus_parameters_only_for_the_cpu_backend(mo
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_calls_a_hooked_out_proj_as_a_module():
+    """Inside frozen, an out_proj with a forward hook is called as a module (not by its packed weight): the hook
+    runs in every block, and its change to the output shows in the logits."""
+    model = tiny(embed_dim=40).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    with torch.no_grad(), use_backend("cpu"):
+        want = model(x)
+        for layer in model.layers:
+            layer.mixer.out_proj.register_forward_hook(lambda m, i, out: calls.append(1) or out * 2)
+        with rmeeto.frozen(model):
+            got = model(x)
+    assert len(calls) == len(model.layers) and not torch.allclose(got, want)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
     (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to

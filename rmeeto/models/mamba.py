@@ -53,11 +53,12 @@ class ScanRecord:
 @dataclass
 class Prepared:
     """A mixer's parameters laid out for a forward without gradients: in_proj's halves and out_proj (the halving
-    in it) as PackedLinears (packed for MKL inside frozen()), and mamba_inner_cpu's parameters (made when first
-    needed: only the cpu backend, which needs numba, reads them)."""
+    in it) as PackedLinears (packed for MKL inside frozen()); out_proj's None unless it is a plain nn.Linear
+    without hooks (a wrapped or hooked one is called as a module); and mamba_inner_cpu's parameters (made
+    when first needed: only the cpu backend, which needs numba, reads them)."""
 
     in_proj: tuple[PackedLinear, PackedLinear]
-    out_proj: PackedLinear
+    out_proj: PackedLinear | None
     inner: InnerParams | None = None
 
 
@@ -159,7 +160,9 @@ class BiMamba(nn.Module):
         """Packed for MKL inside frozen() only (packing at every call costs more than it saves)."""
         pack = self._prepared is not None
         in_proj = tuple(PackedLinear(w, pack=pack) for w in self.in_proj.weight.chunk(2))
-        return Prepared(in_proj, PackedLinear(self.out_proj.weight, 0.5 if self.divide_out else 1.0, pack))
+        out = self.out_proj
+        plain = type(out) is nn.Linear and out.bias is None and not (out._forward_hooks or out._forward_pre_hooks)
+        return Prepared(in_proj, PackedLinear(out.weight, 0.5 if self.divide_out else 1.0, pack) if plain else None)
 
     def _inner_params(self, laid_out: Prepared) -> InnerParams:
         """Both directions' parameters for mamba_inner_cpu, made once per Prepared."""
@@ -232,7 +235,7 @@ class BiMamba(nn.Module):
 
     def _project(self, y: Tensor, packed: PackedLinear | None = None) -> Tensor:
         """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``; or ``packed``
-        (fp32 without autocast only), out_proj's packed copy with the halving in it."""
+        (fp32 without autocast only), out_proj's weight as a PackedLinear with the halving in it."""
         y = y.transpose(1, 2)  # no copy: token-major y on the cpu backend
         if packed is not None:
             return packed(y)
