@@ -36,22 +36,27 @@ def test_packed_linear_matches_matmul(shape, n):
 
 
 @needs_mkl
-def test_packed_linear_packs_again_for_new_rows_or_threads():
-    """The weight is packed when first needed, for the rows and threads of the call; another row count or
-    thread count packs again (one packed copy kept), with the right product each time."""
+def test_packed_linear_keeps_copies_for_the_last_row_and_thread_counts():
+    """The weight is packed when first needed, for the rows and threads of the call; the copies for the last
+    COPIES (rows, threads) keys are kept (a key seen again packs nothing), the least recently used one
+    replaced by a new key; the right product each time."""
+    assert packed.COPIES == 2
     w = torch.randn(8, 4)
     f = PackedLinear(w)
-    assert f._pack is None
+    assert f._packs == {}
     threads = torch.get_num_threads()
-    for rows in (3, 4, 3):
+    copies = {}
+    for rows, kept in ((3, [3]), (4, [3, 4]), (3, [4, 3]), (5, [3, 5])):
         x = torch.randn(rows, 4)
         _close(f(x), x @ w.t())
-        assert f._pack[0] == (rows, threads)
+        assert list(f._packs) == [(r, threads) for r in kept]
+        copies.setdefault(rows, f._packs[rows, threads])
+        assert f._packs[rows, threads] is copies[rows]  # the copy made at the key's first use, not packed again
     torch.set_num_threads(1)
     try:
         x = torch.randn(3, 4)
         _close(f(x), x @ w.t())
-        assert f._pack[0] == (3, 1)
+        assert list(f._packs) == [(5, threads), (3, 1)]
     finally:
         torch.set_num_threads(threads)
 
@@ -66,7 +71,7 @@ def test_packed_linear_falls_back_to_matmul(monkeypatch):
     monkeypatch.undo()
     half = PackedLinear(w.bfloat16())
     assert half(x.bfloat16()).dtype == torch.bfloat16
-    assert f._pack is None and half._pack is None
+    assert f._packs == {} and half._packs == {}
 
 
 def test_packed_linear_scales_by_a_power_of_two_exactly(monkeypatch):
@@ -83,4 +88,4 @@ def test_packed_linear_without_packing_is_matmul():
     """pack=False (a weight used once): torch.matmul's product, scaled, and nothing packed."""
     w, x = torch.randn(6, 5), torch.randn(3, 5)
     f = PackedLinear(w, 0.5, pack=False)
-    assert torch.equal(f(x), torch.matmul(x, w.t()) * 0.5) and f._pack is None
+    assert torch.equal(f(x), torch.matmul(x, w.t()) * 0.5) and f._packs == {}

@@ -41,29 +41,41 @@ _LIB = _mkl()
 AVAILABLE = _LIB is not None
 
 
+COPIES = 2
+"""Packed copies a PackedLinear keeps, for the last row counts it multiplied (each about the weight's size).
+MKL packs for the row count it will compute with, so a frozen Vim run merged and unreduced in turn, or at
+two batch sizes (a last partial batch), packs every mixer's weights again at each switch if only one copy is
+kept: a merged Vim-S at batch 1, run in turn with the unreduced one, took 72 ms a forward against 54 ms so
+(docs/cpu_speed.md, round 13)."""
+
+
 class PackedLinear:
-    """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed for the (rows of x, torch's thread count)
-    of the last call: MKL packs for the shape and threads it will compute with, and scales the packed copy by
-    alpha (a power of two, as a Vim mixer's halving, scales exactly). A new shape packs again, replacing the
-    copy (one copy kept: its memory is the weight's). The weight may change after it was packed without
-    effect (rmeeto.frozen makes new PackedLinears when a parameter changes). With ``pack=False`` nothing is
-    packed and the product is torch.matmul's: for a weight used once, as packing is not free inside a model
-    (packing at every call made a merged Vim-S 0.90× as fast at batch 1, docs/cpu_speed.md, round 12)."""
+    """``alpha · x @ weightᵀ`` for a fixed fp32 weight (N×K), packed per (rows of x, torch's thread count):
+    MKL packs for the shape and threads it will compute with, and scales the packed copy by alpha (a power of
+    two, as a Vim mixer's halving, scales exactly). The copies for the last :data:`COPIES` such keys are
+    kept; another key packs again, replacing the least recently used. The weight may change after it was
+    packed without effect (rmeeto.frozen makes new PackedLinears when a parameter changes). With
+    ``pack=False`` nothing is packed and the product is torch.matmul's: for a weight used once, as packing
+    is not free inside a model (packing at every call made a merged Vim-S 0.90× as fast at batch 1,
+    docs/cpu_speed.md, round 12)."""
 
     def __init__(self, weight: Tensor, alpha: float = 1.0, pack: bool = True):
         self.weight, self.alpha, self.pack = weight.detach(), alpha, pack
-        self._pack: tuple[tuple[int, int], Tensor] | None = None  # ((rows, threads), the packed copy)
+        self._packs: dict[tuple[int, int], Tensor] = {}  # (rows, threads) → packed copy, least recently used first
 
     def _packed(self, rows: int) -> Tensor:
         key = (rows, torch.get_num_threads())
-        if self._pack is None or self._pack[0] != key:
+        buf = self._packs.pop(key, None)
+        if buf is None:
+            if len(self._packs) == COPIES:
+                del self._packs[next(iter(self._packs))]
             n, k = self.weight.shape
             w = self.weight.contiguous()
             buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(_B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
             _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
                                   buf.data_ptr())  # fmt: skip
-            self._pack = key, buf  # never moved: MKL's packed format must stay where it was written
-        return self._pack[1]
+        self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
+        return buf
 
     @torch.compiler.disable
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
