@@ -31,6 +31,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._slots: list[Tensor] = []
+        self._views: list[Tensor | None] = []  # per slot, the view last handed out (a Vim asks for the same shapes)
         self._next = 0
 
     def restart(self) -> None:
@@ -39,14 +40,18 @@ class Workspace:
 
     def empty(self, *shape: int) -> Tensor:
         """An uninitialised contiguous fp32 tensor of this shape in the next slot."""
-        size = math.prod(shape)
-        if self._next == len(self._slots):
-            self._slots.append(torch.empty(0, dtype=torch.float32))
-        if self._slots[self._next].numel() < size:
-            self._slots[self._next] = torch.empty(size, dtype=torch.float32)  # whatever the default dtype
-        out = self._slots[self._next][:size].view(shape)
+        i = self._next
         self._next += 1
-        return out
+        if i < len(self._views) and self._views[i].shape == shape:
+            return self._views[i]
+        size = math.prod(shape)
+        if i == len(self._slots):
+            self._slots.append(torch.empty(0, dtype=torch.float32))
+            self._views.append(None)
+        if self._slots[i].numel() < size:
+            self._slots[i] = torch.empty(size, dtype=torch.float32)  # whatever the default dtype
+        self._views[i] = self._slots[i][:size].view(shape)
+        return self._views[i]
 
 
 def active() -> Workspace | None:
