@@ -584,10 +584,45 @@ def test_add_rms_norm_cpu_matches_the_module(channels, with_residual):
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize("channels", [40, 384])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("outputs", ["both", "normed", "residual"])
+def test_add_rms_norm_cpu_gradients_match_the_module(channels, with_residual, outputs):
+    """With gradients wanted, the fused add + norm's backward kernel against autograd through the torch path:
+    the gradients of hidden, residual and the norm's weight, to fp32 rounding, whichever outputs are used."""
+    from rmeeto.models.mamba import RMSNorm
+
+    g = torch.Generator().manual_seed(channels + with_residual)
+    norm = RMSNorm(channels)
+    norm.weight.data = torch.randn(channels, generator=g)
+    hidden, residual = torch.randn(3, 37, channels, generator=g), torch.randn(3, 37, channels, generator=g)
+    up_normed, up_residual = torch.randn(3, 37, channels, generator=g), torch.randn(3, 37, channels, generator=g)
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        leaves = [hidden.clone().requires_grad_(), residual.clone().requires_grad_() if with_residual else None]
+        norm.weight.grad = None
+        if fused:
+            normed, new_residual = scan_cpu.add_rms_norm_cpu(*leaves, norm.weight, norm.eps)
+        else:
+            new_residual = leaves[0] if leaves[1] is None else leaves[1] + leaves[0]
+            normed = norm(new_residual)
+        loss = (normed * up_normed).sum() if outputs != "residual" else 0
+        loss = loss + (new_residual * up_residual).sum() if outputs != "normed" else loss
+        loss.backward()
+        return [t.grad for t in leaves if t is not None] + [norm.weight.grad]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        if want is None:  # the weight, when only the sum is used
+            assert got is None and outputs == "residual"
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_fused_add_norm_only_where_the_kernel_applies():
-    """fp32 on the cpu backend, and only when no gradient is wanted (the kernel has no backward)."""
+    """fp32 on the cpu backend, with or without gradients."""
     x, w = torch.randn(1, 3, 8), torch.ones(8, requires_grad=True)
-    assert not dispatch.fused_add_norm(x, None, w)
+    assert dispatch.fused_add_norm(x, None, w)
     with torch.no_grad():
         assert dispatch.fused_add_norm(x, x, w)
         assert not dispatch.fused_add_norm(x.bfloat16(), x, w)

@@ -77,8 +77,8 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         """B×N×C → (normed, new residual): the residual stream plus hidden in fp32 (hidden alone when
-        residual is None), and this norm of it. One pass of a cpu kernel where it applies (fp32, no
-        gradients wanted: :func:`rmeeto.ops.fused_add_norm`), the same values to rounding."""
+        residual is None), and this norm of it. One pass of a cpu kernel where it applies (fp32 on the cpu
+        backend: :func:`rmeeto.ops.fused_add_norm`; its backward is one pass too), the same values to rounding."""
         if fused_add_norm(hidden, residual, self.weight):
             return add_rms_norm_cpu(hidden, residual, self.weight, self.eps)
         residual = hidden.float() if residual is None else residual + hidden.float()

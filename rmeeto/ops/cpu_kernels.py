@@ -992,3 +992,38 @@ def add_rms_norm(hidden, residual, has_residual, weight, eps, chunk, out_res, ou
             scale = _F1 / np.sqrt(_lane_sum(acc, 0) / np.float32(nc) + eps)
             for c in range(nc):
                 out_norm[r, c] = out_res[r, c] * scale * weight[c]
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def add_rms_norm_backward(res, weight, eps, g_norm, g_res, has_g_res, chunk, g_in, g_w):
+    """Gradients of add_rms_norm from its saved out_res (``res``, R×C): with s = 1/sqrt(mean(res[r]²) + eps)
+    (summed as add_rms_norm sums it, so the same s) and x̂ = res[r]·s,
+    g_in[r] = s·(g_norm[r]·weight) − res[r]·s³·Σ_c(g_norm·weight·res)[r] / C (+ g_res[r] when has_g_res: the
+    residual output's own gradient), the gradient of both summands; g_w: per task of ``chunk`` rows the partial
+    sums Σ_r g_norm[r]·x̂[r] (tasks × C)."""
+    nr, nc = res.shape
+    full = nc - nc % LANES
+    for task in prange((nr + chunk - 1) // chunk):
+        _full_width()
+        acc, dot = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
+        for c in range(nc):
+            g_w[task, c] = 0
+        for r in range(task * chunk, min(nr, (task + 1) * chunk)):
+            acc[:] = 0
+            dot[:] = 0
+            for c0 in range(0, full, LANES):
+                for j in range(LANES):
+                    v = res[r, c0 + j]
+                    acc[j] = _fma(v, v, acc[j])
+                    dot[j] = _fma(g_norm[r, c0 + j] * weight[c0 + j], v, dot[j])
+            for c in range(full, nc):
+                v = res[r, c]
+                acc[c - full] = _fma(v, v, acc[c - full])
+                dot[c - full] = _fma(g_norm[r, c] * weight[c], v, dot[c - full])
+            scale = _F1 / np.sqrt(_lane_sum(acc, 0) / np.float32(nc) + eps)
+            k = scale * scale * scale * _lane_sum(dot, 0) / np.float32(nc)
+            for c in range(nc):
+                v, gn = res[r, c], g_norm[r, c]
+                g = scale * (gn * weight[c]) - v * k
+                g_in[r, c] = g + g_res[r, c] if has_g_res else g
+                g_w[task, c] = _fma(gn, v * scale, g_w[task, c])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import cuda, scan_cpu
-from .common import ScanFn, wants_grad
+from .common import ScanFn
 from .conv import causal_conv1d_torch, check_activation
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
@@ -178,14 +178,10 @@ def fused_inner_cpu(x: Tensor, backend: str | None = None) -> bool:
 
 
 def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, backend: str | None = None) -> bool:
-    """True when residual add + RMSNorm can run as one cpu kernel (scan_cpu.add_rms_norm_cpu): the `cpu`
-    backend, all fp32, and no gradients wanted (the kernel has no backward)."""
+    """True when residual add + RMSNorm can run as one cpu kernel (scan_cpu.add_rms_norm_cpu, with or without
+    gradients): the `cpu` backend and all fp32."""
     tensors = [t for t in (hidden, residual, weight) if t is not None]
-    return (
-        resolve_backend(hidden, backend) == "cpu"
-        and all(t.dtype == torch.float32 for t in tensors)
-        and not wants_grad(tensors)
-    )
+    return resolve_backend(hidden, backend) == "cpu" and all(t.dtype == torch.float32 for t in tensors)
 
 
 def causal_conv1d(

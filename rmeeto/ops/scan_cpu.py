@@ -297,12 +297,8 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     return _conv(*tensors, activation is not None, reverse, pooled=True)[0].to(x.dtype)
 
 
-@torch.compiler.disable
-def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(normed, residual + hidden) in one pass over B×N×C fp32 tensors (hidden alone when residual is None):
-    normed = RMSNorm(residual + hidden) · weight. No autograd: for forwards that need no gradients."""
-    if not AVAILABLE:
-        raise RuntimeError("the cpu add + RMSNorm kernel needs numba")
+def _add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """add_rms_norm's kernel on fp32 CPU tensors (detached) → (normed, residual + hidden), hidden's shape."""
     pair = (hidden, hidden if residual is None else residual)  # the kernel ignores the second when there is no residual
     rows = [t.detach().reshape(-1, t.shape[-1]).contiguous() for t in pair]
     out_res, out_norm = torch.empty_like(rows[0]), torch.empty_like(rows[0])
@@ -310,6 +306,48 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
         _k.add_rms_norm(*_np(rows), residual is not None, weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
                         out_res.numpy(), out_norm.numpy())  # fmt: skip
     return out_norm.view(hidden.shape), out_res.view(hidden.shape)
+
+
+class _CpuAddNorm(torch.autograd.Function):
+    """Residual add + RMSNorm with both outputs differentiable (see add_rms_norm_cpu); saves the sum only."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        normed, out_res = _add_norm(hidden, residual, weight, eps)
+        ctx.save_for_backward(out_res, weight)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+        ctx.set_materialize_grads(False)  # an output not used gets None, not zeros (see backward)
+        return normed, out_res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_norm: Tensor | None, g_res: Tensor | None) -> tuple[Tensor | None, ...]:
+        out_res, weight = ctx.saved_tensors
+        if g_norm is None:  # only the sum was used: its gradient is both summands'
+            g_in, g_w = g_res, None
+        else:
+            rows = out_res.reshape(-1, out_res.shape[-1])
+            g_norm = g_norm.reshape(rows.shape).contiguous()
+            g_other = g_norm if g_res is None else g_res.reshape(rows.shape).contiguous()  # read only when given
+            g_in, g_w = torch.empty_like(rows), rows.new_empty(math.ceil(len(rows) / _NORM_CHUNK), rows.shape[1])
+            with kernel_lock:
+                _k.add_rms_norm_backward(rows.numpy(), weight.detach().numpy(), np.float32(ctx.eps), g_norm.numpy(),
+                                         g_other.numpy(), g_res is not None, _NORM_CHUNK, g_in.numpy(), g_w.numpy())  # fmt: skip
+            g_in, g_w = g_in.view(out_res.shape), g_w.sum(0) if ctx.needs_input_grad[2] else None
+        return g_in, g_in if ctx.has_residual else None, g_w, None
+
+
+@torch.compiler.disable
+def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(normed, residual + hidden) in one pass over B×N×C fp32 tensors (hidden alone when residual is None):
+    normed = RMSNorm(residual + hidden) · weight. Where gradients are wanted, an autograd function whose
+    backward is one kernel pass too (a Vim-S block's add + norm, forward and backward, 3–4× as fast as the
+    torch ops', docs/cpu_speed.md, round 13)."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu add + RMSNorm kernel needs numba")
+    if wants_grad([hidden, residual, weight]):
+        return _CpuAddNorm.apply(hidden, residual, weight, eps)
+    return _add_norm(hidden, residual, weight, eps)
 
 
 _NO_LOW_RANK = (np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 0, _k.LANES if AVAILABLE else 1), np.float32))
