@@ -173,7 +173,7 @@ class BiMamba(nn.Module):
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
         """The parameters of one direction as stored (conv weight and bias, x_proj and dt_proj weights, dt_proj
         bias, A_log, D): what _direction derives its tensors from."""
-        modules = self._modules  # not getattr: nn.Module.__getattr__ made this 2.3× as slow, and frozen() calls it a forward
+        modules = self._modules  # not getattr: nn.Module.__getattr__ made this 2.3× as slow (frozen: every forward)
         conv, x_proj, dt_proj = modules["conv1d" + suffix], modules["x_proj" + suffix], modules["dt_proj" + suffix]
         return (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
                 getattr(self, "A_log" if not suffix else "A_b_log"), getattr(self, f"D{suffix}"))  # fmt: skip

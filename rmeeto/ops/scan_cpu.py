@@ -332,7 +332,8 @@ class _CpuAddNorm(torch.autograd.Function):
             g_in, g_w = torch.empty_like(rows), rows.new_empty(math.ceil(len(rows) / _NORM_CHUNK), rows.shape[1])
             with kernel_lock:
                 _k.add_rms_norm_backward(rows.numpy(), weight.detach().numpy(), np.float32(ctx.eps), g_norm.numpy(),
-                                         g_other.numpy(), g_res is not None, _NORM_CHUNK, g_in.numpy(), g_w.numpy())  # fmt: skip
+                                         g_other.numpy(), g_res is not None, _NORM_CHUNK, g_in.numpy(),
+                                         g_w.numpy())  # fmt: skip
             g_in, g_w = g_in.view(out_res.shape), g_w.sum(0) if ctx.needs_input_grad[2] else None
         return g_in, g_in if ctx.has_residual else None, g_w, None
 

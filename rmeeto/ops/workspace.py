@@ -39,7 +39,8 @@ class Workspace:
         self._next = 0
 
     def empty(self, *shape: int) -> Tensor:
-        """An uninitialised contiguous fp32 tensor of this shape in the next slot."""
+        """An uninitialised contiguous fp32 tensor of this shape in the next slot (the same tensor object as
+        the slot's last one when the shape is the same)."""
         i = self._next
         self._next += 1
         if i < len(self._views) and self._views[i].shape == shape:
