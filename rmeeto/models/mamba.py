@@ -251,7 +251,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     ``model`` then lay out their parameters for the cpu kernels once (conv taps, A = −exp(A_log), …) instead
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
     (docs/cpu_speed.md, round 6), in_proj's and out_proj's weights packed for MKL among them (rmeeto.ops.packed,
-    round 12; a packed copy of those weights is kept, for the last batch size). A parameter given
+    round 12; packed copies of those weights are kept, for the last two row counts: round 13). A parameter given
     new data or changed by a tensor operation is seen (its address or version counter moves) and laid out again; a write
     through ``param.data`` is not, hence the explicit scope. Forwards that record gradients or Δ take the usual path,
     unaffected.
