@@ -152,8 +152,8 @@ class BiMamba(nn.Module):
         if self._prepared is None:
             return self._lay_out()
         sources = self._sources("") + self._sources("_b") + (self.in_proj.weight, self.out_proj.weight)
-        if not self._prepared or self._prepared[0] != _stamp(sources):
-            self._prepared[:] = _stamp(sources), sources, self._lay_out()
+        if not self._prepared or self._prepared[0] != _stamp(sources):  # sources kept alive: a new parameter
+            self._prepared[:] = _stamp(sources), sources, self._lay_out()  # cannot take a freed one's address
         return self._prepared[2]
 
     def _lay_out(self) -> Prepared:

@@ -968,62 +968,63 @@ def conv_backward(x, wt, bias, rev, silu, gout, chunk, ga, gx, gw, gbias):
                         gw[task, k, d] = _fma(ga[b, t, d], x[b, s, d], gw[task, k, d])
 
 
+@njit(inline="always")
+def _lane_dot(x, y, acc):
+    """Σ_c x[c]·y[c] over a row (1-d, C floats) in float32: FMAs into LANES partial sums (acc: LANES scratch),
+    then _lane_sum's fixed tree, so the same order wherever it is called."""
+    nc = x.shape[0]
+    full = nc - nc % LANES
+    acc[:] = 0
+    for c0 in range(0, full, LANES):
+        for j in range(LANES):
+            acc[j] = _fma(x[c0 + j], y[c0 + j], acc[j])
+    for c in range(full, nc):
+        acc[c - full] = _fma(x[c], y[c], acc[c - full])
+    return _lane_sum(acc, 0)
+
+
+@njit(inline="always")
+def _rms_scale(x, acc, eps):
+    """1 / sqrt(mean(x²) + eps) of a row x: what add_rms_norm scales by and its backward differentiates."""
+    return _F1 / np.sqrt(_lane_dot(x, x, acc) / np.float32(x.shape[0]) + eps)
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def add_rms_norm(hidden, residual, has_residual, weight, eps, chunk, out_res, out_norm):
     """Per row r of C channels (all arrays R×C but weight (C,)): out_res[r] = residual[r] + hidden[r]
     (hidden[r] alone unless has_residual); out_norm[r] = out_res[r] / sqrt(mean(out_res[r]²) + eps) · weight.
-    Tasks of ``chunk`` rows; squares are summed into LANES partial sums, then by _lane_sum's fixed tree."""
+    Tasks of ``chunk`` rows; squares are summed by _lane_dot."""
     nr, nc = hidden.shape
-    full = nc - nc % LANES
     for task in prange((nr + chunk - 1) // chunk):
         _full_width()
         acc = np.empty(LANES, np.float32)
         for r in range(task * chunk, min(nr, (task + 1) * chunk)):
             for c in range(nc):
                 out_res[r, c] = residual[r, c] + hidden[r, c] if has_residual else hidden[r, c]
-            acc[:] = 0
-            for c0 in range(0, full, LANES):
-                for j in range(LANES):
-                    v = out_res[r, c0 + j]
-                    acc[j] = _fma(v, v, acc[j])
-            for c in range(full, nc):
-                v = out_res[r, c]
-                acc[c - full] = _fma(v, v, acc[c - full])
-            scale = _F1 / np.sqrt(_lane_sum(acc, 0) / np.float32(nc) + eps)
+            scale = _rms_scale(out_res[r], acc, eps)
             for c in range(nc):
                 out_norm[r, c] = out_res[r, c] * scale * weight[c]
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def add_rms_norm_backward(res, weight, eps, g_norm, g_res, has_g_res, chunk, g_in, g_w):
-    """Gradients of add_rms_norm from its saved out_res (``res``, R×C): with s = 1/sqrt(mean(res[r]²) + eps)
-    (summed as add_rms_norm sums it, so the same s) and x̂ = res[r]·s,
-    g_in[r] = s·(g_norm[r]·weight) − res[r]·s³·Σ_c(g_norm·weight·res)[r] / C (+ g_res[r] when has_g_res: the
-    residual output's own gradient), the gradient of both summands; g_w: per task of ``chunk`` rows the partial
-    sums Σ_r g_norm[r]·x̂[r] (tasks × C)."""
+    """Gradients of add_rms_norm from its saved out_res (``res``, R×C): with s = _rms_scale(res[r]) (the
+    forward's s) and x̂ = res[r]·s, g_in[r] = s·(g_norm[r]·weight) − res[r]·s³·Σ_c(g_norm·weight·res)[r] / C
+    (+ g_res[r] when has_g_res: the residual output's own gradient), the gradient of both summands; g_w: per
+    task of ``chunk`` rows the partial sums Σ_r g_norm[r]·x̂[r] (tasks × C)."""
     nr, nc = res.shape
-    full = nc - nc % LANES
     for task in prange((nr + chunk - 1) // chunk):
         _full_width()
-        acc, dot = np.empty(LANES, np.float32), np.empty(LANES, np.float32)
+        acc, gw = np.empty(LANES, np.float32), np.empty(nc, np.float32)
         for c in range(nc):
             g_w[task, c] = 0
         for r in range(task * chunk, min(nr, (task + 1) * chunk)):
-            acc[:] = 0
-            dot[:] = 0
-            for c0 in range(0, full, LANES):
-                for j in range(LANES):
-                    v = res[r, c0 + j]
-                    acc[j] = _fma(v, v, acc[j])
-                    dot[j] = _fma(g_norm[r, c0 + j] * weight[c0 + j], v, dot[j])
-            for c in range(full, nc):
-                v = res[r, c]
-                acc[c - full] = _fma(v, v, acc[c - full])
-                dot[c - full] = _fma(g_norm[r, c] * weight[c], v, dot[c - full])
-            scale = _F1 / np.sqrt(_lane_sum(acc, 0) / np.float32(nc) + eps)
-            k = scale * scale * scale * _lane_sum(dot, 0) / np.float32(nc)
+            x = res[r]
             for c in range(nc):
-                v, gn = res[r, c], g_norm[r, c]
-                g = scale * (gn * weight[c]) - v * k
+                gw[c] = g_norm[r, c] * weight[c]
+            scale = _rms_scale(x, acc, eps)
+            k = scale * scale * scale * _lane_dot(gw, x, acc) / np.float32(nc)
+            for c in range(nc):
+                g = scale * gw[c] - x[c] * k
                 g_in[r, c] = g + g_res[r, c] if has_g_res else g
-                g_w[task, c] = _fma(gn, v * scale, g_w[task, c])
+                g_w[task, c] = _fma(g_norm[r, c], x[c] * scale, g_w[task, c])
