@@ -267,6 +267,34 @@ def test_frozen_calls_a_hooked_out_proj_as_a_module():
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+@pytest.mark.parametrize("tokens", [1, 2, 7])
+def test_frozen_runs_each_mixer_as_one_kernel_call_with_the_same_bits(monkeypatch, tokens):
+    """Inside rmeeto.frozen a mixer on the cpu backend is one mixer_cpu call (products, conv and scan in one numba
+    kernel), down to a single token: the same output to the bit as outside, where several tokens go through
+    mamba_inner_cpu (one token takes the general path: the ref backend's output to rounding). Under autocast it
+    takes the usual path."""
+    import rmeeto.models.mamba as mamba
+
+    mixer = tiny(embed_dim=40).layers[0].mixer.eval()
+    calls = []
+    monkeypatch.setattr(mamba, "mixer_cpu", lambda *a, fn=mamba.mixer_cpu, **k: calls.append(1) or fn(*a, **k))
+    hidden = torch.randn(3, tokens, 40)
+    with torch.no_grad(), use_backend("cpu"):
+        want = mixer(hidden)
+        with use_backend("ref"):
+            oracle = mixer(hidden)
+        assert not calls
+        with rmeeto.frozen(mixer):
+            got = mixer(hidden)
+            assert calls == [1]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixer(hidden)
+            assert calls == [1]
+    assert torch.equal(got, want) or tokens == 1
+    torch.testing.assert_close(got, oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
     (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to
@@ -277,8 +305,9 @@ def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     rmeeto.reduction.apply(model, "rmeeto", r=4)
     x = torch.randn(2, 3, 32, 32)
     seen = []  # the workspaces themselves, kept alive: ids of freed objects can come back
-    inner = mamba.mamba_inner_cpu
-    monkeypatch.setattr(mamba, "mamba_inner_cpu", lambda *a, **k: seen.append(a[3]) or inner(*a, **k))
+    for name, at in (("mamba_inner_cpu", 3), ("mixer_cpu", 4)):  # outside frozen, inside it
+        spy = getattr(mamba, name)
+        monkeypatch.setattr(mamba, name, lambda *a, fn=spy, at=at, **k: seen.append(a[at]) or fn(*a, **k))
 
     def workspaces(n: int) -> list[set[int]]:
         """The ids of the workspaces the last n forwards used, one set per forward."""

@@ -27,8 +27,10 @@ from rmeeto.ops import (
     fused_add_norm,
     fused_inner,
     fused_inner_cpu,
+    fused_mixer_cpu,
     mamba_inner,
     mamba_inner_cpu,
+    mixer_cpu,
     prepare_inner,
     selective_scan,
 )
@@ -210,8 +212,11 @@ class BiMamba(nn.Module):
         With a workspace on the cpu backend both directions are one mamba_inner_cpu call: the same numbers as
         _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
         faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5). Inside frozen(), in_proj,
-        x_proj and out_proj multiply by their weights packed once for MKL (rmeeto.ops.packed; the same bits)."""
+        x_proj and out_proj multiply by their weights packed once for MKL (rmeeto.ops.packed; the same bits), and
+        on the cpu backend the whole mixer is one mixer_cpu call (the same bits again)."""
         laid_out = None if workspace is None else self._laid_out()
+        if laid_out is not None and fused_mixer_cpu(hidden, *laid_out.in_proj, laid_out.out_proj):  # x_proj packs too
+            return mixer_cpu(hidden, laid_out.in_proj, self._inner_params(laid_out), laid_out.out_proj, workspace)
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         if laid_out is None:
             halves = [(w, None) for w in self.in_proj.weight.chunk(2)]

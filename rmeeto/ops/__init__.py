@@ -12,13 +12,14 @@ from .dispatch import (
     fused_add_norm,
     fused_inner,
     fused_inner_cpu,
+    fused_mixer_cpu,
     get_backend,
     selective_scan,
     set_backend,
     unavailable_backends,
     use_backend,
 )
-from .scan_cpu import InnerParams, add_rms_norm_cpu, mamba_inner_cpu, prepare_inner
+from .scan_cpu import InnerParams, add_rms_norm_cpu, mamba_inner_cpu, mixer_cpu, prepare_inner
 
 __all__ = [
     "InnerParams",
@@ -29,9 +30,11 @@ __all__ = [
     "fused_add_norm",
     "fused_inner",
     "fused_inner_cpu",
+    "fused_mixer_cpu",
     "get_backend",
     "mamba_inner",
     "mamba_inner_cpu",
+    "mixer_cpu",
     "prepare_inner",
     "selective_scan",
     "set_backend",

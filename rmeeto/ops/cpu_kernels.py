@@ -28,6 +28,8 @@ from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .packed import NO_TRANS, PACKED, ROW_MAJOR
+
 LANES = 64
 D_SKIP, BIAS, A_ROWS = 0, 1, 2
 """Rows of the parameter scratch ps after its N rows of A·log₂e: D, the Δ bias, then N rows of A (see
@@ -1028,3 +1030,53 @@ def add_rms_norm_backward(res, weight, eps, g_norm, g_res, has_g_res, chunk, g_i
                 g = scale * gw[c] - x[c] * k
                 g_in[r, c] = g + g_res[r, c] if has_g_res else g
                 g_w[task, c] = _fma(g_norm[r, c], x[c] * scale, g_w[task, c])
+
+
+@intrinsic
+def _packed_product(typingctx, gemm, a, packed, out, rows, n, k):
+    """out (rows×n, row-major) = a (rows×k, row-major) @ a weight packed by MKL for this product
+    (rmeeto.ops.packed), by MKL's cblas_sgemm_compute at address ``gemm``: the same call PackedLinear makes from
+    Python. The address comes in as an argument because a kernel that holds a ctypes function is never cached on
+    disk (numba treats it as a dynamic global). a, packed and out: contiguous arrays, any number of dimensions."""
+    i32, f32, ptr = ir.IntType(32), ir.FloatType(), ir.IntType(8).as_pointer()
+    sig = types.void(types.intp, a, packed, out, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        fn = ir.FunctionType(ir.VoidType(), [i32] * 6 + [ptr, i32, ptr, i32, f32, ptr, i32])
+        call = builder.inttoptr(args[0], fn.as_pointer())
+
+        def data(i):
+            return builder.bitcast(context.make_array(signature.args[i])(context, builder, args[i]).data, ptr)
+
+        def const(v):
+            return ir.Constant(i32, v)
+
+        m, n, k = (builder.trunc(v, i32) for v in args[4:])
+        builder.call(call, [const(ROW_MAJOR), const(NO_TRANS), const(PACKED), m, n, k, data(1), k, data(2), n,
+                            ir.Constant(f32, 0.0), data(3), n])  # fmt: skip
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def mixer_forward(gemm, hidden, in_x, in_z, x_proj, out_proj, xz, taps, conv_b, revs, conv, x_dbl, A, Dv, bias, dt_w,
+                  y, counter, xs, dt, dtu, ys, h, ps, out):  # fmt: skip
+    """A Vim mixer's forward without gradients with its products' weights packed for MKL (rmeeto.frozen), in one
+    call: out (B×L×C) = out_proj(scan(conv(in_proj_x(hidden)), in_proj_z(hidden))) for hidden B×L×C, what
+    mamba_inner_cpu between PackedLinear products computes, the same operations in the same order.
+
+    in_x, in_z: in_proj's halves packed for B·L rows; x_proj: a tuple of P such copies of x_proj's weights, one per
+    direction; out_proj likewise (with the halving in it). xz (2×B×L×Dᵢ: x, then z), conv (P×B×L×Dᵢ), x_dbl
+    (P×B×L×(R+2N)) and y (B×L×Dᵢ) take the intermediates; the other arrays are scan_forward's (token-major).
+    gemm: rmeeto.ops.packed.COMPUTE_ADDRESS."""
+    nb, nl, nc = hidden.shape
+    rows, nd, nf = nb * nl, xz.shape[3], x_dbl.shape[3]
+    _packed_product(gemm, hidden, in_x, xz[0], rows, nd, nc)
+    _packed_product(gemm, hidden, in_z, xz[1], rows, nd, nc)
+    conv_forward(xz[0], taps, conv_b, revs, True, conv)
+    for p in range(len(x_proj)):
+        _packed_product(gemm, conv[p], x_proj[p], x_dbl[p], rows, nf, nd)
+    scan_forward(conv, conv, xz[1], True, revs, A, x_dbl, x_dbl, Dv, bias, True, True, y, counter, xs, dt, dtu, ys,
+                 h, ps, x_dbl, dt_w)  # fmt: skip
+    _packed_product(gemm, y, out_proj, out, rows, nc, nd)

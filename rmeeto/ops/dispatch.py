@@ -16,6 +16,7 @@ from torch import Tensor
 from . import cuda, scan_cpu
 from .common import ScanFn
 from .conv import causal_conv1d_torch, check_activation
+from .packed import PackedLinear
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
 
@@ -175,6 +176,18 @@ def fused_inner_cpu(x: Tensor, backend: str | None = None) -> bool:
     """True when a mixer direction on x (B×Dᵢ×L, token-major) can run as scan_cpu.mamba_inner_cpu: the `cpu`
     backend and fp32 (the caller has checked that no gradient or record is wanted)."""
     return x.dtype == torch.float32 and resolve_backend(x, backend) == "cpu" and scan_cpu.token_major(x)
+
+
+def fused_mixer_cpu(hidden: Tensor, *linears: PackedLinear | None, backend: str | None = None) -> bool:
+    """True when a whole Vim mixer on hidden (B×L×C) can run as scan_cpu.mixer_cpu: the `cpu` backend, hidden fp32
+    and contiguous, autocast off, and each of its products' ``linears`` packs its weight (PackedLinear.packs)."""
+    return (
+        hidden.dtype == torch.float32
+        and hidden.is_contiguous()
+        and not torch.is_autocast_enabled(hidden.device.type)
+        and all(linear is not None and linear.packs for linear in linears)
+        and resolve_backend(hidden, backend) == "cpu"
+    )
 
 
 def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, backend: str | None = None) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX, _PACKED = 101, 111, 112, 162, 151  # MKL's CBLAS enumerators
+ROW_MAJOR, NO_TRANS, TRANS, B_MATRIX, PACKED = 101, 111, 112, 162, 151  # MKL's CBLAS enumerators
 
 
 def _mkl() -> ctypes.CDLL | None:
@@ -39,6 +39,9 @@ def _mkl() -> ctypes.CDLL | None:
 
 _LIB = _mkl()
 AVAILABLE = _LIB is not None
+COMPUTE_ADDRESS = ctypes.cast(_LIB.cblas_sgemm_compute, ctypes.c_void_p).value if AVAILABLE else 0
+"""The address of MKL's cblas_sgemm_compute, for numba kernels that multiply by packed copies themselves
+(rmeeto.ops.cpu_kernels.mixer_forward): passed to them as an argument, so that they can be cached on disk."""
 
 
 COPIES = 2
@@ -63,7 +66,14 @@ class PackedLinear:
         self.weight, self.alpha, self.pack = weight.detach(), alpha, pack
         self._packs: dict[tuple[int, int], Tensor] = {}  # (rows, threads) → packed copy, least recently used first
 
-    def _packed(self, rows: int) -> Tensor:
+    @property
+    def packs(self) -> bool:
+        """Whether fp32 products go through a packed copy (``pack`` and MKL available)."""
+        return self.pack and AVAILABLE
+
+    def packed(self, rows: int) -> Tensor:
+        """The copy packed for a product with ``rows`` rows on torch's current thread count (packing it if need
+        be): MKL's format, for cblas_sgemm_compute only. Needs :attr:`packs`."""
         key = (rows, torch.get_num_threads())
         buf = self._packs.pop(key, None)
         if buf is None:
@@ -71,8 +81,8 @@ class PackedLinear:
                 del self._packs[next(iter(self._packs))]
             n, k = self.weight.shape
             w = self.weight.contiguous()
-            buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(_B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
-            _LIB.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
+            buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
+            _LIB.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
                                   buf.data_ptr())  # fmt: skip
         self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
         return buf
@@ -83,7 +93,7 @@ class PackedLinear:
         n, k = self.weight.shape
         out = x.new_empty(*x.shape[:-1], n) if out is None else out
         fp32 = x.dtype == self.weight.dtype == out.dtype == torch.float32
-        if not (self.pack and AVAILABLE and fp32 and x.is_cpu and out.is_contiguous()):
+        if not (self.packs and fp32 and x.is_cpu and out.is_contiguous()):
             out = torch.matmul(x, self.weight.t(), out=out)
             return out if self.alpha == 1 else out.mul_(self.alpha)
         a = x.reshape(-1, k)
@@ -92,6 +102,6 @@ class PackedLinear:
         rows = a.shape[0]
         if rows == 0:
             return out
-        _LIB.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows, n, k, a.data_ptr(), a.stride(0),
-                                 self._packed(rows).data_ptr(), n, 0.0, out.data_ptr(), n)  # fmt: skip
+        _LIB.cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, rows, n, k, a.data_ptr(), a.stride(0),
+                                 self.packed(rows).data_ptr(), n, 0.0, out.data_ptr(), n)  # fmt: skip
         return out

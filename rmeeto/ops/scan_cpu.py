@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import packed
 from .common import wants_grad
 from .conv import conv_weight
 from .packed import PackedLinear
@@ -434,3 +435,29 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
                         params.D, params.dt_bias, True, True, out.numpy(), _counter(),
                         *_scratch(_k.forward_scratch(L, nn), groups), x_dbl_np, params.dt_w)  # fmt: skip
     return out.transpose(1, 2)
+
+
+def mixer_cpu(hidden: Tensor, in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
+              workspace: Workspace) -> Tensor:  # fmt: skip
+    """A Vim mixer's forward without gradients, B×L×C fp32 contiguous hidden → B×L×C (a new tensor), with every
+    product's weight packed (rmeeto.frozen; each PackedLinear ``packs``): in_proj's halves, what mamba_inner_cpu
+    computes and out_proj (the halving in it), all in one kernel call (cpu_kernels.mixer_forward), with the same
+    bits. Between separate calls each tensor operation and Python step cost 3–5× its cost in a tight loop, as the
+    big products and scans before it push the interpreter's code and data out of the core's caches: a merged
+    Vim-S 1.10× and an unreduced one 1.09× as fast so at batch 1, both 1.04× at batch 8 (docs/cpu_speed.md,
+    round 14). Intermediates in ``workspace``."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu mixer kernels need numba")
+    nb, L, nc = hidden.shape
+    rows, ndir, nd = nb * L, len(params.x_proj), params.A.shape[1]
+    nf, nn = params.x_proj[0].weight.shape[0], params.A.shape[2]
+    xz, conv = workspace.empty(2, nb, L, nd), workspace.empty(ndir, nb, L, nd)
+    x_dbl, y, out = workspace.empty(ndir, nb, L, nf), workspace.empty(nb, L, nd), hidden.new_empty(nb, L, nc)
+    with kernel_lock as threads:
+        groups = min(threads, nb * math.ceil(nd / _k.LANES))
+        _k.mixer_forward(packed.COMPUTE_ADDRESS, hidden.numpy(), *(p.packed(rows).numpy() for p in in_proj),
+                         tuple(p.packed(rows).numpy() for p in params.x_proj), out_proj.packed(rows).numpy(),
+                         xz.numpy(), params.taps, params.conv_b, params.revs, conv.numpy(), x_dbl.numpy(), params.A,
+                         params.D, params.dt_bias, params.dt_w, y.numpy(), _counter(),
+                         *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
+    return out
