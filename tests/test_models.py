@@ -295,6 +295,35 @@ def test_frozen_runs_each_mixer_as_one_kernel_call_with_the_same_bits(monkeypatc
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_runs_each_block_as_one_kernel_call_unless_its_mixer_would_run_a_hook(monkeypatch):
+    """Inside rmeeto.frozen a Vim block (add + RMSNorm, then the mixer) is one block_cpu call, with the same logits
+    to the bit; a block whose mixer has a forward hook, or any block under a global module hook, calls its mixer as
+    a module, so the hook runs."""
+    import rmeeto.models.mamba as mamba
+
+    model = tiny(embed_dim=40).eval()
+    rmeeto.reduction.apply(model, "rmeeto", r=4)
+    x = torch.randn(2, 3, 32, 32)
+    calls, seen = [], []
+    monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: calls.append(1) or fn(*a, **k))
+    with torch.no_grad(), use_backend("cpu"):
+        want = model(x)
+        with rmeeto.frozen(model):
+            assert torch.equal(model(x), want) and len(calls) == len(model.layers)
+            handle = model.layers[1].mixer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+            calls.clear()
+            assert torch.equal(model(x), want) and len(calls) == len(model.layers) - 1 and len(seen) == 1
+            handle.remove()
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m)))
+            try:
+                calls.clear()
+                assert torch.equal(model(x), want) and not calls
+            finally:
+                handle.remove()
+    assert seen.count(mamba.BiMamba) == len(model.layers)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
     (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to
@@ -305,7 +334,7 @@ def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     rmeeto.reduction.apply(model, "rmeeto", r=4)
     x = torch.randn(2, 3, 32, 32)
     seen = []  # the workspaces themselves, kept alive: ids of freed objects can come back
-    for name, at in (("mamba_inner_cpu", 3), ("mixer_cpu", 4)):  # outside frozen, inside it
+    for name, at in (("mamba_inner_cpu", 3), ("block_cpu", 7)):  # outside frozen, inside it
         spy = getattr(mamba, name)
         monkeypatch.setattr(mamba, name, lambda *a, fn=spy, at=at, **k: seen.append(a[at]) or fn(*a, **k))
 

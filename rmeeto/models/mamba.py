@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from rmeeto.ops import (
     InnerParams,
     add_rms_norm_cpu,
+    block_cpu,
     causal_conv1d,
     fused_add_norm,
     fused_inner,
@@ -206,6 +207,24 @@ class BiMamba(nn.Module):
         with reuse() as workspace:  # the temporaries in CPU memory reused from block to block (rmeeto.ops.workspace)
             return self._forward(hidden, workspace)
 
+    def block_forward(self, norm: RMSNorm, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """A Vim block's ``normed, residual = norm.add_forward(hidden, residual)`` then ``(self(normed), residual)``
+        as one block_cpu call, or None where that does not apply. It does inside rmeeto.frozen, where this mixer
+        would run as one mixer_cpu call and the norm as its cpu kernel (fp32 contiguous, the cpu backend), without
+        gradients, Δ record or hooks on this mixer (the call skips nn.Module.__call__): the same bits."""
+        if self._prepared is None or self.record or _hooked(self):
+            return None
+        if wants_grad(chain([hidden, residual, norm.weight], self.parameters())):
+            return None
+        if not (fused_add_norm(hidden, residual, norm.weight) and (residual is None or residual.is_contiguous())):
+            return None
+        with reuse() as workspace:
+            laid_out = self._laid_out()
+            if not fused_mixer_cpu(hidden, *laid_out.in_proj, laid_out.out_proj):
+                return None
+            return block_cpu(hidden, residual, norm.weight, norm.eps, laid_out.in_proj, self._inner_params(laid_out),
+                             laid_out.out_proj, workspace)  # fmt: skip
+
     def _forward(self, hidden: Tensor, workspace: Workspace | None) -> Tensor:
         """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
         (which see the active workspace), in the workspace when one is given (nothing from it is returned).
@@ -281,6 +300,23 @@ def _derive(sources: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     """BiMamba._sources → _direction's tensors: Δ bias and D in fp32, A = −exp(A_log)."""
     conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, a_log, d = sources
     return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias.float(), -torch.exp(a_log.float()), d.float()
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook of its own or a global one: what nn.Module.__call__ checks
+    before it goes straight to forward (the global hooks are private names of torch.nn.modules.module)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
 
 
 def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:

@@ -112,7 +112,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        normed, residual = self.norm.add_forward(hidden if residual is None else self.drop_path(hidden), residual)
+        hidden = hidden if residual is None else self.drop_path(hidden)
+        if type(self.mixer) is BiMamba and type(self.norm) is RMSNorm:  # not a subclass: its forward may differ
+            fused = self.mixer.block_forward(self.norm, hidden, residual)
+            if fused is not None:
+                return fused
+        normed, residual = self.norm.add_forward(hidden, residual)
         return self.mixer(normed), residual
 
 

@@ -19,13 +19,14 @@ from .dispatch import (
     unavailable_backends,
     use_backend,
 )
-from .scan_cpu import InnerParams, add_rms_norm_cpu, mamba_inner_cpu, mixer_cpu, prepare_inner
+from .scan_cpu import InnerParams, add_rms_norm_cpu, block_cpu, mamba_inner_cpu, mixer_cpu, prepare_inner
 
 __all__ = [
     "InnerParams",
     "add_rms_norm_cpu",
     "available_backends",
     "backend_summary",
+    "block_cpu",
     "causal_conv1d",
     "fused_add_norm",
     "fused_inner",

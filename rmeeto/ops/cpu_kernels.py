@@ -1060,11 +1060,14 @@ def _packed_product(typingctx, gemm, a, packed, out, rows, n, k):
 
 
 @njit(fastmath=False, error_model="numpy", cache=True)
-def mixer_forward(gemm, hidden, in_x, in_z, x_proj, out_proj, xz, taps, conv_b, revs, conv, x_dbl, A, Dv, bias, dt_w,
-                  y, counter, xs, dt, dtu, ys, h, ps, out):  # fmt: skip
+def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, chunk, summed, normed, in_x, in_z,
+                  x_proj, out_proj, xz, taps, conv_b, revs, conv, x_dbl, A, Dv, bias, dt_w, y, counter, xs, dt, dtu, ys,
+                  h, ps, out):  # fmt: skip
     """A Vim mixer's forward without gradients with its products' weights packed for MKL (rmeeto.frozen), in one
-    call: out (B×L×C) = out_proj(scan(conv(in_proj_x(hidden)), in_proj_z(hidden))) for hidden B×L×C, what
-    mamba_inner_cpu between PackedLinear products computes, the same operations in the same order.
+    call: out (B×L×C) = out_proj(scan(conv(in_proj_x(x)), in_proj_z(x))) for x B×L×C, what mamba_inner_cpu
+    between PackedLinear products computes, the same operations in the same order. x is hidden; or with
+    ``add_norm``, a Vim block's add + RMSNorm first (add_rms_norm): summed = residual + hidden (hidden alone unless
+    has_residual), x = normed = RMSNorm(summed)·norm_w (all B×L×C; otherwise not read).
 
     in_x, in_z: in_proj's halves packed for B·L rows; x_proj: a tuple of P such copies of x_proj's weights, one per
     direction; out_proj likewise (with the halving in it). xz (2×B×L×Dᵢ: x, then z), conv (P×B×L×Dᵢ), x_dbl
@@ -1072,8 +1075,14 @@ def mixer_forward(gemm, hidden, in_x, in_z, x_proj, out_proj, xz, taps, conv_b, 
     gemm: rmeeto.ops.packed.COMPUTE_ADDRESS."""
     nb, nl, nc = hidden.shape
     rows, nd, nf = nb * nl, xz.shape[3], x_dbl.shape[3]
-    _packed_product(gemm, hidden, in_x, xz[0], rows, nd, nc)
-    _packed_product(gemm, hidden, in_z, xz[1], rows, nd, nc)
+    x = hidden
+    if add_norm:
+        flat = (rows, nc)
+        add_rms_norm(hidden.reshape(flat), residual.reshape(flat), has_residual, norm_w, eps, chunk,
+                     summed.reshape(flat), normed.reshape(flat))  # fmt: skip
+        x = normed
+    _packed_product(gemm, x, in_x, xz[0], rows, nd, nc)
+    _packed_product(gemm, x, in_z, xz[1], rows, nd, nc)
     conv_forward(xz[0], taps, conv_b, revs, True, conv)
     for p in range(len(x_proj)):
         _packed_product(gemm, conv[p], x_proj[p], x_dbl[p], rows, nf, nd)

@@ -361,6 +361,9 @@ _ONE_WAY = {False: np.array([False]), True: np.array([True])}
 _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
+_NO_NORM = np.ones(1, np.float32)
+"""mixer_forward's norm weight when it runs no add + RMSNorm (not read)."""
+
 
 class InnerParams(NamedTuple):
     """A mixer's directions' parameters as mamba_inner_cpu's kernels read them (prepare_inner), stacked along a
@@ -437,6 +440,7 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable
 def mixer_cpu(hidden: Tensor, in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
               workspace: Workspace) -> Tensor:  # fmt: skip
     """A Vim mixer's forward without gradients, B×L×C fp32 contiguous hidden → B×L×C (a new tensor), with every
@@ -444,20 +448,44 @@ def mixer_cpu(hidden: Tensor, in_proj: tuple[PackedLinear, PackedLinear], params
     computes and out_proj (the halving in it), all in one kernel call (cpu_kernels.mixer_forward), with the same
     bits. Between separate calls each tensor operation and Python step cost 3–5× its cost in a tight loop, as the
     big products and scans before it push the interpreter's code and data out of the core's caches: a merged
-    Vim-S 1.10× and an unreduced one 1.09× as fast so at batch 1, both 1.04× at batch 8 (docs/cpu_speed.md,
-    round 14). Intermediates in ``workspace``."""
+    Vim-S 1.07× and an unreduced one 1.09× as fast so at batch 1, 1.05× at batch 8 (docs/cpu_speed.md, round
+    14). Intermediates in ``workspace``."""
+    return _mixer(hidden, None, None, 0.0, in_proj, params, out_proj, workspace)[0]
+
+
+@torch.compiler.disable
+def block_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+              in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
+              workspace: Workspace) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A Vim block without gradients in one kernel call: (mixer_cpu(normed), summed) for ``normed, summed =
+    add_rms_norm_cpu(hidden, residual, weight, eps)``, with the same bits (B×L×C fp32 contiguous; two new tensors):
+    one dispatch and its Python fewer per block (docs/cpu_speed.md, round 14)."""
+    return _mixer(hidden, residual, weight, eps, in_proj, params, out_proj, workspace)
+
+
+def _mixer(hidden: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float,
+           in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
+           workspace: Workspace) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """mixer_cpu's (no ``weight``: summed is None) and block_cpu's work."""
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, L, nc = hidden.shape
     rows, ndir, nd = nb * L, len(params.x_proj), params.A.shape[1]
     nf, nn = params.x_proj[0].weight.shape[0], params.A.shape[2]
+    add_norm = weight is not None
+    summed = hidden.new_empty(nb, L, nc) if add_norm else None
+    normed = workspace.empty(nb, L, nc) if add_norm else hidden
     xz, conv = workspace.empty(2, nb, L, nd), workspace.empty(ndir, nb, L, nd)
     x_dbl, y, out = workspace.empty(ndir, nb, L, nf), workspace.empty(nb, L, nd), hidden.new_empty(nb, L, nc)
+    data = hidden.numpy()
+    norm = (data if residual is None else residual.numpy(), residual is not None,
+            _NO_NORM if weight is None else weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
+            data if summed is None else summed.numpy(), normed.numpy())  # fmt: skip
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        _k.mixer_forward(packed.COMPUTE_ADDRESS, hidden.numpy(), *(p.packed(rows).numpy() for p in in_proj),
-                         tuple(p.packed(rows).numpy() for p in params.x_proj), out_proj.packed(rows).numpy(),
-                         xz.numpy(), params.taps, params.conv_b, params.revs, conv.numpy(), x_dbl.numpy(), params.A,
-                         params.D, params.dt_bias, params.dt_w, y.numpy(), _counter(),
-                         *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
-    return out
+        packs = (*(p.packed(rows).numpy() for p in in_proj), tuple(p.packed(rows).numpy() for p in params.x_proj),
+                 out_proj.packed(rows).numpy())  # fmt: skip
+        _k.mixer_forward(packed.COMPUTE_ADDRESS, add_norm, data, *norm, *packs, xz.numpy(), params.taps, params.conv_b,
+                         params.revs, conv.numpy(), x_dbl.numpy(), params.A, params.D, params.dt_bias, params.dt_w,
+                         y.numpy(), _counter(), *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
+    return out, summed
