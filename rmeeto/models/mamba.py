@@ -302,21 +302,16 @@ def _derive(sources: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     return conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias.float(), -torch.exp(a_log.float()), d.float()
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook of its own or a global one: what nn.Module.__call__ checks
-    before it goes straight to forward (the global hooks are private names of torch.nn.modules.module)."""
+    before it goes straight to forward. The global hooks are private names of torch.nn.modules.module: where one
+    is missing (another torch), a hook is assumed."""
     from torch.nn.modules import module as torch_module
 
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks
-        or torch_module._global_backward_pre_hooks
-    )
+    return any(getattr(module, name) or getattr(torch_module, "_global" + name, True) for name in _HOOKS)
 
 
 def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
