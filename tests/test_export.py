@@ -60,7 +60,7 @@ def test_load_gives_identical_logits_with_the_reduction(tmp_path, reduction):
 
 def test_lit_module_exports_its_ema_weights(tmp_path):
     module = RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2}, ema_decay=0.5)
-    (ema,) = module.configure_callbacks()  # the EMA callback of the training run
+    (ema,) = [cb for cb in module.configure_callbacks() if isinstance(cb, EMA)]  # the training run's EMA callback
     module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ema], enable_progress_bar=False)
     ema.setup(module.trainer, module, "fit")
     with torch.no_grad():

@@ -421,3 +421,36 @@ def test_reduction_config_is_typed():
         Reduction(method="rmeeto", rr=8)
     with pytest.raises(ValueError, match="bad option for method 'rmeeto'"):
         RMeeToModule(model_overrides=TINY, reduction={"method": "rmeeto", "r": 2, "options": {"ordr": "x"}})
+
+
+def test_validation_and_test_epochs_run_inside_frozen_with_the_same_metrics(demo_shards, monkeypatch):
+    """FrozenEval opens rmeeto.frozen for the model and the EMA copy at each validation and test epoch (their blocks
+    then run as block_cpu calls) and closes it at the epoch's end: no mixer is left prepared, no workspace held.
+    The metrics are those of plain forwards, to the bit."""
+    import rmeeto.models.mamba as mamba
+    from rmeeto.lit.callbacks import FrozenEval
+    from rmeeto.ops import workspace
+
+    calls = []
+    monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: calls.append(1) or fn(*a, **k))
+
+    def evaluate(frozen_eval: bool) -> dict[str, float]:
+        if not frozen_eval:
+            monkeypatch.setattr(FrozenEval, "_open", lambda self, trainer, pl_module: None)
+        L.seed_everything(0)
+        module = RMeeToModule(model_overrides=TINY, reduction=REDUCTION, ema_decay=0.9)
+        run = trainer(limit_val_batches=2, limit_test_batches=2)
+        data = datamodule(demo_shards)
+        metrics = {**run.validate(module, datamodule=data)[0], **run.test(module, datamodule=data)[0]}
+        mixers = [m for model in (module.model, run.callbacks[-1].ema.module) for m in model.modules()
+                  if isinstance(m, mamba.BiMamba)]  # fmt: skip
+        assert isinstance(run.callbacks[-1], EMA) and all(m._prepared is None for m in mixers)
+        assert getattr(workspace._LOCAL, "held", None) is None
+        return metrics
+
+    frozen_metrics = evaluate(True)
+    assert len(calls) == 2 * 2 * 2 * TINY["depth"]  # (model, EMA) × 2 batches × (validation, test) × blocks
+    calls.clear()
+    plain_metrics = evaluate(False)
+    assert not calls and {"val/loss", "val_ema/loss", "test/loss", "test_ema/acc1"} <= set(frozen_metrics)
+    assert frozen_metrics == plain_metrics

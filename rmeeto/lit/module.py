@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from rmeeto import flops
 from rmeeto.data.transforms import mix, mixup_fn
-from rmeeto.lit.callbacks import EMA
+from rmeeto.lit.callbacks import EMA, FrozenEval
 from rmeeto.lit.metrics import EvalMetrics
 from rmeeto.lit.optim import cosine_schedule, param_groups
 from rmeeto.lit.precision import autocast_dtype, enable_tf32, frozen_forward
@@ -61,7 +61,8 @@ class RMeeToModule(L.LightningModule):
     batch sizes), else label smoothing CE; with ``distill`` plus ``distill_weight`` ×
     :func:`distillation_loss` against the unreduced model with the same starting weights (frozen, eval
     mode, run in the training precision). ``ema_decay`` adds the :class:`~rmeeto.lit.callbacks.EMA` callback
-    (an fp32 EMA of the weights, validated as ``val_ema/*`` next to ``val/*``, saved in checkpoints).
+    (an fp32 EMA of the weights, validated as ``val_ema/*`` next to ``val/*``, saved in checkpoints). Validation
+    and test epochs run inside :func:`rmeeto.frozen` (the :class:`~rmeeto.lit.callbacks.FrozenEval` callback).
     Gradient clipping and precision come from the Trainer.
     """
 
@@ -117,7 +118,7 @@ class RMeeToModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- set-up
     def configure_callbacks(self) -> list[Callback]:
-        return [EMA(self.hparams.ema_decay)] if self.hparams.ema_decay is not None else []
+        return [FrozenEval()] + ([EMA(self.hparams.ema_decay)] if self.hparams.ema_decay is not None else [])
 
     def setup(self, stage: str) -> None:
         """Report the GFLOPs per image (papers' convention) of the reduced model once per run; TF32 on GPUs."""
