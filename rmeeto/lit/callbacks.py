@@ -126,9 +126,9 @@ class FrozenEval(Callback):
 
     def _open(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close()
-        models = [pl_module.model] + [cb.ema.module for cb in trainer.callbacks if isinstance(cb, EMA) and cb.ema]
+        emas = [cb.ema.module for cb in trainer.callbacks if isinstance(cb, EMA) and cb.ema is not None]
         with ExitStack() as scopes:
-            for model in models:
+            for model in [pl_module.model, *emas]:
                 scopes.enter_context(frozen(model))
             self._scopes = scopes.pop_all()
 
