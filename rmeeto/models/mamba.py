@@ -19,6 +19,7 @@ from itertools import chain
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from rmeeto.ops import (
     InnerParams,
@@ -309,9 +310,10 @@ def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook of its own or a global one: what nn.Module.__call__ checks
     before it goes straight to forward. The global hooks are private names of torch.nn.modules.module: where one
     is missing (another torch), a hook is assumed."""
-    from torch.nn.modules import module as torch_module
-
-    return any(getattr(module, name) or getattr(torch_module, "_global" + name, True) for name in _HOOKS)
+    for name in _HOOKS:  # a plain loop, not any() over a generator: see rmeeto.ops.common.wants_grad
+        if getattr(module, name) or getattr(torch_module, "_global" + name, True):
+            return True
+    return False
 
 
 def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
