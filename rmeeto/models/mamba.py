@@ -27,6 +27,7 @@ from rmeeto.ops import (
     block_cpu,
     causal_conv1d,
     fused_add_norm,
+    fused_block_cpu,
     fused_inner,
     fused_inner_cpu,
     fused_mixer_cpu,
@@ -155,7 +156,9 @@ class BiMamba(nn.Module):
         if one of them got new data or changed in place since: its address or version counter moved)."""
         if self._prepared is None:
             return self._lay_out()
-        sources = self._sources("") + self._sources("_b") + (self.in_proj.weight, self.out_proj.weight)
+        modules = self._modules
+        sources = (*self._sources(""), *self._sources("_b"), _parameter(modules["in_proj"], "weight"),
+                   _parameter(modules["out_proj"], "weight"))  # fmt: skip
         if not self._prepared or self._prepared[0] != _stamp(sources):  # sources kept alive: a new parameter
             self._prepared[:] = _stamp(sources), sources, self._lay_out()  # cannot take a freed one's address
         return self._prepared[2]
@@ -176,11 +179,15 @@ class BiMamba(nn.Module):
 
     def _sources(self, suffix: str) -> tuple[Tensor | None, ...]:
         """The parameters of one direction as stored (conv weight and bias, x_proj and dt_proj weights, dt_proj
-        bias, A_log, D): what _direction derives its tensors from."""
-        modules = self._modules  # not getattr: nn.Module.__getattr__ made this 2.3× as slow (frozen: every forward)
-        conv, x_proj, dt_proj = modules["conv1d" + suffix], modules["x_proj" + suffix], modules["dt_proj" + suffix]
-        return (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
-                getattr(self, "A_log" if not suffix else "A_b_log"), getattr(self, f"D{suffix}"))  # fmt: skip
+        bias, A_log, D): what _direction derives its tensors from. Read from the modules' parameter dicts, not by
+        attribute: nn.Module.__getattr__, a Python function, made a frozen block's check of its parameters 3.3×
+        as slow (every forward; docs/cpu_speed.md, round 15)."""
+        conv, x_proj, dt_proj, a_log, d = _DIRECTIONS[suffix]
+        modules = self._modules
+        conv, x_proj, dt_proj = modules[conv], modules[x_proj], modules[dt_proj]
+        return (_parameter(conv, "weight"), _parameter(conv, "bias"), _parameter(x_proj, "weight"),
+                _parameter(dt_proj, "weight"), _parameter(dt_proj, "bias"), self._parameters[a_log],
+                self._parameters[d])  # fmt: skip
 
     def _forward_fused(self, hidden: Tensor) -> Tensor:
         """mamba-ssm's mamba_inner_fn per direction (the official Vim's bimamba-v2 path): B×L×C → B×L×C.
@@ -217,12 +224,10 @@ class BiMamba(nn.Module):
             return None
         if wants_grad(chain([hidden, residual, norm.weight], self.parameters())):
             return None
-        if not (fused_add_norm(hidden, residual, norm.weight) and (residual is None or residual.is_contiguous())):
+        laid_out = self._laid_out()
+        if not fused_block_cpu(hidden, residual, norm.weight, *laid_out.in_proj, laid_out.out_proj):
             return None
         with reuse() as workspace:
-            laid_out = self._laid_out()
-            if not fused_mixer_cpu(hidden, *laid_out.in_proj, laid_out.out_proj):
-                return None
             return block_cpu(hidden, residual, norm.weight, norm.eps, laid_out.in_proj, self._inner_params(laid_out),
                              laid_out.out_proj, workspace)  # fmt: skip
 
@@ -314,6 +319,18 @@ def _hooked(module: nn.Module) -> bool:
         if getattr(module, name) or getattr(torch_module, "_global" + name, True):
             return True
     return False
+
+
+_DIRECTIONS = {"": ("conv1d", "x_proj", "dt_proj", "A_log", "D"), "_b": ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")}
+"""BiMamba's module and parameter names per direction suffix."""
+_MISSING = object()
+
+
+def _parameter(module: nn.Module, name: str) -> Tensor | None:
+    """``getattr(module, name)`` for a parameter, from the module's parameter dict where it is registered there (a
+    dict lookup instead of nn.Module.__getattr__), else by attribute (a wrapper's or parametrization's property)."""
+    found = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if found is _MISSING else found
 
 
 def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:

@@ -1059,10 +1059,30 @@ def _packed_product(typingctx, gemm, a, packed, out, rows, n, k):
     return sig, codegen
 
 
+@njit(inline="always")
+def _mixer_parts(rows, nc, nd, nf, ndir):
+    """The floats of mixer_forward's intermediates, in the order they lie in ``work``: normed, xz, conv, x_dbl, y."""
+    return rows * nc, 2 * rows * nd, ndir * rows * nd, ndir * rows * nf, rows * nd
+
+
+@njit(inline="always")
+def _lines(n):
+    """n floats rounded up to whole 64-byte lines (16 floats)."""
+    return -(-n // 16) * 16
+
+
+@njit(cache=True)
+def mixer_work(rows, nc, nd, nf, ndir):
+    """The floats mixer_forward's ``work`` takes for B·L = rows, C = nc, Dᵢ = nd, R+2N = nf and P = ndir."""
+    total = 0
+    for n in _mixer_parts(rows, nc, nd, nf, ndir):
+        total += _lines(n)
+    return total
+
+
 @njit(fastmath=False, error_model="numpy", cache=True)
-def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, chunk, summed, normed, in_x, in_z,
-                  x_proj, out_proj, xz, taps, conv_b, revs, conv, x_dbl, A, Dv, bias, dt_w, y, counter, xs, dt, dtu, ys,
-                  h, ps, out):  # fmt: skip
+def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, chunk, summed, in_x, in_z, x_proj,
+                  out_proj, taps, conv_b, revs, A, Dv, bias, dt_w, work, counter, xs, dt, dtu, ys, h, ps, out):  # fmt: skip
     """A Vim mixer's forward without gradients with its products' weights packed for MKL (rmeeto.frozen), in one
     call: out (B×L×C) = out_proj(scan(conv(in_proj_x(x)), in_proj_z(x))) for x B×L×C, what mamba_inner_cpu
     between PackedLinear products computes, the same operations in the same order. x is hidden; or with
@@ -1070,11 +1090,25 @@ def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, c
     has_residual), x = normed = RMSNorm(summed)·norm_w (all B×L×C; otherwise not read).
 
     in_x, in_z: in_proj's halves packed for B·L rows; x_proj: a tuple of P such copies of x_proj's weights, one per
-    direction; out_proj likewise (with the halving in it). xz (2×B×L×Dᵢ: x, then z), conv (P×B×L×Dᵢ), x_dbl
-    (P×B×L×(R+2N)) and y (B×L×Dᵢ) take the intermediates; the other arrays are scan_forward's (token-major).
+    direction; out_proj likewise (with the halving in it). work (1-d, mixer_work's floats, 64-byte aligned) takes
+    the intermediates, each from a line: normed (B×L×C), xz (2×B×L×Dᵢ: x, then z), conv (P×B×L×Dᵢ), x_dbl
+    (P×B×L×(R+2N)) and y (B×L×Dᵢ); one buffer, not five, as each array handed over costs Python steps at every
+    call (docs/cpu_speed.md, round 15). The other arrays are scan_forward's (token-major).
     gemm: rmeeto.ops.packed.COMPUTE_ADDRESS."""
     nb, nl, nc = hidden.shape
-    rows, nd, nf = nb * nl, xz.shape[3], x_dbl.shape[3]
+    ndir, nd, nn = A.shape
+    rows, nf = nb * nl, dt_w.shape[1] + 2 * nn
+    n_normed, n_xz, n_conv, n_x_dbl, n_y = _mixer_parts(rows, nc, nd, nf, ndir)
+    at = 0
+    normed = work[at : at + n_normed].reshape((nb, nl, nc))
+    at += _lines(n_normed)
+    xz = work[at : at + n_xz].reshape((2, nb, nl, nd))
+    at += _lines(n_xz)
+    conv = work[at : at + n_conv].reshape((ndir, nb, nl, nd))
+    at += _lines(n_conv)
+    x_dbl = work[at : at + n_x_dbl].reshape((ndir, nb, nl, nf))
+    at += _lines(n_x_dbl)
+    y = work[at : at + n_y].reshape((nb, nl, nd))
     x = hidden
     if add_norm:
         flat = (rows, nc)

@@ -182,11 +182,24 @@ def fused_mixer_cpu(hidden: Tensor, *linears: PackedLinear | None, backend: str 
     """True when a whole Vim mixer on hidden (B×L×C) can run as scan_cpu.mixer_cpu: the `cpu` backend, hidden fp32
     and contiguous, autocast off, and each of its products' ``linears`` packs its weight (PackedLinear.packs)."""
     return (
-        hidden.dtype == torch.float32
+        hidden.is_cpu
+        and hidden.dtype == torch.float32
         and hidden.is_contiguous()
-        and not torch.is_autocast_enabled(hidden.device.type)
+        and not torch.is_autocast_enabled("cpu")
         and all(linear is not None and linear.packs for linear in linears)
         and resolve_backend(hidden, backend) == "cpu"
+    )
+
+
+def fused_block_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, *linears: PackedLinear | None) -> bool:
+    """True when a Vim block, add + RMSNorm (``weight``) then a mixer with these products' ``linears``, can run as one
+    scan_cpu.block_cpu call: fused_mixer_cpu's conditions, and the norm weight and residual (when given) fp32, the
+    residual contiguous. One check of the backend instead of fused_add_norm's and fused_mixer_cpu's two: a frozen
+    Vim at batch 1 makes it every block (docs/cpu_speed.md, round 15)."""
+    return (
+        weight.dtype == torch.float32
+        and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))
+        and fused_mixer_cpu(hidden, *linears)
     )
 
 

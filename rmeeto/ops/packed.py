@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,16 +65,17 @@ class PackedLinear:
 
     def __init__(self, weight: Tensor, alpha: float = 1.0, pack: bool = True):
         self.weight, self.alpha, self.pack = weight.detach(), alpha, pack
-        self._packs: dict[tuple[int, int], Tensor] = {}  # (rows, threads) → packed copy, least recently used first
+        self._packs: dict[tuple[int, int], np.ndarray] = {}  # (rows, threads) → packed copy, least recently used first
 
     @property
     def packs(self) -> bool:
         """Whether fp32 products go through a packed copy (``pack`` and MKL available)."""
         return self.pack and AVAILABLE
 
-    def packed(self, rows: int) -> Tensor:
+    def packed(self, rows: int) -> np.ndarray:
         """The copy packed for a product with ``rows`` rows on torch's current thread count (packing it if need
-        be): MKL's format, for cblas_sgemm_compute only. Needs :attr:`packs`."""
+        be): MKL's format, for cblas_sgemm_compute only; a numpy array, as the numba kernels take it (converting
+        at every call cost a frozen Vim block some µs, docs/cpu_speed.md, round 15). Needs :attr:`packs`."""
         key = (rows, torch.get_num_threads())
         buf = self._packs.pop(key, None)
         if buf is None:
@@ -81,9 +83,10 @@ class PackedLinear:
                 del self._packs[next(iter(self._packs))]
             n, k = self.weight.shape
             w = self.weight.contiguous()
-            buf = torch.empty(-(-_LIB.cblas_sgemm_pack_get_size(B_MATRIX, rows, n, k) // 4), dtype=torch.float32)
+            size = -(-_LIB.cblas_sgemm_pack_get_size(B_MATRIX, rows, n, k) // 4)
+            buf = torch.empty(size, dtype=torch.float32).numpy()  # torch's allocation: 64-byte aligned
             _LIB.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
-                                  buf.data_ptr())  # fmt: skip
+                                  buf.ctypes.data)  # fmt: skip
         self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
         return buf
 
@@ -103,5 +106,5 @@ class PackedLinear:
         if rows == 0:
             return out
         _LIB.cblas_sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, rows, n, k, a.data_ptr(), a.stride(0),
-                                 self.packed(rows).data_ptr(), n, 0.0, out.data_ptr(), n)  # fmt: skip
+                                 self.packed(rows).ctypes.data, n, 0.0, out.data_ptr(), n)  # fmt: skip
         return out

@@ -470,22 +470,19 @@ def _mixer(hidden: Tensor, residual: Tensor | None, weight: Tensor | None, eps: 
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
     nb, L, nc = hidden.shape
-    rows, ndir, nd = nb * L, len(params.x_proj), params.A.shape[1]
-    nf, nn = params.x_proj[0].weight.shape[0], params.A.shape[2]
-    add_norm = weight is not None
-    summed = hidden.new_empty(nb, L, nc) if add_norm else None
-    normed = workspace.empty(nb, L, nc) if add_norm else hidden
-    xz, conv = workspace.empty(2, nb, L, nd), workspace.empty(ndir, nb, L, nd)
-    x_dbl, y, out = workspace.empty(ndir, nb, L, nf), workspace.empty(nb, L, nd), hidden.new_empty(nb, L, nc)
+    rows, (ndir, nd, nn), nf = nb * L, params.A.shape, params.x_proj[0].weight.shape[0]
+    summed = hidden.new_empty(nb, L, nc) if weight is not None else None
+    out = hidden.new_empty(nb, L, nc)
+    work = workspace.empty(_k.mixer_work(rows, nc, nd, nf, ndir))
     data = hidden.numpy()
     norm = (data if residual is None else residual.numpy(), residual is not None,
             _NO_NORM if weight is None else weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
-            data if summed is None else summed.numpy(), normed.numpy())  # fmt: skip
+            data if summed is None else summed.numpy())  # fmt: skip
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        packs = (*(p.packed(rows).numpy() for p in in_proj), tuple(p.packed(rows).numpy() for p in params.x_proj),
-                 out_proj.packed(rows).numpy())  # fmt: skip
-        _k.mixer_forward(packed.COMPUTE_ADDRESS, add_norm, data, *norm, *packs, xz.numpy(), params.taps, params.conv_b,
-                         params.revs, conv.numpy(), x_dbl.numpy(), params.A, params.D, params.dt_bias, params.dt_w,
-                         y.numpy(), _counter(), *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
+        packs = (*(p.packed(rows) for p in in_proj), tuple(p.packed(rows) for p in params.x_proj),
+                 out_proj.packed(rows))  # fmt: skip
+        _k.mixer_forward(packed.COMPUTE_ADDRESS, weight is not None, data, *norm, *packs, params.taps, params.conv_b,
+                         params.revs, params.A, params.D, params.dt_bias, params.dt_w, work.numpy(), _counter(),
+                         *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
     return out, summed

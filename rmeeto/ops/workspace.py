@@ -71,16 +71,25 @@ def hold() -> Iterator[None]:
         _LOCAL.held = outer
 
 
-@contextmanager
-def reuse() -> Iterator[Workspace]:
-    """Hand out buffers from the held workspace from its first slot (from a new one when nothing is held,
-    or inside another ``reuse()``), and make it the active one."""
-    outer = active()
-    held = getattr(_LOCAL, "held", None)
-    workspace = held if held is not None and outer is None else Workspace()
-    workspace.restart()
-    _LOCAL.active = workspace
-    try:
-        yield workspace
-    finally:
-        _LOCAL.active = outer
+class _Reuse:
+    """reuse()'s context manager. A class, not @contextmanager: a frozen Vim enters one every block, and the
+    generator's extra steps cost several µs each time there (docs/cpu_speed.md, round 15)."""
+
+    __slots__ = ("outer",)
+
+    def __enter__(self) -> Workspace:
+        self.outer = active()
+        held = getattr(_LOCAL, "held", None)
+        workspace = held if held is not None and self.outer is None else Workspace()
+        workspace.restart()
+        _LOCAL.active = workspace
+        return workspace
+
+    def __exit__(self, *exc: object) -> None:
+        _LOCAL.active = self.outer
+
+
+def reuse() -> _Reuse:
+    """``with reuse() as workspace:`` hand out buffers from the held workspace from its first slot (from a new
+    one when nothing is held, or inside another ``reuse()``), and make it the active one until the block ends."""
+    return _Reuse()
