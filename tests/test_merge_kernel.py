@@ -94,8 +94,8 @@ def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel():
     assert len(calls) == len(reducer.schedule.blocks) and torch.equal(fast, general)
 
 
-@pytest.mark.parametrize("case", ["gradients", "bf16 hidden", "source tracked", "torch backend", "odd_even",
-                                  "prune", "mean", "metric delta"])
+@pytest.mark.parametrize("case", ["gradients", "bf16 hidden", "autocast", "source tracked", "torch backend",
+                                  "odd_even", "prune", "mean", "metric delta"])
 def test_the_kernel_is_used_only_where_it_applies(case):
     options = {"odd_even": {"order": "odd_even"}, "prune": {}, "mean": {"op": "mean"},
                "metric delta": {"metric": "delta"}}.get(case, {})
@@ -121,7 +121,8 @@ def test_the_kernel_is_used_only_where_it_applies(case):
             with use_backend("torch"), torch.no_grad():
                 reducer(2, s)
         else:
-            with torch.set_grad_enabled(case == "gradients"):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+            with torch.set_grad_enabled(case == "gradients"), autocast:
                 out = reducer(2, s)
             if case == "gradients":
                 out.hidden.sum().backward()

@@ -321,7 +321,10 @@ def _hooked(module: nn.Module) -> bool:
     return False
 
 
-_DIRECTIONS = {"": ("conv1d", "x_proj", "dt_proj", "A_log", "D"), "_b": ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")}
+_DIRECTIONS = {
+    "": ("conv1d", "x_proj", "dt_proj", "A_log", "D"),
+    "_b": ("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b"),
+}
 """BiMamba's module and parameter names per direction suffix."""
 _MISSING = object()
 

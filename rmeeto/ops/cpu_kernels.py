@@ -1082,7 +1082,8 @@ def mixer_work(rows, nc, nd, nf, ndir):
 
 @njit(fastmath=False, error_model="numpy", cache=True)
 def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, chunk, summed, in_x, in_z, x_proj,
-                  out_proj, taps, conv_b, revs, A, Dv, bias, dt_w, work, counter, xs, dt, dtu, ys, h, ps, out):  # fmt: skip
+                  out_proj, taps, conv_b, revs, A, Dv, bias, dt_w, work, counter, xs, dt, dtu, ys, h, ps,
+                  out):  # fmt: skip
     """A Vim mixer's forward without gradients with its products' weights packed for MKL (rmeeto.frozen), in one
     call: out (B×L×C) = out_proj(scan(conv(in_proj_x(x)), in_proj_z(x))) for x B×L×C, what mamba_inner_cpu
     between PackedLinear products computes, the same operations in the same order. x is hidden; or with

@@ -34,7 +34,7 @@ def unit_halves(hidden, norms, cls_index, a, b):
 def _slots(n, p, r, node_idx, src, dest):
     """One image's plan: dest[t] = output slot of token t (N tokens, cls at p) → the cls token's slot.
 
-    The A tokens (even positions among the N − 1 others) listed in src (r of them) join the B token
+    The A tokens (even positions among the N − 1 others) listed first in src (r of them) join the B token
     node_idx names (odd positions); the others survive in order; cls goes to int(p·(N − r)/N) and the slots
     at or after it move up by one.
     """
@@ -91,17 +91,19 @@ def _wavg_row(x, tokens, lo, hi, size, total, out):
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def bipartite_wavg(hidden, residual, size, cls_index, node_idx, src, out_hidden, out_residual, out_size, cls_slot):
+def bipartite_wavg(hidden, residual, size, cls_index, node_idx, edge_idx, removed, out_hidden, out_residual, out_size,
+                   cls_slot):  # fmt: skip
     """Merge B×N×C hidden and residual streams (B×N sizes, cls at cls_index) into K + 1 slots: the A tokens in
-    src (B×r, by A index) join the B token node_idx names (B×Na); out_* B×(K+1)×C and B×(K+1); cls_slot (B)
-    gets cls's new position. All float32 contiguous but the int64 indices; no bounds checks."""
+    the first ``removed`` columns of edge_idx (B×Na, by A index) join the B token node_idx names (B×Na); out_*
+    B×(K+1)×C and B×(K+1); cls_slot (B) gets cls's new position. All float32 contiguous but the int64 indices;
+    no bounds checks."""
     nb, n = size.shape
     k1 = out_size.shape[1]
     first = np.empty((nb, k1 + 1), np.int64)
     tokens = np.empty((nb, n), np.int64)
     dest = np.empty((nb, n), np.int64)
     for b in range(nb):  # O(N) each: not worth a parallel region
-        cls_slot[b] = _slots(n, cls_index[b], src.shape[1], node_idx[b], src[b], dest[b])
+        cls_slot[b] = _slots(n, cls_index[b], removed, node_idx[b], edge_idx[b], dest[b])
         _group(dest[b], k1, first[b], tokens[b])
     chunks = (k1 + SLOTS_PER_TASK - 1) // SLOTS_PER_TASK
     for task in prange(nb * chunks):
