@@ -17,6 +17,7 @@ from rmeeto.ops import (
     causal_conv1d,
     dispatch,
     get_backend,
+    packed,
     scan_cpu,
     scan_torch,
     selective_scan,
@@ -627,6 +628,25 @@ def test_fused_add_norm_only_where_the_kernel_applies():
         assert dispatch.fused_add_norm(x, x, w)
         assert not dispatch.fused_add_norm(x.bfloat16(), x, w)
         assert not dispatch.fused_add_norm(x, x, w, backend="torch")
+
+
+@pytest.mark.skipif("cpu" not in FAST or not packed.AVAILABLE, reason="numba or MKL missing")
+def test_fused_block_cpu_only_where_one_kernel_call_applies():
+    """A whole frozen block: fp32 contiguous hidden and residual (or none), an fp32 norm weight, every product on
+    a packed copy, autocast off, the cpu backend."""
+    x, w = torch.randn(1, 3, 8), torch.ones(8)
+    linears = [packed.PackedLinear(torch.randn(16, 8)), packed.PackedLinear(torch.randn(8, 16))]
+    with use_backend("cpu"):
+        assert dispatch.fused_block_cpu(x, x, w, *linears) and dispatch.fused_block_cpu(x, None, w, *linears)
+        assert not dispatch.fused_block_cpu(x, x, w.bfloat16(), *linears)
+        assert not dispatch.fused_block_cpu(x, torch.randn(1, 8, 3).transpose(1, 2), w, *linears)
+        assert not dispatch.fused_block_cpu(x, x.double(), w, *linears)
+        assert not dispatch.fused_block_cpu(x, x, w, *linears, packed.PackedLinear(torch.randn(8, 8), pack=False))
+        assert not dispatch.fused_block_cpu(x, x, w, *linears, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not dispatch.fused_block_cpu(x, x, w, *linears)
+    with use_backend("torch"):
+        assert not dispatch.fused_block_cpu(x, x, w, *linears)
 
 
 # --- selection -------------------------------------------------------------------------------------
