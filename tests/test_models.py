@@ -251,6 +251,27 @@ def test_frozen_lays_out_mamba_inner_cpus_parameters_only_for_the_cpu_backend(mo
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_reads_a_parametrized_weight_through_its_property():
+    """A mixer weight under torch's parametrize (no longer in its module's parameter dict) is read by attribute inside
+    frozen: the parametrized value, so the same logits to the bit as the unfrozen model's."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = tiny(embed_dim=40).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), use_backend("cpu"):
+        before = model(x)
+        parametrize.register_parametrization(model.layers[1].mixer.x_proj_b, "weight", Double())
+        want = model(x)
+        with rmeeto.frozen(model):
+            got = model(x)
+    assert not torch.equal(want, before) and torch.equal(got, want)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_calls_a_hooked_out_proj_as_a_module():
     """Inside frozen, an out_proj with a forward hook is called as a module (not by its packed weight): the hook
     runs in every block, and its change to the output shows in the logits."""
