@@ -755,13 +755,14 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_backward(
-    u, delta, z, gout, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z,
+    u, delta, z, gout, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, add_z,
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
     xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
 ):  # fmt: skip
     """Gradients of scan_forward, reading the inputs again (full token-major blocks in place, the others
     gathered into xs: u, delta, z, gout) and recomputing the states. gout, gu, gdelta, gz in the layout of
-    u (tm); gB, gC in scan order.
+    u (tm); gB, gC in scan order. With add_z (tm only) ∂z is added to gz (another direction's, which read the
+    same z) instead of written there.
 
     Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
     (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
@@ -810,7 +811,7 @@ def scan_backward(
                 _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
                 _from_rows(ghb_flat, g * row, tm, rev, gu, b, k)
                 if has_z:
-                    _from_rows(yb_flat, g * row, tm, rev, gz, b, k)
+                    _from_rows(yb_flat, g * row, tm, rev, gz, b, k, add_z)
             task = _take(counter)
 
 
@@ -925,10 +926,11 @@ def conv_forward(x, wt, bias, revs, silu, out):
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def conv_backward(x, wt, bias, rev, silu, gout, chunk, ga, gx, gw, gbias):
-    """Gradients of conv_forward: gx (B×L×D) and per-task partial sums gw (P×K×D) and gbias (P×D), task p
-    covering batch p // C, rows [(p % C)·chunk, …) of L (C = ⌈L / chunk⌉ tasks per image). ga (B×L×D
-    scratch) receives ∂/∂(pre-activation)."""
+def conv_backward(x, wt, bias, rev, silu, gout, chunk, add_gx, ga, gx, gw, gbias):
+    """Gradients of conv_forward: gx (B×L×D; added to it with add_gx, as for another direction's conv of the
+    same x) and per-task partial sums gw (P×K×D) and gbias (P×D), task p covering batch p // C, rows
+    [(p % C)·chunk, …) of L (C = ⌈L / chunk⌉ tasks per image). ga (B×L×D scratch) receives
+    ∂/∂(pre-activation)."""
     nb, nl, nd = x.shape
     nk = wt.shape[0]
     nchunk = (nl + chunk - 1) // chunk
@@ -959,8 +961,10 @@ def conv_backward(x, wt, bias, rev, silu, gout, chunk, ga, gx, gw, gbias):
             for d in range(nd):
                 gw[task, k, d] = 0
         for s in range(c * chunk, min(nl, (c + 1) * chunk)):
+            if not add_gx:
+                for d in range(nd):
+                    gx[b, s, d] = 0
             for d in range(nd):
-                gx[b, s, d] = 0
                 gbias[task, d] += ga[b, s, d]
             for k in range(nk):
                 t = s - nk + 1 + k if rev else s + nk - 1 - k  # the output row that read x[s] through tap k

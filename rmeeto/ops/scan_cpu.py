@@ -122,30 +122,40 @@ class _CpuScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        u, delta, z = ctx.saved_tensors
-        tm, reverse = ctx.tm, ctx.reverse
-        nb, nd, L = gout.shape
-        nn, lanes = ctx.arrays[0].shape[1], _k.LANES
-        nblk = math.ceil(nd / lanes)
-        gout = _layout(gout.float(), tm)
-        g_u, g_delta = _new(u, tm), _new(u, tm)
-        g_z = _new(u, tm) if ctx.has_z else g_u
-        g_A = gout.new_empty(nb, nblk, nn, lanes)
-        g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
-        with kernel_lock as threads:
-            parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
-            groups = min(threads, nb * parts)
-            g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
-            scratch = _scratch(_k.backward_scratch(L, nn), groups)
-            data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
-            _k.scan_backward(*data[:4], tm, reverse, *ctx.arrays, ctx.softplus, ctx.has_z,
-                             *data[4:], *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
-        g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
-        g_B, g_C = (g.sum(0).flip(-1) if reverse else g.sum(0) for g in (g_B, g_C))
-        g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = _scan_grads(
+            *ctx.saved_tensors, ctx.tm, ctx.arrays, ctx.softplus, ctx.has_z, ctx.reverse, gout
+        )
         needs = ctx.needs_input_grad
-        optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
+        optional = (g_D if needs[5] else None, g_z if ctx.has_z and needs[6] else None, g_bias if needs[7] else None)
         return g_u, g_delta, g_A, g_B, g_C, *optional, None, None
+
+
+def _scan_grads(u: Tensor, delta: Tensor, z: Tensor, tm: bool, arrays: tuple, softplus: bool, has_z: bool,
+                reverse: bool, gout: Tensor, g_z: Tensor | None = None) -> tuple[Tensor, ...]:  # fmt: skip
+    """The backward kernel for what _scan saved (u, delta, z laid out, tm, its arrays) and ∂out (B×D×L) →
+    (g_u, g_delta, g_A D×N, g_B, g_C B×N×L in sequence order, g_D, g_z, g_bias). With ``g_z`` (token-major, tm
+    only) ∂z is added to it (another scan direction's ∂z of the same z), which is returned as g_z."""
+    nb, nd, L = gout.shape
+    nn, lanes = arrays[0].shape[1], _k.LANES
+    nblk = math.ceil(nd / lanes)
+    gout = _layout(gout.float(), tm)
+    g_u, g_delta = _new(u, tm), _new(u, tm)
+    add_z = g_z is not None
+    g_z = (g_z if add_z else _new(u, tm)) if has_z else g_u
+    g_A = gout.new_empty(nb, nblk, nn, lanes)
+    g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
+    with kernel_lock as threads:
+        parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
+        groups = min(threads, nb * parts)
+        g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
+        scratch = _scratch(_k.backward_scratch(L, nn), groups)
+        data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
+        _k.scan_backward(*data[:4], tm, reverse, *arrays, softplus, has_z, add_z, *data[4:],
+                         *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
+    g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
+    g_B, g_C = (g.sum(0).flip(-1) if reverse else g.sum(0) for g in (g_B, g_C))
+    g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
+    return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias
 
 
 def token_major(x: Tensor) -> bool:
@@ -268,17 +278,25 @@ class _CpuConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        x, taps, b = ctx.saved_tensors
-        nb, nd, L = x.shape
-        parts = nb * math.ceil(L / _CONV_CHUNK)
-        ga, g_x = _new(x, True), _new(x, True)
-        g_w, g_b = x.new_empty(parts, taps.shape[0], nd), x.new_empty(parts, nd)
-        with kernel_lock:
-            _k.conv_backward(_np_of(x, True), taps.numpy(), b.numpy(), ctx.reverse, ctx.silu,
-                             _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, _np_of(ga, True),
-                             _np_of(g_x, True), g_w.numpy(), g_b.numpy())  # fmt: skip
-        g_w = g_w.sum(0).t().reshape(ctx.weight_shape)
-        return g_x, g_w, g_b.sum(0) if ctx.has_bias else None, None, None
+        g_x, g_w, g_b = _conv_grads(*ctx.saved_tensors, ctx.silu, ctx.reverse, gout)
+        return g_x, g_w.reshape(ctx.weight_shape), g_b if ctx.has_bias else None, None, None
+
+
+def _conv_grads(x: Tensor, taps: Tensor, b: Tensor, silu: bool, reverse: bool, gout: Tensor,
+                g_x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The conv's backward kernel for what _conv saved (x token-major, the K×D taps, the bias) and ∂out (B×D×L)
+    → (g_x token-major, g_w D×K, g_b); with ``g_x`` (token-major) ∂x is added to it (another direction's conv of
+    the same x), which is returned."""
+    nb, nd, L = x.shape
+    parts = nb * math.ceil(L / _CONV_CHUNK)
+    add_x = g_x is not None
+    ga, g_x = _new(x, True), (g_x if add_x else _new(x, True))
+    g_w, g_b = x.new_empty(parts, taps.shape[0], nd), x.new_empty(parts, nd)
+    with kernel_lock:
+        _k.conv_backward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu,
+                         _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, add_x, _np_of(ga, True),
+                         _np_of(g_x, True), g_w.numpy(), g_b.numpy())  # fmt: skip
+    return g_x, g_w.sum(0).t(), g_b.sum(0)
 
 
 _CONV_CHUNK = 32
