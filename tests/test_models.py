@@ -174,6 +174,40 @@ def test_backward_branch_scans_the_flipped_sequence_and_records_in_sequence_orde
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_a_mixer_with_gradients_is_one_autograd_node_on_the_cpu_kernels(monkeypatch):
+    """With gradients on the cpu backend a mixer's two directions are one mamba_inner_cpu_grad call, with the
+    per-direction path's output to the bit and its gradients to rounding (the second direction's ∂x and ∂z are
+    added by the kernels, x_proj's input gradient by addmm); a mixer that records Δ, or under autocast, takes the
+    per-direction path."""
+    import rmeeto.models.mamba as mamba
+
+    mixer = tiny(embed_dim=40).layers[0].mixer
+    calls = []
+    spy = mamba.mamba_inner_cpu_grad
+    monkeypatch.setattr(mamba, "mamba_inner_cpu_grad", lambda *a: calls.append(1) or spy(*a))
+    hidden = torch.randn(3, 9, 40, requires_grad=True)
+    results = []
+    with use_backend("cpu"):
+        for record in (False, True):
+            mixer.zero_grad()
+            hidden.grad = None
+            mixer.record = record
+            out = mixer(hidden)
+            out.square().sum().backward()
+            results.append((out.detach(), hidden.grad, {n: p.grad for n, p in mixer.named_parameters()}))
+        assert calls == [1]
+        mixer.record = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixer(hidden)
+        assert calls == [1]
+    (out, g_hidden, grads), (want, want_hidden, want_grads) = results
+    assert torch.equal(out, want)
+    torch.testing.assert_close(g_hidden, want_hidden, rtol=1e-5, atol=1e-6 * want_hidden.abs().max().item())
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 @pytest.mark.parametrize("method", [None, "rmeeto", "mtr"])
 def test_vim_on_the_cpu_kernels_matches_ref(method):
     """The token-major cpu path (numba conv and reverse scans, no flipped copies) against the ref backend's

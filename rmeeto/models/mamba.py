@@ -33,6 +33,7 @@ from rmeeto.ops import (
     fused_mixer_cpu,
     mamba_inner,
     mamba_inner_cpu,
+    mamba_inner_cpu_grad,
     mixer_cpu,
     prepare_inner,
     selective_scan,
@@ -250,6 +251,9 @@ class BiMamba(nn.Module):
         x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2) for w, packed in halves)  # B×Dᵢ×L
         if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
             return self._project(mamba_inner_cpu(x, z, self._inner_params(laid_out), workspace), laid_out.out_proj)
+        if workspace is None and not self.record and fused_inner_cpu(x) and not torch.is_autocast_enabled("cpu"):
+            # gradients (or tensors off the CPU, which fused_inner_cpu rules out): both directions as one node
+            return self._project(mamba_inner_cpu_grad(x, z, self._direction(""), self._direction("_b")))
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:

@@ -20,7 +20,15 @@ from .dispatch import (
     unavailable_backends,
     use_backend,
 )
-from .scan_cpu import InnerParams, add_rms_norm_cpu, block_cpu, mamba_inner_cpu, mixer_cpu, prepare_inner
+from .scan_cpu import (
+    InnerParams,
+    add_rms_norm_cpu,
+    block_cpu,
+    mamba_inner_cpu,
+    mamba_inner_cpu_grad,
+    mixer_cpu,
+    prepare_inner,
+)
 
 __all__ = [
     "InnerParams",
@@ -37,6 +45,7 @@ __all__ = [
     "get_backend",
     "mamba_inner",
     "mamba_inner_cpu",
+    "mamba_inner_cpu_grad",
     "mixer_cpu",
     "prepare_inner",
     "selective_scan",

@@ -173,8 +173,8 @@ def fused_inner(x: Tensor, conv_width: int, backend: str | None = None) -> bool:
 
 
 def fused_inner_cpu(x: Tensor, backend: str | None = None) -> bool:
-    """True when a mixer direction on x (B×Dᵢ×L, token-major) can run as scan_cpu.mamba_inner_cpu: the `cpu`
-    backend and fp32 (the caller has checked that no gradient or record is wanted)."""
+    """True when a mixer's directions on x (B×Dᵢ×L, token-major) can run as scan_cpu.mamba_inner_cpu (no gradients)
+    or mamba_inner_cpu_grad: the `cpu` backend and fp32 (the caller has checked that no record is wanted)."""
     return x.dtype == torch.float32 and resolve_backend(x, backend) == "cpu" and scan_cpu.token_major(x)
 
 

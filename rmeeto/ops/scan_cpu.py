@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -456,6 +457,64 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
                         params.D, params.dt_bias, True, True, out.numpy(), _counter(),
                         *_scratch(_k.forward_scratch(L, nn), groups), x_dbl_np, params.dt_w)  # fmt: skip
     return out.transpose(1, 2)
+
+
+@torch.compiler.disable
+def mamba_inner_cpu_grad(x: Tensor, z: Tensor, *directions: tuple[Tensor | None, ...]) -> Tensor:
+    """A Vim mixer's two scan directions with gradients, as one autograd node on the cpu kernels: x, z (B×Dᵢ×L
+    fp32, token-major) and each direction's (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D), forwards then
+    backwards → y_f + y_b (B×Dᵢ×L, token-major). The forward runs the operations BiMamba._scan runs (the same
+    bits); see _CpuInner for the backward."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu mixer kernels need numba")
+    if len(directions) != 2:
+        raise ValueError(f"mamba_inner_cpu_grad takes a Vim mixer's two scan directions, got {len(directions)}")
+    return _CpuInner.apply(x, z, *directions[0], *directions[1])
+
+
+class _CpuInner(torch.autograd.Function):
+    """mamba_inner_cpu_grad. Per direction: conv + SiLU, x_proj, dt_proj's product and the scan; the directions'
+    outputs summed. The backward gives the gradients of those operations, in fewer steps than autograd's graph of
+    them: the second direction's ∂z and ∂x are added into the first's by the kernels, and x_proj's input gradient
+    into the scan's ∂u by one addmm, where the graph allocated each and summed them in separate passes, with a node
+    per operation (a merged Vim-S training step: docs/cpu_speed.md, round 15)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z: Tensor, *params: Tensor | None) -> Tensor:
+        y, saved = None, []
+        for reverse, (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D) in ((False, params[:7]), (True, params[7:])):
+            u, conv_saved = _conv(x, conv_w, conv_b, True, reverse)
+            x_dbl = F.linear(u.transpose(1, 2), x_proj_w)  # B×L×(R+2N)
+            rank, nn = dt_proj_w.shape[1], A.shape[1]
+            dt, Bm, Cm = torch.split(x_dbl, [rank, nn, nn], dim=-1)
+            delta = (dt @ dt_proj_w.t()).transpose(1, 2)
+            y_p, scan_saved = _scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z, dt_bias, True, reverse)
+            y = y_p if y is None else y.add_(y_p)
+            saved.append((reverse, conv_saved, u, dt, scan_saved))
+        ctx.saved = saved
+        ctx.save_for_backward(*params)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        params = ctx.saved_tensors
+        g_x = g_z = None
+        grads: list[Tensor | None] = []
+        for (reverse, conv_saved, u, dt, scan_saved), first in zip(ctx.saved, (0, 7), strict=True):
+            conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
+            g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = _scan_grads(*scan_saved, True, True, reverse, gy, g_z)
+            nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
+            g_delta = g_delta.transpose(1, 2).reshape(-1, nd)  # (B·L)×Dᵢ, no copy (token-major)
+            g_x_dbl = torch.cat([(g_delta @ dt_proj_w).view(dt.shape), g_B.transpose(1, 2), g_C.transpose(1, 2)], -1)
+            g_dt_w = g_delta.t() @ dt.reshape(-1, rank)
+            g_x_dbl = g_x_dbl.view(-1, nf)
+            g_u.transpose(1, 2).view(-1, nd).addmm_(g_x_dbl, x_proj_w)  # + x_proj's input gradient, in place
+            g_x_proj_w = g_x_dbl.t() @ u.transpose(1, 2).reshape(-1, nd)
+            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, reverse, g_u, g_x)
+            grads += [g_conv_w.reshape(conv_w.shape), None if conv_b is None else g_conv_b, g_x_proj_w, g_dt_w, g_bias,
+                      g_A, g_D]  # fmt: skip
+        return g_x, g_z, *grads
 
 
 @torch.compiler.disable
