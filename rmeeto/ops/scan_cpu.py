@@ -127,7 +127,7 @@ class _CpuScan(torch.autograd.Function):
             *ctx.saved_tensors, ctx.tm, ctx.arrays, ctx.softplus, ctx.has_z, ctx.reverse, gout
         )
         needs = ctx.needs_input_grad
-        optional = (g_D if needs[5] else None, g_z if ctx.has_z and needs[6] else None, g_bias if needs[7] else None)
+        optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
         return g_u, g_delta, g_A, g_B, g_C, *optional, None, None
 
 
