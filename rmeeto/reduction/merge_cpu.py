@@ -50,7 +50,9 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     b, n, c = hidden.shape
     size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
     a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
-    _k.unit_halves(hidden.numpy(), hidden.norm(dim=-1).numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
+    norms = hidden.norm(dim=-1)
+    with kernel_lock:
+        _k.unit_halves(hidden.numpy(), norms.numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
     node_idx, edge_idx = rank_matches(unit_scores(a, b_set, distance), kth)
     k1 = n - removed
     out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)

@@ -14,20 +14,19 @@ SLOTS_PER_TASK = 16
 """Output slots per parallel task of the averaging phase."""
 
 
-@njit(fastmath=False, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def unit_halves(hidden, norms, cls_index, a, b):
     """a (B×Na×C) = the A tokens of hidden (B×N×C; the even places among the N − 1 non-cls tokens, cls at
-    cls_index), each divided by its norm (norms: B×N); b (B×Nb×C) = the B tokens (odd places) likewise. One
-    thread: a few µs of work at batch 1, less than waking the others."""
+    cls_index), each divided by its norm (norms: B×N); b (B×Nb×C) = the B tokens (odd places) likewise. Rows in
+    parallel: on one thread it took 145 µs of a merge at batch 8 (Vim-S), on two 70; at batch 1 13 against 9."""
     nb, n, c = hidden.shape
-    for i in range(nb):
-        p = cls_index[i]
-        for j in range(n - 1):
-            t = j + 1 if j >= p else j
-            out = a[i, j // 2] if j % 2 == 0 else b[i, j // 2]
-            row, norm = hidden[i, t], norms[i, t]
-            for ch in range(c):
-                out[ch] = row[ch] / norm
+    for task in prange(nb * (n - 1)):
+        i, j = task // (n - 1), task % (n - 1)
+        t = j + 1 if j >= cls_index[i] else j
+        out = a[i, j // 2] if j % 2 == 0 else b[i, j // 2]
+        row, norm = hidden[i, t], norms[i, t]
+        for ch in range(c):
+            out[ch] = row[ch] / norm
 
 
 @njit(inline="always")
