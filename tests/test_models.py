@@ -177,7 +177,8 @@ def test_backward_branch_scans_the_flipped_sequence_and_records_in_sequence_orde
 def test_a_mixer_with_gradients_is_one_autograd_node_on_the_cpu_kernels(monkeypatch):
     """With gradients on the cpu backend a mixer's two directions are one mamba_inner_cpu_grad call, with the
     per-direction path's output to the bit and its gradients to rounding (the second direction's ∂x and ∂z are
-    added by the kernels, x_proj's input gradient by addmm); a mixer that records Δ, or under autocast, takes the
+    added by the kernels, x_proj's input gradient by addmm), the scans' own parameters' to the bit (both
+    directions' scan gradients from one kernel call); a mixer that records Δ, or under autocast, takes the
     per-direction path."""
     import rmeeto.models.mamba as mamba
 
@@ -205,6 +206,8 @@ def test_a_mixer_with_gradients_is_one_autograd_node_on_the_cpu_kernels(monkeypa
     torch.testing.assert_close(g_hidden, want_hidden, rtol=1e-5, atol=1e-6 * want_hidden.abs().max().item())
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
+    for name in ("A_log", "A_b_log", "D", "D_b", "dt_proj.bias", "dt_proj_b.bias"):  # the scans' own, from one call
+        assert torch.equal(grads[name], want_grads[name]), name
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")

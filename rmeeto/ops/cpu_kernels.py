@@ -19,7 +19,8 @@ scratch) instead of storing them in the forward.
     A: D×N    Dv, bias: (D,) (zeros mean "absent")    Bm, Cm: B×L×N
     Each task lays out its block's A, Dv and bias as lanes itself (scratch ps, zero-padded past D).
     scan_forward and conv_forward take P directions at once: their per-direction arrays stacked along a first
-    axis, and revs (P,) in place of rev.
+    axis, and revs (P,) in place of rev; scan_backward takes them as tuples of arrays (the directions' saved
+    tensors are separate), with revs.
 """
 
 import numba
@@ -755,32 +756,35 @@ def scan_forward(u, delta, z, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z, ou
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def scan_backward(
-    u, delta, z, gout, tm, rev, A, Bm, Cm, Dv, bias, softplus, has_z, add_z,
+    u, delta, z, gout, tm, revs, A, Bm, Cm, Dv, bias, softplus, has_z,
     gu, gdelta, gz, gA, gB, gC, gD, gbias, counter,
     xs, dt, dtu, go, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
 ):  # fmt: skip
-    """Gradients of scan_forward, reading the inputs again (full token-major blocks in place, the others
-    gathered into xs: u, delta, z, gout) and recomputing the states. gout, gu, gdelta, gz in the layout of
-    u (tm); gB, gC in scan order. With add_z (tm only) ∂z is added to gz (another direction's, which read the
-    same z) instead of written there.
+    """Gradients of scan_forward for Q directions that read the same z and got the same ∂out (a Vim mixer's two:
+    Q = 2, revs = (False, True)), reading the inputs again (full token-major blocks in place, the others gathered
+    into xs: u, delta, z, gout) and recomputing the states. u, delta, A, Bm, Cm, Dv, bias and the gradients but
+    gz: tuples of Q arrays, one per direction (scanning from the last position to the first when revs[q]). gout,
+    gu, gdelta, gz in the layout of u (tm); gB, gC in scan order. ∂z is the directions' sum: the first direction
+    writes gz, the next ones add to it (tm only). A task runs the directions one after another on each of its
+    channel blocks, so the next ones find z and ∂out, and ∂z, in the caches.
 
-    Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[p], gC[p]
-    (P×B×N×L; the first block of a part overwrites them). gA: B×K×N×LANES and gD, gbias: B×K×LANES
+    Tasks are (batch, part): part p owns blocks [p·K/P, (p+1)·K/P) and the partial sums gB[q][p], gC[q][p]
+    (P×B×N×L; the first block of a part overwrites them). gA[q]: B×K×N×LANES and gD[q], gbias[q]: B×K×LANES
     are partial sums too. Scratch per group g (G×…; one array per role): xs 4×L×LANES, dt, dtu (see
     _load_block); L×LANES: go ∂out·silu'(z), gy ∂y, gdec Σ_n ∂/∂dt through the decay (then
     ∂delta), ghb Σ_n ∂h·B (then ∂u), yb y before the gate (then ∂z); hs (L+1)×N×LANES states;
     N×LANES: gh carried ∂h, gacc ∂A; sums 2×N: one position's Σ ∂y·h and Σ ∂h·dt·u (for gC, gB);
     ps (2N+2)×LANES (_load_params).
     """
-    nb, nl = gu.shape[0], dt.shape[1]
-    nd = A.shape[0]
-    nblk = gA.shape[1]
-    npart = gB.shape[0]
+    nb, nl = gz.shape[0], dt.shape[1]
+    nd = A[0].shape[0]
+    nblk = gA[0].shape[1]
+    npart = gB[0].shape[0]
     ntask = nb * npart
     ngroup = hs.shape[0]
     row = nl * LANES
     gdec_flat, ghb_flat, yb_flat = gdec.reshape(-1), ghb.reshape(-1), yb.reshape(-1)
-    u_flat, delta_flat, z_flat, gout_flat = u.reshape(-1), delta.reshape(-1), z.reshape(-1), gout.reshape(-1)
+    z_flat, gout_flat = z.reshape(-1), gout.reshape(-1)
     xs_flat = xs.reshape(-1)
     for g in prange(ngroup):
         _full_width()
@@ -789,29 +793,31 @@ def scan_backward(
             b = task // npart
             p = task % npart
             for k in range(p * nblk // npart, (p + 1) * nblk // npart):
-                _load_params(A, Dv, bias, ps, g, k)
-                direct = tm and (k + 1) * LANES <= nd  # read in place (see scan_forward), else gathered
-                if direct:
-                    su, sd, sz, sg = u_flat, delta_flat, z_flat, gout_flat
-                else:
-                    _to_rows(u, tm, rev, b, k, xs_flat, 4 * g * row)
-                    _to_rows(delta, tm, rev, b, k, xs_flat, (4 * g + 1) * row)
+                for q in range(len(u)):
+                    rev = revs[q]
+                    _load_params(A[q], Dv[q], bias[q], ps, g, k)
+                    direct = tm and (k + 1) * LANES <= nd  # read in place (see scan_forward), else gathered
+                    if direct:
+                        su, sd, sz, sg = u[q].reshape(-1), delta[q].reshape(-1), z_flat, gout_flat
+                    else:
+                        _to_rows(u[q], tm, rev, b, k, xs_flat, 4 * g * row)
+                        _to_rows(delta[q], tm, rev, b, k, xs_flat, (4 * g + 1) * row)
+                        if has_z:
+                            _to_rows(z, tm, rev, b, k, xs_flat, (4 * g + 2) * row)
+                        _to_rows(gout, tm, rev, b, k, xs_flat, (4 * g + 3) * row)
+                        su, sd, sz, sg = xs_flat, xs_flat, xs_flat, xs_flat
+                    base = 4 * g * row
+                    _load_block(su, sd, base, direct, direct, rev, softplus, dt, dtu, ps, g, b, k, nd)
+                    _grad_in(has_z, su, sz, sg, base, direct, rev, go, gy, gdec, ghb, yb, ps, g, b, k, nd)
+                    first = k == p * nblk // npart
+                    _block_backward(Bm[q], Cm[q], gA[q], gB[q], gC[q], dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums,
+                                    ps, g, b, k, p, first)  # fmt: skip
+                    _block_finish(softplus, su, sd, base, direct, rev, gD[q], gbias[q], dt, go, gy, gdec, ghb, yb, ps,
+                                  g, b, k, nd)  # fmt: skip
+                    _from_rows(gdec_flat, g * row, tm, rev, gdelta[q], b, k)
+                    _from_rows(ghb_flat, g * row, tm, rev, gu[q], b, k)
                     if has_z:
-                        _to_rows(z, tm, rev, b, k, xs_flat, (4 * g + 2) * row)
-                    _to_rows(gout, tm, rev, b, k, xs_flat, (4 * g + 3) * row)
-                    su, sd, sz, sg = xs_flat, xs_flat, xs_flat, xs_flat
-                base = 4 * g * row
-                _load_block(su, sd, base, direct, direct, rev, softplus, dt, dtu, ps, g, b, k, nd)
-                _grad_in(has_z, su, sz, sg, base, direct, rev, go, gy, gdec, ghb, yb, ps, g, b, k, nd)
-                first = k == p * nblk // npart
-                _block_backward(Bm, Cm, gA, gB, gC, dt, dtu, gy, gdec, ghb, yb, hs, gh, gacc, sums, ps,
-                                g, b, k, p, first)  # fmt: skip
-                _block_finish(softplus, su, sd, base, direct, rev, gD, gbias, dt, go, gy, gdec, ghb, yb, ps, g, b, k,
-                              nd)  # fmt: skip
-                _from_rows(gdec_flat, g * row, tm, rev, gdelta, b, k)
-                _from_rows(ghb_flat, g * row, tm, rev, gu, b, k)
-                if has_z:
-                    _from_rows(yb_flat, g * row, tm, rev, gz, b, k, add_z)
+                        _from_rows(yb_flat, g * row, tm, rev, gz, b, k, q > 0)
             task = _take(counter)
 
 

@@ -123,40 +123,47 @@ class _CpuScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = _scan_grads(
-            *ctx.saved_tensors, ctx.tm, ctx.arrays, ctx.softplus, ctx.has_z, ctx.reverse, gout
-        )
+        (grads,), g_z = _scan_grads([(*ctx.saved_tensors, ctx.tm, ctx.arrays, ctx.reverse)], ctx.softplus, ctx.has_z,
+                                    gout)  # fmt: skip
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = grads
         needs = ctx.needs_input_grad
         optional = (g_D if needs[5] else None, g_z if needs[6] else None, g_bias if needs[7] else None)
         return g_u, g_delta, g_A, g_B, g_C, *optional, None, None
 
 
-def _scan_grads(u: Tensor, delta: Tensor, z: Tensor, tm: bool, arrays: tuple, softplus: bool, has_z: bool,
-                reverse: bool, gout: Tensor, g_z: Tensor | None = None) -> tuple[Tensor, ...]:  # fmt: skip
-    """The backward kernel for what _scan saved (u, delta, z laid out, tm, its arrays) and ∂out (B×D×L) →
-    (g_u, g_delta, g_A D×N, g_B, g_C B×N×L in sequence order, g_D, g_z, g_bias). With ``g_z`` (token-major, tm
-    only) ∂z is added to it (another scan direction's ∂z of the same z), which is returned as g_z."""
+def _scan_grads(saved: list[tuple], softplus: bool, has_z: bool, gout: Tensor) -> tuple[list[tuple], Tensor]:
+    """The backward kernel, in one call, for what _scan saved for each of several directions that read the same z
+    (u, delta, z laid out, tm, its arrays, and whether it scanned in reverse; more than one direction needs tm)
+    and got the same ∂out (B×D×L) → ([(g_u, g_delta, g_A D×N, g_B, g_C B×N×L in sequence order, g_D, g_bias)
+    per direction], g_z, the directions' summed ∂z)."""
+    u, _, z, tm, arrays, _ = saved[0]
     nb, nd, L = gout.shape
     nn, lanes = arrays[0].shape[1], _k.LANES
     nblk = math.ceil(nd / lanes)
     gout = _layout(gout.float(), tm)
-    g_u, g_delta = _new(u, tm), _new(u, tm)
-    add_z = g_z is not None
-    g_z = (g_z if add_z else _new(u, tm)) if has_z else g_u
-    g_A = gout.new_empty(nb, nblk, nn, lanes)
-    g_D, g_bias = gout.new_empty(nb, nblk, lanes), gout.new_empty(nb, nblk, lanes)
+    g_u, g_delta = ([_new(u, tm) for _ in saved] for _ in range(2))
+    g_z = _new(u, tm) if has_z else g_u[0]
+    g_A = [gout.new_empty(nb, nblk, nn, lanes) for _ in saved]
+    g_D, g_bias = ([gout.new_empty(nb, nblk, lanes) for _ in saved] for _ in range(2))
     with kernel_lock as threads:
         parts = min(nblk, math.ceil(8 * threads / nb))  # ≥ 8 tasks per thread where there are blocks
         groups = min(threads, nb * parts)
-        g_B, g_C = gout.new_empty(parts, nb, nn, L), gout.new_empty(parts, nb, nn, L)
+        g_B, g_C = ([gout.new_empty(parts, nb, nn, L) for _ in saved] for _ in range(2))
         scratch = _scratch(_k.backward_scratch(L, nn), groups)
-        data = [_np_of(x, tm) for x in (u, delta, z, gout, g_u, g_delta, g_z)]
-        _k.scan_backward(*data[:4], tm, reverse, *arrays, softplus, has_z, add_z, *data[4:],
-                         *_np((g_A, g_B, g_C, g_D, g_bias)), _counter(), *scratch)  # fmt: skip
-    g_A = g_A.sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
-    g_B, g_C = (g.sum(0).flip(-1) if reverse else g.sum(0) for g in (g_B, g_C))
-    g_D, g_bias = (g.sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
-    return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias
+        inputs = [tuple(_np_of(d[i], tm) for d in saved) for i in (0, 1)]
+        per_direction = [tuple(a[i] for _, _, _, _, a, _ in saved) for i in range(len(arrays))]
+        grads = [tuple(_np_of(x, tm) for x in g) for g in (g_u, g_delta)]
+        sums = [tuple(x.numpy() for x in g) for g in (g_A, g_B, g_C, g_D, g_bias)]
+        _k.scan_backward(*inputs, _np_of(z, tm), _np_of(gout, tm), tm, np.array([d[5] for d in saved]),
+                         *per_direction, softplus, has_z, *grads, _np_of(g_z, tm), *sums, _counter(),
+                         *scratch)  # fmt: skip
+    out = []
+    for q, (*_, reverse) in enumerate(saved):
+        g_A_q = g_A[q].sum(0).transpose(0, 1).reshape(nn, nblk * lanes)[:, :nd].t()
+        g_B_q, g_C_q = (g[q].sum(0).flip(-1) if reverse else g[q].sum(0) for g in (g_B, g_C))
+        g_D_q, g_bias_q = (g[q].sum(0).reshape(-1)[:nd] for g in (g_D, g_bias))
+        out.append((g_u[q], g_delta[q], g_A_q, g_B_q, g_C_q, g_D_q, g_bias_q))
+    return out, g_z
 
 
 def token_major(x: Tensor) -> bool:
@@ -475,9 +482,11 @@ def mamba_inner_cpu_grad(x: Tensor, z: Tensor, *directions: tuple[Tensor | None,
 class _CpuInner(torch.autograd.Function):
     """mamba_inner_cpu_grad. Per direction: conv + SiLU, x_proj, dt_proj's product and the scan; the directions'
     outputs summed. The backward gives the gradients of those operations, in fewer steps than autograd's graph of
-    them: the second direction's ∂z and ∂x are added into the first's by the kernels, and x_proj's input gradient
-    into the scan's ∂u by one addmm, where the graph allocated each and summed them in separate passes, with a node
-    per operation (a merged Vim-S training step: docs/cpu_speed.md, round 15)."""
+    them: both directions' scan gradients come from one kernel call, which adds the second direction's ∂z into the
+    first's while z and ∂out are still in the caches (round 16), the conv kernel adds the second direction's ∂x
+    into the first's, and x_proj's input gradient goes into the scan's ∂u by one addmm, where the graph allocated
+    each and summed them in separate passes, with a node per operation (a merged Vim-S training step:
+    docs/cpu_speed.md, round 15)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, *params: Tensor | None) -> Tensor:
@@ -499,11 +508,12 @@ class _CpuInner(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
         params = ctx.saved_tensors
-        g_x = g_z = None
+        g_x = None
         grads: list[Tensor | None] = []
-        for (reverse, conv_saved, u, dt, scan_saved), first in zip(ctx.saved, (0, 7), strict=True):
+        scan_grads, g_z = _scan_grads([(*saved[4], saved[0]) for saved in ctx.saved], True, True, gy)
+        for (reverse, conv_saved, u, dt, _), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
             conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
-            g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias = _scan_grads(*scan_saved, True, True, reverse, gy, g_z)
+            g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = scan_g
             nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
             g_delta = g_delta.transpose(1, 2).reshape(-1, nd)  # (B·L)×Dᵢ, no copy (token-major)
             g_x_dbl = torch.cat([(g_delta @ dt_proj_w).view(dt.shape), g_B.transpose(1, 2), g_C.transpose(1, 2)], -1)
