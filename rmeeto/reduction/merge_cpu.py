@@ -29,16 +29,17 @@ def applies(state: TokenState) -> bool:
     """The kernel can merge this state: numba, the `cpu` backend, fp32 hidden and residual streams (and sizes),
     autocast off (so the matching's tensor operations run in fp32 without a context to turn it off, which cost
     ~25 µs a merge at batch 1), no gradients wanted, no source map tracked."""
-    streams = (state.hidden, state.residual, state.size)
-    return (
+    hidden, residual, size = state.hidden, state.residual, state.size
+    return (  # plain tests, no generator: a merge at batch 1 makes them on cold caches (docs/cpu_speed.md, round 16)
         _k is not None
-        and state.residual is not None
+        and residual is not None
         and state.source is None
-        and state.hidden.device.type == "cpu"
-        and all(t is None or t.dtype == torch.float32 for t in streams)
+        and hidden.is_cpu
+        and hidden.dtype == residual.dtype == torch.float32
+        and (size is None or size.dtype == torch.float32)
         and not torch.is_autocast_enabled("cpu")
-        and resolve_backend(state.hidden) == "cpu"
-        and not wants_grad(streams)
+        and resolve_backend(hidden) == "cpu"
+        and not wants_grad((hidden, residual, size))
     )
 
 
