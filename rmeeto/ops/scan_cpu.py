@@ -90,24 +90,27 @@ class _KernelLock:
 kernel_lock = _KernelLock()
 
 
-def _scan(
-    u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, pooled: bool = False
-) -> tuple[Tensor, tuple]:
-    """Run the forward kernel (fp32 CPU tensors; D, z, delta_bias may be None) → (out, what the backward
-    kernel reads again: u, delta, z laid out, whether token-major, the kernel's A, B, C, D and bias arrays).
-    pooled: out may come from the active workspace (no autograd will keep it)."""
-    nb, nd, L = u.shape
-    tm = reverse or token_major(u)
-    u, delta, zl = (_layout(x, tm) for x in (u, delta, u if z is None else z))
-    arrays = (_param(A, nd), *(_scan_order(x, reverse) for x in (B, C)), _param(D, nd), _param(delta_bias, nd))
-    out = _new(u, tm, pooled)
+def _scan(u: Tensor, delta: Tensor, directions: list[tuple], z: Tensor | None, softplus: bool, pooled: bool = False
+          ) -> tuple[Tensor, list[tuple]]:  # fmt: skip
+    """Run the forward kernel for P directions that read the same z (fp32 CPU tensors; z may be None): u, delta
+    P×B×D×L (token-major when P > 1), ``directions`` each one's (A, B, C, D, delta_bias, reverse), D and delta_bias
+    may be None → (out: the directions' outputs summed, B×D×L; per direction what the backward kernel reads again:
+    u, delta, z laid out, whether token-major, the kernel's A, B, C, D and bias arrays, reverse). pooled: out may
+    come from the active workspace (no autograd will keep it)."""
+    ndir, nb, nd, L = u.shape
+    revs = [d[5] for d in directions]
+    tm = ndir > 1 or revs[0] or token_major(u[0])
+    u, delta, zl = (_layout(x, tm) for x in (u, delta, u[0] if z is None else z))
+    arrays = [(_param(A, nd), *(_scan_order(x, rev) for x in (B, C)), _param(D, nd), _param(bias, nd))
+              for A, B, C, D, bias, rev in directions]  # fmt: skip
+    out = _new(zl, tm, pooled)
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
-        scratch = _scratch(_k.forward_scratch(L, A.shape[1]), groups)
-        _k.scan_forward(_np_of(u, tm)[None], _np_of(delta, tm)[None], _np_of(zl, tm), tm, _ONE_WAY[reverse],
-                        *(a[None] for a in arrays), softplus, z is not None, _np_of(out, tm), _counter(), *scratch,
-                        *_NO_LOW_RANK)  # fmt: skip
-    return out, (u, delta, zl, tm, arrays)
+        scratch = _scratch(_k.forward_scratch(L, arrays[0][0].shape[1]), groups)
+        stacked = [np.stack(a) for a in zip(*arrays, strict=True)]  # P×… each: A, B, C, D, bias
+        _k.scan_forward(_np_of(u, tm), _np_of(delta, tm), _np_of(zl, tm), tm, np.array(revs), *stacked, softplus,
+                        z is not None, _np_of(out, tm), _counter(), *scratch, *_NO_LOW_RANK)  # fmt: skip
+    return out, [(u[p], delta[p], zl, tm, arrays[p], revs[p]) for p in range(ndir)]
 
 
 class _CpuScan(torch.autograd.Function):
@@ -115,7 +118,8 @@ class _CpuScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool) -> Tensor:
-        out, (u, delta, zl, ctx.tm, ctx.arrays) = _scan(u, delta, A, B, C, D, z, delta_bias, softplus, reverse)
+        out, [(u, delta, zl, ctx.tm, ctx.arrays, _)] = _scan(u[None], delta[None], [(A, B, C, D, delta_bias, reverse)],
+                                                             z, softplus)  # fmt: skip
         ctx.save_for_backward(u, delta, zl)
         ctx.softplus, ctx.has_z, ctx.reverse = softplus, z is not None, reverse
         return out
@@ -172,21 +176,22 @@ def token_major(x: Tensor) -> bool:
 
 
 def _layout(x: Tensor, tm: bool) -> Tensor:
-    """Detached B×D×L tensor → contiguous B×D×L, or (tm) a B×D×L view of contiguous B×L×D memory; copies
+    """Detached …×D×L tensor → contiguous …×D×L, or (tm) a …×D×L view of contiguous …×L×D memory; copies
     only when x is not laid out so already."""
     x = x.detach()
     if tm:
-        return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
+        return x if x.transpose(-2, -1).is_contiguous() else x.transpose(-2, -1).contiguous().transpose(-2, -1)
     return x.contiguous()
 
 
-def _new(like: Tensor, tm: bool, pooled: bool = False) -> Tensor:
-    """An empty B×D×L tensor like ``like`` (fp32), token-major when tm; from the active workspace when pooled
-    and there is one (see rmeeto.ops.workspace)."""
+def _new(like: Tensor, tm: bool, pooled: bool = False, count: int = 0) -> Tensor:
+    """An empty B×D×L tensor like ``like`` (fp32), count×B×D×L when count, token-major when tm; from the active
+    workspace when pooled and there is one (see rmeeto.ops.workspace)."""
     nb, nd, L = like.shape
+    lead = (count,) if count else ()
     workspace = active() if pooled else None
     empty = like.new_empty if workspace is None else workspace.empty
-    return empty(nb, L, nd).transpose(1, 2) if tm else empty(nb, nd, L)
+    return empty(*lead, nb, L, nd).transpose(-2, -1) if tm else empty(*lead, nb, nd, L)
 
 
 def _scan_order(x: Tensor, reverse: bool) -> np.ndarray:
@@ -236,8 +241,8 @@ def _np(tensors) -> list:
 
 
 def _np_of(x: Tensor, tm: bool) -> np.ndarray:
-    """The kernels' view of a B×D×L tensor laid out by _layout / _new: B×L×D when tm."""
-    return (x.transpose(1, 2) if tm else x).numpy()
+    """The kernels' view of a …×D×L tensor laid out by _layout / _new: …×L×D when tm."""
+    return (x.transpose(-2, -1) if tm else x).numpy()
 
 
 @torch.compiler.disable
@@ -255,21 +260,22 @@ def selective_scan_cpu(*args, reverse: bool = False) -> Tensor:  # ScanFn args, 
     if wants_grad(tensors):
         y = _CpuScan.apply(*tensors, bool(softplus), reverse)
     else:  # no graph to record: the kernel alone, without the autograd function's overhead
-        y = _scan(*tensors, bool(softplus), reverse, pooled=True)[0]
+        u, delta, A, B, C, D, z, delta_bias = tensors
+        y = _scan(u[None], delta[None], [(A, B, C, D, delta_bias, reverse)], z, bool(softplus), pooled=True)[0]
     return y.to(args[0].dtype)
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool, pooled: bool = False
-          ) -> tuple[Tensor, tuple]:  # fmt: skip
-    """Run the conv's forward kernel (fp32 CPU tensors) → (out, what the backward kernel reads again: x laid
-    out token-major, the K×D taps, the bias). pooled: as for _scan."""
+def _conv(x: Tensor, directions: list[tuple], silu: bool, pooled: bool = False) -> tuple[Tensor, tuple]:
+    """Run the conv's forward kernel for P directions of the same x (fp32 CPU tensors), ``directions`` each one's
+    (weight, bias, reverse), bias may be None → (out P×B×D×L, token-major; what the backward kernel reads again:
+    x laid out token-major, the P×K×D taps, the P×D biases). pooled: as for _scan."""
     x = _layout(x, True)
-    taps = conv_weight(weight).detach().t().contiguous()  # K×D
-    b = torch.zeros(x.shape[1]) if bias is None else bias.detach()
-    out = _new(x, True, pooled)
+    taps = torch.stack([conv_weight(w).detach().t() for w, _, _ in directions])  # P×K×D
+    b = torch.stack([torch.zeros(x.shape[1]) if bias is None else bias.detach() for _, bias, _ in directions])
+    out = _new(x, True, pooled, len(directions))
     with kernel_lock:
-        _k.conv_forward(_np_of(x, True), taps.numpy()[None], b.numpy()[None], _ONE_WAY[reverse], silu,
-                        _np_of(out, True)[None])  # fmt: skip
+        _k.conv_forward(_np_of(x, True), taps.numpy(), b.numpy(), np.array([rev for *_, rev in directions]), silu,
+                        _np_of(out, True))  # fmt: skip
     return out, (x, taps, b)
 
 
@@ -278,10 +284,10 @@ class _CpuConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
-        out, saved = _conv(x, weight, bias, silu, reverse)
-        ctx.save_for_backward(*saved)
+        out, (x, taps, b) = _conv(x, [(weight, bias, reverse)], silu)
+        ctx.save_for_backward(x, taps[0], b[0])
         ctx.silu, ctx.reverse, ctx.weight_shape, ctx.has_bias = silu, reverse, weight.shape, bias is not None
-        return out
+        return out[0]
 
     @staticmethod
     @once_differentiable
@@ -321,7 +327,8 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, activation
     tensors = [x.float(), weight.float(), None if bias is None else bias.float()]
     if wants_grad(tensors):
         return _CpuConv.apply(*tensors, activation is not None, reverse).to(x.dtype)
-    return _conv(*tensors, activation is not None, reverse, pooled=True)[0].to(x.dtype)
+    xf, weight, bias = tensors
+    return _conv(xf, [(weight, bias, reverse)], activation is not None, pooled=True)[0][0].to(x.dtype)
 
 
 def _add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -381,7 +388,6 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
 _NO_LOW_RANK = (np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 0, _k.LANES if AVAILABLE else 1), np.float32))
 """scan_forward's last two arguments when it reads Δ from its delta arrays."""
 
-_ONE_WAY = {False: np.array([False]), True: np.array([True])}
 """The kernels' revs for one direction, scanning forwards or backwards."""
 
 _NORM_CHUNK = 32
@@ -481,26 +487,29 @@ def mamba_inner_cpu_grad(x: Tensor, z: Tensor, *directions: tuple[Tensor | None,
 
 class _CpuInner(torch.autograd.Function):
     """mamba_inner_cpu_grad. Per direction: conv + SiLU, x_proj, dt_proj's product and the scan; the directions'
-    outputs summed. The backward gives the gradients of those operations, in fewer steps than autograd's graph of
-    them: both directions' scan gradients come from one kernel call, which adds the second direction's ∂z into the
-    first's while z and ∂out are still in the caches (round 16), the conv kernel adds the second direction's ∂x
-    into the first's, and x_proj's input gradient goes into the scan's ∂u by one addmm, where the graph allocated
-    each and summed them in separate passes, with a node per operation (a merged Vim-S training step:
-    docs/cpu_speed.md, round 15)."""
+    outputs summed. Both directions' convs are one kernel call and so are their scans, which adds the second
+    direction's output to the first's (the same operations as a call per direction and an add, in fewer passes
+    over memory: docs/cpu_speed.md, round 16). The backward gives the gradients of those operations, in fewer
+    steps than autograd's graph of them: both directions' scan gradients come from one kernel call, which adds the
+    second direction's ∂z into the first's while z and ∂out are still in the caches, the conv kernel adds the
+    second direction's ∂x into the first's, and x_proj's input gradient goes into the scan's ∂u by one addmm,
+    where the graph allocated each and summed them in separate passes, with a node per operation (a merged Vim-S
+    training step: docs/cpu_speed.md, round 15)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, *params: Tensor | None) -> Tensor:
-        y, saved = None, []
-        for reverse, (conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D) in ((False, params[:7]), (True, params[7:])):
-            u, conv_saved = _conv(x, conv_w, conv_b, True, reverse)
-            x_dbl = F.linear(u.transpose(1, 2), x_proj_w)  # B×L×(R+2N)
+        directions = ((*params[:7], False), (*params[7:], True))
+        u, (x_laid, taps, conv_b) = _conv(x, [(d[0], d[1], d[7]) for d in directions], True)  # 2×B×Dᵢ×L
+        delta, dts, scans = _new(u[0], True, count=2), [], []
+        for p, (_, _, x_proj_w, dt_proj_w, dt_bias, A, D, reverse) in enumerate(directions):
+            x_dbl = F.linear(u[p].transpose(1, 2), x_proj_w)  # B×L×(R+2N)
             rank, nn = dt_proj_w.shape[1], A.shape[1]
             dt, Bm, Cm = torch.split(x_dbl, [rank, nn, nn], dim=-1)
-            delta = (dt @ dt_proj_w.t()).transpose(1, 2)
-            y_p, scan_saved = _scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z, dt_bias, True, reverse)
-            y = y_p if y is None else y.add_(y_p)
-            saved.append((reverse, conv_saved, u, dt, scan_saved))
-        ctx.saved = saved
+            torch.matmul(dt, dt_proj_w.t(), out=delta[p].transpose(1, 2))
+            dts.append(dt)
+            scans.append((A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, dt_bias, reverse))
+        y, scan_saved = _scan(u, delta, scans, z, True)
+        ctx.saved = [((x_laid, taps[p], conv_b[p]), u[p], dts[p], scan_saved[p]) for p in range(2)]
         ctx.save_for_backward(*params)
         return y
 
@@ -510,8 +519,8 @@ class _CpuInner(torch.autograd.Function):
         params = ctx.saved_tensors
         g_x = None
         grads: list[Tensor | None] = []
-        scan_grads, g_z = _scan_grads([(*saved[4], saved[0]) for saved in ctx.saved], True, True, gy)
-        for (reverse, conv_saved, u, dt, _), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
+        scan_grads, g_z = _scan_grads([scan_saved for *_, scan_saved in ctx.saved], True, True, gy)
+        for (conv_saved, u, dt, scan_saved), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
             conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
             g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = scan_g
             nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
@@ -521,7 +530,7 @@ class _CpuInner(torch.autograd.Function):
             g_x_dbl = g_x_dbl.view(-1, nf)
             g_u.transpose(1, 2).view(-1, nd).addmm_(g_x_dbl, x_proj_w)  # + x_proj's input gradient, in place
             g_x_proj_w = g_x_dbl.t() @ u.transpose(1, 2).reshape(-1, nd)
-            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, reverse, g_u, g_x)
+            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, scan_saved[5], g_u, g_x)
             grads += [g_conv_w.reshape(conv_w.shape), None if conv_b is None else g_conv_b, g_x_proj_w, g_dt_w, g_bias,
                       g_A, g_D]  # fmt: skip
         return g_x, g_z, *grads
