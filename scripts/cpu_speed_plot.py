@@ -38,9 +38,10 @@ def main() -> None:
     keys = list(next(iter(series.values())))
     fig, ax = plt.subplots(figsize=(10.5, 0.32 * len(keys) + 1.5))
     height = 0.8 / len(series)
+    colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors  # past 10 runs tab10 would repeat
     for i, (label, values) in enumerate(series.items()):
         ax.barh([k + i * height for k in range(len(keys))], [values.get(key, 0) for key in keys], height,
-                label=label)
+                label=label, color=colors[i])
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))], keys, fontsize=7)
     ax.invert_yaxis()
