@@ -388,8 +388,6 @@ def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, ep
 _NO_LOW_RANK = (np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 0, _k.LANES if AVAILABLE else 1), np.float32))
 """scan_forward's last two arguments when it reads Δ from its delta arrays."""
 
-"""The kernels' revs for one direction, scanning forwards or backwards."""
-
 _NORM_CHUNK = 32
 """Rows per task of the add + RMSNorm kernel."""
 
