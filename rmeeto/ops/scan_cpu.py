@@ -518,7 +518,7 @@ class _CpuInner(torch.autograd.Function):
         g_x = None
         grads: list[Tensor | None] = []
         scan_grads, g_z = _scan_grads([scan_saved for *_, scan_saved in ctx.saved], True, True, gy)
-        for (conv_saved, u, dt, scan_saved), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
+        for (conv_saved, u, dt, (*_, reverse)), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
             conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
             g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = scan_g
             nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
@@ -528,7 +528,7 @@ class _CpuInner(torch.autograd.Function):
             g_x_dbl = g_x_dbl.view(-1, nf)
             g_u.transpose(1, 2).view(-1, nd).addmm_(g_x_dbl, x_proj_w)  # + x_proj's input gradient, in place
             g_x_proj_w = g_x_dbl.t() @ u.transpose(1, 2).reshape(-1, nd)
-            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, scan_saved[5], g_u, g_x)
+            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, reverse, g_u, g_x)
             grads += [g_conv_w.reshape(conv_w.shape), None if conv_b is None else g_conv_b, g_x_proj_w, g_dt_w, g_bias,
                       g_A, g_D]  # fmt: skip
         return g_x, g_z, *grads
