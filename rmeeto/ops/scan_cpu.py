@@ -107,7 +107,8 @@ def _scan(u: Tensor, delta: Tensor, directions: list[tuple], z: Tensor | None, s
     with kernel_lock as threads:
         groups = min(threads, nb * math.ceil(nd / _k.LANES))
         scratch = _scratch(_k.forward_scratch(L, arrays[0][0].shape[1]), groups)
-        stacked = [np.stack(a) for a in zip(*arrays, strict=True)]  # P×… each: A, B, C, D, bias
+        # P×… each: A, B, C, D, bias; one direction's as views (np.stack would copy them at every call)
+        stacked = [np.stack(a) if ndir > 1 else a[0][None] for a in zip(*arrays, strict=True)]
         _k.scan_forward(_np_of(u, tm), _np_of(delta, tm), _np_of(zl, tm), tm, np.array(revs), *stacked, softplus,
                         z is not None, _np_of(out, tm), _counter(), *scratch, *_NO_LOW_RANK)  # fmt: skip
     return out, [(u[p], delta[p], zl, tm, arrays[p], revs[p]) for p in range(ndir)]
