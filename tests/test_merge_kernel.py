@@ -11,6 +11,7 @@ import rmeeto.reduction as R
 from rmeeto.models.vim import TokenState
 from rmeeto.ops import use_backend
 from rmeeto.reduction import merge_cpu
+from rmeeto.reduction.plans import rank_matches
 
 
 def tiny_vim(depth: int = 6):
@@ -54,25 +55,37 @@ POINTS = [(65, 32, 8), (64, 0, 16), (12, 11, 1), (9, "per image", 4), (3, 1, 1),
     if kth <= (n - 1) // 2  # the k-th closest of the (N − 1) // 2 B tokens
 ])  # fmt: skip
 @pytest.mark.parametrize("sizes", [False, True])
-def test_the_kernel_merges_as_the_general_path_to_the_bit(n, cls, r, distance, kth, sizes):
+def test_the_kernel_merges_as_the_general_path_to_the_bit(n, cls, r, distance, kth, sizes, monkeypatch):
     reducer = R.apply(tiny_vim(), "rmeeto", r=1, blocks=[2], distance=distance, kth=kth)
     reducer.removed = {2: r}
     cls = torch.tensor([0, n - 1, n // 2]) if cls == "per image" else cls
+    torch_ranked = []  # the kernel ranks best matches itself (random scores: no equal maxima), torch (topk) k-th ones
+    monkeypatch.setattr(merge_cpu, "rank_matches", lambda *a: torch_ranked.append(1) or rank_matches(*a))
     fast, general, calls = both_paths(reducer, state(3, n, 24, cls, sizes, seed=n + r))
-    assert calls == 1
+    assert calls == 1 and len(torch_ranked) == (kth > 1)
     assert_same(fast, general)
     assert fast.hidden.shape[1] == n - r
 
 
-@pytest.mark.parametrize("kind", ["zeros", "one token repeated", "two tokens alternating"])
-def test_ties_and_nan_scores_pick_the_same_tokens(kind):
-    """Equal scores (and the NaN scores of zero vectors) are broken as torch's max and argsort break them."""
-    token = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("kind,r,torch_decides", [
+    ("zeros", 8, True), ("one token repeated", 8, True), ("two tokens alternating", 8, True),
+    ("ties off the cut", 2, False), ("ties at the cut", 6, True),
+])  # fmt: skip
+def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkeypatch):
+    """Equal scores (and the NaN scores of zero vectors) are broken as torch's max and argsort break them: by
+    torch's own operations where the kernel cannot tell which tokens they pick (a NaN, or equal maxima on both
+    sides of the cut between the r merged A tokens and the rest)."""
+    g = torch.Generator().manual_seed(1)
+    token = torch.randn(2, 2, 16, generator=g)
+    repeated = torch.randn(2, 33, 16, generator=g)  # seven A tokens alike, their best matches equal:
+    repeated[:, 20:] = repeated[:, 18:20].repeat(1, 7, 1)[:, :13]  # the 6th to 12th highest maxima of image 0
     hidden = {"zeros": torch.zeros(2, 33, 16), "one token repeated": token[:, :1].expand(2, 33, 16),
-              "two tokens alternating": token.repeat(1, 17, 1)[:, :33]}[kind].contiguous()
-    reducer = R.apply(tiny_vim(), "rmeeto", r=8, blocks=[2])
+              "two tokens alternating": token.repeat(1, 17, 1)[:, :33]}.get(kind, repeated).contiguous()
+    reducer = R.apply(tiny_vim(), "rmeeto", r=r, blocks=[2])
+    torch_ranked = []
+    monkeypatch.setattr(merge_cpu, "rank_matches", lambda *a: torch_ranked.append(1) or rank_matches(*a))
     fast, general, calls = both_paths(reducer, TokenState(hidden, hidden + 1, 16))
-    assert calls == 1
+    assert calls == 1 and len(torch_ranked) == torch_decides
     assert torch.equal(fast.hidden.nan_to_num(7.0), general.hidden.nan_to_num(7.0))
     assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
 

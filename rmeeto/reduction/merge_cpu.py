@@ -11,6 +11,7 @@ token's norm does not depend on where its row lies, and the kernels divide and s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rmeeto.models.vim import TokenState
@@ -23,6 +24,9 @@ try:
     from rmeeto.reduction import merge_kernel as _k
 except ImportError:  # numba missing or broken: the general path is used
     _k = None
+
+_NO_SCORES = np.empty((0, 0, 0), np.float32)
+"""bipartite_wavg's scores when it is given the matching."""
 
 
 def applies(state: TokenState) -> bool:
@@ -51,15 +55,22 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     b, n, c = hidden.shape
     size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
     a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
-    norms = hidden.norm(dim=-1)
+    norms = torch.linalg.vector_norm(hidden, dim=-1)  # Tensor.norm's kernel, without torch.norm's Python
     with kernel_lock:
         _k.unit_halves(hidden.numpy(), norms.numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
-    node_idx, edge_idx = rank_matches(unit_scores(a, b_set, distance), kth)
+    scores = unit_scores(a, b_set, distance)
     k1 = n - removed
     out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
     cls_slot = torch.empty(b, dtype=torch.long)
-    inputs = (hidden, residual, size, state.cls_index, node_idx, edge_idx)
-    outputs = (out_hidden, out_residual, out_size, cls_slot)
-    with kernel_lock:
-        _k.bipartite_wavg(*(t.numpy() for t in inputs), removed, *(t.numpy() for t in outputs))
+    streams = (hidden.numpy(), residual.numpy(), size.numpy(), state.cls_index.numpy())
+    outputs = (out_hidden.numpy(), out_residual.numpy(), out_size.numpy(), cls_slot.numpy())
+    merged = False
+    if kth == 1:  # the kernel ranks unless torch's sort must decide (the k-th match: torch's topk)
+        index = np.empty((b, n // 2), np.int64)
+        with kernel_lock:
+            merged = _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs)
+    if not merged:
+        node_idx, edge_idx = rank_matches(scores, kth)
+        with kernel_lock:
+            _k.bipartite_wavg(*streams, _NO_SCORES, node_idx.numpy(), edge_idx.numpy(), removed, *outputs)
     return TokenState(out_hidden, out_residual, cls_slot, out_size)

@@ -89,15 +89,50 @@ def _wavg_row(x, tokens, lo, hi, size, total, out):
         out[j] /= total
 
 
+@njit(inline="always")
+def _rank(scores, removed, node_idx, src):
+    """One image's matching from its Na×Nb scores, as torch's max and argsort make it: node_idx (Na) = each
+    row's first maximal column; src (Na) starts with the ``removed`` rows of the highest maxima → False, with
+    node_idx and src not all written, when a score is NaN or the removed-th and next highest maxima are equal.
+
+    Only which rows come first counts (the merge sums each slot's tokens in token order), and with the
+    maxima on either side of that cut unequal, any sort puts the same rows there; at an equal pair the choice
+    is torch's unstable sort's to make (docs/cpu_speed.md, round 17)."""
+    na, nb = scores.shape
+    best = np.empty(na, np.float32)
+    for i in range(na):
+        row = scores[i]
+        m, k = row[0], 0
+        for j in range(nb):
+            v = row[j]
+            if v != v:
+                return False
+            if v > m:
+                m, k = v, j
+        best[i], node_idx[i] = m, k
+    order = np.argsort(best)  # ascending: the removed rows of the highest maxima are its last ones
+    if removed < na and best[order[na - removed]] == best[order[na - removed - 1]]:
+        return False
+    for i in range(removed):
+        src[i] = order[na - 1 - i]
+    return True
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
-def bipartite_wavg(hidden, residual, size, cls_index, node_idx, edge_idx, removed, out_hidden, out_residual, out_size,
-                   cls_slot):  # fmt: skip
+def bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx, removed, out_hidden, out_residual,
+                   out_size, cls_slot):  # fmt: skip
     """Merge B×N×C hidden and residual streams (B×N sizes, cls at cls_index) into K + 1 slots: the A tokens in
     the first ``removed`` columns of edge_idx (B×Na, by A index) join the B token node_idx names (B×Na); out_*
-    B×(K+1)×C and B×(K+1); cls_slot (B) gets cls's new position. All float32 contiguous but the int64 indices;
-    no bounds checks."""
+    B×(K+1)×C and B×(K+1); cls_slot (B) gets cls's new position. With B×Na×Nb ``scores`` (else a 0×0×0
+    array) the kernel makes node_idx and edge_idx's first ``removed`` columns from them first (_rank) and
+    returns False, merging nothing, where that is torch's to decide; True when merged. All float32
+    contiguous but the int64 indices; no bounds checks."""
     nb, n = size.shape
     k1 = out_size.shape[1]
+    if scores.shape[0]:
+        for b in range(nb):
+            if not _rank(scores[b], removed, node_idx[b], edge_idx[b]):
+                return False
     first = np.empty((nb, k1 + 1), np.int64)
     tokens = np.empty((nb, n), np.int64)
     dest = np.empty((nb, n), np.int64)
@@ -115,3 +150,4 @@ def bipartite_wavg(hidden, residual, size, cls_index, node_idx, edge_idx, remove
             out_size[b, s] = total
             _wavg_row(hidden[b], tokens[b], lo, hi, size[b], total, out_hidden[b, s])
             _wavg_row(residual[b], tokens[b], lo, hi, size[b], total, out_residual[b, s])
+    return True

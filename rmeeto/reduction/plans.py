@@ -36,15 +36,15 @@ def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
     cosine, or minus their L1 / L2 distance (the authors normalise the metric whatever the distance).
     Computed in fp32 with autocast off, so a bf16 run matches tokens as an fp32 run does."""
     with torch.autocast(a.device.type, enabled=False):
-        a = a.float() / a.float().norm(dim=-1, keepdim=True)
-        b = b.float() / b.float().norm(dim=-1, keepdim=True)
+        a = a.float() / torch.linalg.vector_norm(a.float(), dim=-1, keepdim=True)
+        b = b.float() / torch.linalg.vector_norm(b.float(), dim=-1, keepdim=True)
         return unit_scores(a, b, distance)
 
 
 def unit_scores(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
     """:func:`similarity` of vectors already divided by their norms (B×Ma×F, B×Mb×F fp32) → B×Ma×Mb."""
-    if distance == "cosine":
-        return a @ b.transpose(-1, -2)
+    if distance == "cosine":  # bmm, the kernel `@` calls for these shapes, without matmul's dispatch around it
+        return torch.bmm(a, b.transpose(1, 2))
     return -torch.cdist(a, b, p=1.0 if distance == "l1" else 2.0)
 
 
