@@ -69,7 +69,7 @@ def test_the_kernel_merges_as_the_general_path_to_the_bit(n, cls, r, distance, k
 
 @pytest.mark.parametrize("kind,r,torch_decides", [
     ("zeros", 8, True), ("one token repeated", 8, True), ("two tokens alternating", 8, True),
-    ("ties off the cut", 2, False), ("ties at the cut", 6, True),
+    ("ties off the cut", 2, False), ("ties at the cut", 6, True), ("a merged token's two best matches", 2, False),
 ])  # fmt: skip
 def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkeypatch):
     """Equal scores (and the NaN scores of zero vectors) are broken as torch's max and argsort break them: by
@@ -79,6 +79,9 @@ def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkey
     token = torch.randn(2, 2, 16, generator=g)
     repeated = torch.randn(2, 33, 16, generator=g)  # seven A tokens alike, their best matches equal:
     repeated[:, 20:] = repeated[:, 18:20].repeat(1, 7, 1)[:, :13]  # the 6th to 12th highest maxima of image 0
+    if kind == "a merged token's two best matches":  # B tokens 0 and 1 alike, A token 0 nearly so: merged into B 0
+        repeated[:, 3] = repeated[:, 1]
+        repeated[:, 0] = repeated[:, 1] + 0.01 * torch.randn(2, 16, generator=g)
     hidden = {"zeros": torch.zeros(2, 33, 16), "one token repeated": token[:, :1].expand(2, 33, 16),
               "two tokens alternating": token.repeat(1, 17, 1)[:, :33]}.get(kind, repeated).contiguous()
     reducer = R.apply(tiny_vim(), "rmeeto", r=r, blocks=[2])
