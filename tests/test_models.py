@@ -211,6 +211,27 @@ def test_a_mixer_with_gradients_is_one_autograd_node_on_the_cpu_kernels(monkeypa
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_backwards_one_after_another_give_their_own_gradients():
+    """A mixer's backward takes its temporaries from memory kept from call to call (rmeeto.ops.workspace.kept):
+    gradients handed out by one call stay as they were through the next, and a call gives what it gave before."""
+    mixer = tiny(embed_dim=40).layers[0].mixer
+    with use_backend("cpu"):
+        def grads(hidden):
+            hidden = hidden.clone().requires_grad_(True)
+            mixer.zero_grad(set_to_none=True)
+            mixer(hidden).square().sum().backward()
+            return [hidden.grad, *(p.grad for p in mixer.parameters())]
+
+        first_input, second_input = torch.randn(3, 9, 40), torch.randn(2, 12, 40)
+        first = grads(first_input)
+        kept = [g.clone() for g in first]
+        second = grads(second_input)
+        assert all(torch.equal(a, b) for a, b in zip(first, kept, strict=True))  # not overwritten by the second call
+        assert all(torch.equal(a, b) for a, b in zip(grads(first_input), kept, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(grads(second_input), second, strict=True))
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 @pytest.mark.parametrize("method", [None, "rmeeto", "mtr"])
 def test_vim_on_the_cpu_kernels_matches_ref(method):
     """The token-major cpu path (numba conv and reverse scans, no flipped copies) against the ref backend's

@@ -857,3 +857,22 @@ def test_workspace_reuses_slots_under_a_hold_and_nothing_else():
         assert a is not b
     with reuse() as c:
         assert c is not a and tuple(c.empty(4).shape) == (4,)
+
+
+def test_kept_workspace_outlives_holds_and_stays_out_of_other_reuses():
+    """kept() hands out the same memory call after call with no hold around it (a mixer's backward in each
+    training step), not the held workspace's, and memory of its own inside another reuse() or kept()."""
+    from rmeeto.ops.workspace import active, hold, kept, reuse
+
+    with kept() as ws:
+        first = ws.empty(8, 3).data_ptr()
+    assert active() is None
+    with kept() as again:
+        assert again is ws and again.empty(8, 3).data_ptr() == first
+        with kept() as inner, reuse() as other:
+            assert inner is not ws and other is not ws and inner.empty(8, 3).data_ptr() != first
+        assert active() is ws
+    with hold(), reuse() as held:
+        assert held is not ws
+        with kept() as inside:
+            assert inside is not ws

@@ -31,7 +31,7 @@ from . import packed
 from .common import wants_grad
 from .conv import conv_weight
 from .packed import PackedLinear
-from .workspace import Workspace, active
+from .workspace import Workspace, active, kept
 
 try:
     import numba
@@ -136,17 +136,18 @@ class _CpuScan(torch.autograd.Function):
         return g_u, g_delta, g_A, g_B, g_C, *optional, None, None
 
 
-def _scan_grads(saved: list[tuple], softplus: bool, has_z: bool, gout: Tensor) -> tuple[list[tuple], Tensor]:
+def _scan_grads(saved: list[tuple], softplus: bool, has_z: bool, gout: Tensor, pooled: bool = False
+                ) -> tuple[list[tuple], Tensor]:  # fmt: skip
     """The backward kernel, in one call, for what _scan saved for each of several directions that read the same z
     (u, delta, z laid out, tm, its arrays, and whether it scanned in reverse; more than one direction needs tm)
     and got the same ∂out (B×D×L) → ([(g_u, g_delta, g_A D×N, g_B, g_C B×N×L in sequence order, g_D, g_bias)
-    per direction], g_z, the directions' summed ∂z)."""
+    per direction], g_z, the directions' summed ∂z). pooled: g_u and g_delta may come from the active workspace."""
     u, _, z, tm, arrays, _ = saved[0]
     nb, nd, L = gout.shape
     nn, lanes = arrays[0].shape[1], _k.LANES
     nblk = math.ceil(nd / lanes)
     gout = _layout(gout.float(), tm)
-    g_u, g_delta = ([_new(u, tm) for _ in saved] for _ in range(2))
+    g_u, g_delta = ([_new(u, tm, pooled) for _ in saved] for _ in range(2))
     g_z = _new(u, tm) if has_z else g_u[0]
     g_A = [gout.new_empty(nb, nblk, nn, lanes) for _ in saved]
     g_D, g_bias = ([gout.new_empty(nb, nblk, lanes) for _ in saved] for _ in range(2))
@@ -305,12 +306,13 @@ def _conv_grads(x: Tensor, taps: Tensor, b: Tensor, silu: bool, reverse: bool, g
     nb, nd, L = x.shape
     parts = nb * math.ceil(L / _CONV_CHUNK)
     add_x = g_x is not None
-    ga, g_x = _new(x, True), (g_x if add_x else _new(x, True))
+    g_x = g_x if add_x else _new(x, True)
     g_w, g_b = x.new_empty(parts, taps.shape[0], nd), x.new_empty(parts, nd)
     with kernel_lock:
+        (ga,) = _scratch(((nb, L, nd),), 1)  # ∂/∂(pre-activation), B×L×D: kept memory, not fresh pages each call
         _k.conv_backward(_np_of(x, True), taps.numpy(), b.numpy(), reverse, silu,
-                         _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, add_x, _np_of(ga, True),
-                         _np_of(g_x, True), g_w.numpy(), g_b.numpy())  # fmt: skip
+                         _np_of(_layout(gout.float(), True), True), _CONV_CHUNK, add_x, ga[0], _np_of(g_x, True),
+                         g_w.numpy(), g_b.numpy())  # fmt: skip
     return g_x, g_w.sum(0).t(), g_b.sum(0)
 
 
@@ -518,20 +520,22 @@ class _CpuInner(torch.autograd.Function):
         params = ctx.saved_tensors
         g_x = None
         grads: list[Tensor | None] = []
-        scan_grads, g_z = _scan_grads([scan_saved for *_, scan_saved in ctx.saved], True, True, gy)
-        for (conv_saved, u, dt, (*_, reverse)), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
-            conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
-            g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = scan_g
-            nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
-            g_delta = g_delta.transpose(1, 2).reshape(-1, nd)  # (B·L)×Dᵢ, no copy (token-major)
-            g_x_dbl = torch.cat([(g_delta @ dt_proj_w).view(dt.shape), g_B.transpose(1, 2), g_C.transpose(1, 2)], -1)
-            g_dt_w = g_delta.t() @ dt.reshape(-1, rank)
-            g_x_dbl = g_x_dbl.view(-1, nf)
-            g_u.transpose(1, 2).view(-1, nd).addmm_(g_x_dbl, x_proj_w)  # + x_proj's input gradient, in place
-            g_x_proj_w = g_x_dbl.t() @ u.transpose(1, 2).reshape(-1, nd)
-            g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, reverse, g_u, g_x)
-            grads += [g_conv_w.reshape(conv_w.shape), None if conv_b is None else g_conv_b, g_x_proj_w, g_dt_w, g_bias,
-                      g_A, g_D]  # fmt: skip
+        with kept():  # ∂u and ∂Δ end here: memory kept from call to call, not fresh pages (rmeeto.ops.workspace)
+            scan_grads, g_z = _scan_grads([scan_saved for *_, scan_saved in ctx.saved], True, True, gy, pooled=True)
+            for (conv_saved, u, dt, (*_, reverse)), scan_g, first in zip(ctx.saved, scan_grads, (0, 7), strict=True):
+                conv_w, conv_b, x_proj_w, dt_proj_w = params[first : first + 4]
+                g_u, g_delta, g_A, g_B, g_C, g_D, g_bias = scan_g
+                nd, rank, nf = u.shape[1], dt.shape[-1], x_proj_w.shape[0]
+                g_delta = g_delta.transpose(1, 2).reshape(-1, nd)  # (B·L)×Dᵢ, no copy (token-major)
+                g_x_dbl = torch.cat([(g_delta @ dt_proj_w).view(dt.shape), g_B.transpose(1, 2), g_C.transpose(1, 2)],
+                                    -1)  # fmt: skip
+                g_dt_w = g_delta.t() @ dt.reshape(-1, rank)
+                g_x_dbl = g_x_dbl.view(-1, nf)
+                g_u.transpose(1, 2).view(-1, nd).addmm_(g_x_dbl, x_proj_w)  # + x_proj's input gradient, in place
+                g_x_proj_w = g_x_dbl.t() @ u.transpose(1, 2).reshape(-1, nd)
+                g_x, g_conv_w, g_conv_b = _conv_grads(*conv_saved, True, reverse, g_u, g_x)
+                grads += [g_conv_w.reshape(conv_w.shape), None if conv_b is None else g_conv_b, g_x_proj_w, g_dt_w,
+                          g_bias, g_A, g_D]  # fmt: skip
         return g_x, g_z, *grads
 
 

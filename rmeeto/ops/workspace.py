@@ -72,15 +72,20 @@ def hold() -> Iterator[None]:
 
 
 class _Reuse:
-    """reuse()'s context manager. A class, not @contextmanager: a frozen Vim enters one every block, and the
-    generator's extra steps cost several µs each time there (docs/cpu_speed.md, round 15)."""
+    """reuse()'s and kept()'s context manager. A class, not @contextmanager: a frozen Vim enters one every block,
+    and the generator's extra steps cost several µs each time there (docs/cpu_speed.md, round 15)."""
 
-    __slots__ = ("outer",)
+    __slots__ = ("outer", "source")
+
+    def __init__(self, source: str):
+        self.source = source  # the _LOCAL attribute of the workspace to reuse
 
     def __enter__(self) -> Workspace:
         self.outer = active()
-        held = getattr(_LOCAL, "held", None)
-        workspace = held if held is not None and self.outer is None else Workspace()
+        if self.source == "kept" and getattr(_LOCAL, "kept", None) is None:
+            _LOCAL.kept = Workspace()
+        mine = getattr(_LOCAL, self.source, None)
+        workspace = mine if mine is not None and self.outer is None else Workspace()
         workspace.restart()
         _LOCAL.active = workspace
         return workspace
@@ -92,4 +97,12 @@ class _Reuse:
 def reuse() -> _Reuse:
     """``with reuse() as workspace:`` hand out buffers from the held workspace from its first slot (from a new
     one when nothing is held, or inside another ``reuse()``), and make it the active one until the block ends."""
-    return _Reuse()
+    return _Reuse("held")
+
+
+def kept() -> _Reuse:
+    """``with kept() as workspace:`` as reuse(), from a workspace this thread keeps for good: for the temporaries
+    of work that recurs outside any hold, such as a Vim mixer's backward in every training step (its B×L×Dᵢ
+    gradients of the scan's inputs page-faulted in at every call: docs/cpu_speed.md, round 17). It keeps the
+    largest temporaries asked for until the thread ends."""
+    return _Reuse("kept")
