@@ -11,6 +11,9 @@ forwards one after another reuse the same pages too; each mixer call that record
 its temporaries from it (``with reuse() as workspace``), and rmeeto's cpu kernels put their outputs there
 while one is active. A buffer is valid until the next ``reuse()`` under the same hold begins, or the hold ends
 (which frees the memory): nothing obtained inside ``reuse()`` may be kept past its end.
+
+:func:`kept` does the same for work that recurs outside any hold, from a workspace each thread keeps: a Vim
+mixer's backward in every training step (docs/cpu_speed.md, round 17).
 """
 
 from __future__ import annotations

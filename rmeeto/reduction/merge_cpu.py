@@ -1,6 +1,7 @@
-"""R-MeeTo's merge at inference on the `cpu` backend: the tokens' norms, their scores and ranking in tensor
-operations, the rest in two numba kernels (rmeeto.reduction.merge_kernel): one lays out the normalised A and
-B tokens, one does everything after the matching.
+"""R-MeeTo's merge at inference on the `cpu` backend: the tokens' norms and their scores in tensor operations,
+the rest in two numba kernels (rmeeto.reduction.merge_kernel): one lays out the normalised A and B tokens, one
+does everything after the scores, the ranking included unless equal maxima at the cut (or NaN scores, or the
+k-th match) leave it to torch's max and argsort, whose choice there a kernel cannot know.
 
 The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
 operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations

@@ -1,8 +1,9 @@
 """Numba kernels for R-MeeTo's merge at inference (see rmeeto.reduction.merge_cpu, which calls them).
 
-unit_halves lays out the matching's input, the A and B tokens divided by their norms; bipartite_wavg does
-the plan's slot arithmetic and the size-weighted average of both streams in one call: what bipartite_plan's
-ordered layout, with_cls and Merge("wavg") do with tensor operations after the matching. Both do the same
+unit_halves lays out the matching's input, the A and B tokens divided by their norms; bipartite_wavg ranks
+the matches from the scores (unless equal maxima leave that to torch's sort), then does the plan's slot
+arithmetic and the size-weighted average of both streams in one call: what bipartite_match, bipartite_plan's
+ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. Both do the same
 float32 operations in the same order as those (a division per element; each slot sums its tokens in token
 order, starting from zero, then divides by its summed size), so the results are the same to the bit.
 """
