@@ -94,12 +94,15 @@ def _wavg_row(x, tokens, lo, hi, size, total, out):
 def _rank(scores, removed, node_idx, src):
     """One image's matching from its Na×Nb scores, as torch's max and argsort make it: node_idx (Na) = each
     row's first maximal column; src (Na) starts with the ``removed`` rows of the highest maxima → False, with
-    node_idx and src not all written, when a score is NaN or the removed-th and next highest maxima are equal.
+    node_idx and src not all written, when a score is NaN, the removed-th and next highest maxima are equal, or
+    there are no columns.
 
     Only which rows come first counts (the merge sums each slot's tokens in token order), and with the
     maxima on either side of that cut unequal, any sort puts the same rows there; at an equal pair the choice
     is torch's unstable sort's to make (docs/cpu_speed.md, round 17)."""
     na, nb = scores.shape
+    if nb == 0:  # no B token to match: torch's max raises the error
+        return False
     best = np.empty(na, np.float32)
     for i in range(na):
         row = scores[i]
