@@ -93,11 +93,15 @@ def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkey
     assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
 
 
-def test_no_token_to_merge_into_is_torchs_error_not_a_crash():
-    """Two tokens (cls and one A token, no B token): the kernel leaves the matching to torch, whose max raises."""
+def test_impossible_merges_raise_clear_errors_not_crashes():
+    """Two tokens (cls and one A token, no B token): the kernel leaves the matching to torch, whose max raises;
+    more tokens to merge than there are A tokens (which the schedule rules out) is a ValueError."""
     reducer = R.apply(tiny_vim(), "rmeeto", r=1, blocks=[2])
     with torch.no_grad(), pytest.raises(IndexError, match="non-zero size"):
         reducer(2, TokenState(torch.randn(1, 2, 16), torch.randn(1, 2, 16), 0))
+    reducer.removed = {2: 3}
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot merge 3 of 5 tokens: at most 2"):
+        reducer(2, TokenState(torch.randn(1, 5, 16), torch.randn(1, 5, 16), 0))
 
 
 def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel():

@@ -54,6 +54,8 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     BipartiteMerge(metric="x", order="ordered", op="wavg") and Merge do it (``applies`` must hold)."""
     hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
     b, n, c = hidden.shape
+    if removed > n // 2:  # the reducer's schedule rules this out; the kernels would index past their arrays
+        raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
     size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
     a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
     norms = torch.linalg.vector_norm(hidden, dim=-1)  # Tensor.norm's kernel, without torch.norm's Python

@@ -95,7 +95,7 @@ def _rank(scores, removed, node_idx, src):
     """One image's matching from its Na×Nb scores, as torch's max and argsort make it: node_idx (Na) = each
     row's first maximal column; src (Na) starts with the ``removed`` rows of the highest maxima → False, with
     node_idx and src not all written, when a score is NaN, the removed-th and next highest maxima are equal, or
-    there are no columns.
+    there are no columns (``removed`` ≤ Na).
 
     Only which rows come first counts (the merge sums each slot's tokens in token order), and with the
     maxima on either side of that cut unequal, any sort puts the same rows there; at an equal pair the choice
