@@ -78,16 +78,17 @@ class _Reuse:
     """reuse()'s and kept()'s context manager. A class, not @contextmanager: a frozen Vim enters one every block,
     and the generator's extra steps cost several µs each time there (docs/cpu_speed.md, round 15)."""
 
-    __slots__ = ("outer", "source")
+    __slots__ = ("outer", "keep")
 
-    def __init__(self, source: str):
-        self.source = source  # the _LOCAL attribute of the workspace to reuse
+    def __init__(self, keep: bool):
+        self.keep = keep  # kept(): the thread's kept workspace; reuse(): the held one
 
     def __enter__(self) -> Workspace:
         self.outer = active()
-        if self.source == "kept" and getattr(_LOCAL, "kept", None) is None:
-            _LOCAL.kept = Workspace()
-        mine = getattr(_LOCAL, self.source, None)
+        if self.keep:
+            mine = _LOCAL.kept = getattr(_LOCAL, "kept", None) or Workspace()
+        else:
+            mine = getattr(_LOCAL, "held", None)
         workspace = mine if mine is not None and self.outer is None else Workspace()
         workspace.restart()
         _LOCAL.active = workspace
@@ -100,7 +101,7 @@ class _Reuse:
 def reuse() -> _Reuse:
     """``with reuse() as workspace:`` hand out buffers from the held workspace from its first slot (from a new
     one when nothing is held, or inside another ``reuse()``), and make it the active one until the block ends."""
-    return _Reuse("held")
+    return _Reuse(keep=False)
 
 
 def kept() -> _Reuse:
@@ -108,4 +109,4 @@ def kept() -> _Reuse:
     of work that recurs outside any hold, such as a Vim mixer's backward in every training step (its B×L×Dᵢ
     gradients of the scan's inputs page-faulted in at every call: docs/cpu_speed.md, round 17). It keeps the
     largest temporaries asked for until the thread ends."""
-    return _Reuse("kept")
+    return _Reuse(keep=True)

@@ -36,8 +36,9 @@ def similarity(a: Tensor, b: Tensor, distance: Distance = "cosine") -> Tensor:
     cosine, or minus their L1 / L2 distance (the authors normalise the metric whatever the distance).
     Computed in fp32 with autocast off, so a bf16 run matches tokens as an fp32 run does."""
     with torch.autocast(a.device.type, enabled=False):
-        a = a.float() / torch.linalg.vector_norm(a.float(), dim=-1, keepdim=True)
-        b = b.float() / torch.linalg.vector_norm(b.float(), dim=-1, keepdim=True)
+        a, b = a.float(), b.float()
+        a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+        b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True)
         return unit_scores(a, b, distance)
 
 
