@@ -403,6 +403,65 @@ def test_frozen_runs_each_block_as_one_kernel_call_unless_its_mixer_would_run_a_
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_frozen_checks_every_block_before_the_first_runs_and_calls_a_hooked_or_dropping_block_as_a_module(
+    monkeypatch,
+):
+    """A frozen forward makes each block's checks (BiMamba.frozen_block) for all blocks before the first one runs,
+    once per forward, and then runs the blocks without nn.Module.__call__: the same logits to the bit. A block with
+    a forward pre-hook, or a DropPath in training mode, is called as a module: the hook runs, the path drops."""
+    import rmeeto.models.mamba as mamba
+
+    model = tiny(embed_dim=40, drop_path_rate=0.5).eval()
+    rmeeto.reduction.apply(model, "rmeeto", r=4)
+    x = torch.randn(2, 3, 32, 32)
+    order = []
+    monkeypatch.setattr(mamba.BiMamba, "frozen_block",
+                        lambda self, norm, fn=mamba.BiMamba.frozen_block: order.append("check") or fn(self, norm))
+    monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: order.append("run") or fn(*a, **k))
+    depth = len(model.layers)
+    with torch.no_grad(), use_backend("cpu"):
+        want = model(x)
+        with rmeeto.frozen(model):
+            order.clear()
+            assert torch.equal(model(x), want)
+            assert order == ["check"] * depth + ["run"] * depth
+            seen = []
+            handle = model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(module))
+            order.clear()
+            assert torch.equal(model(x), want) and seen == [model.layers[1]]
+            assert order.count("run") == depth  # the hooked block still runs as one kernel call, from its forward
+            handle.remove()
+            model.layers[2].drop_path.train()
+            dropped = model(x)
+        assert not torch.equal(dropped, want)
+
+
+def test_a_frozen_blocks_run_leaves_tensors_it_cannot_take_to_the_usual_path():
+    """BiMamba.frozen_block's run gives None for a non-contiguous or fp64 hidden, or one that would record
+    gradients, so that the block is called as a module; frozen_block itself is None outside frozen, or where its
+    parameters would record gradients. Otherwise run gives the block's output to the bit."""
+    model = tiny(embed_dim=40).eval()
+    layer = model.layers[1]
+    hidden = torch.randn(2, 40, 5).transpose(1, 2)
+    with use_backend("cpu"):
+        assert layer.mixer.frozen_block(layer.norm) is None
+        with rmeeto.frozen(model):
+            assert layer.mixer.frozen_block(layer.norm) is None  # its parameters want gradients
+            model.requires_grad_(False)
+            run = layer.mixer.frozen_block(layer.norm)
+            if "cpu" not in available_backends():
+                assert run is None
+                return
+            assert run(hidden, None) is None and run(hidden.contiguous().double(), None) is None
+            assert run(hidden.contiguous().requires_grad_(), None) is None
+            out, summed = run(hidden.contiguous(), None)
+    with torch.no_grad(), use_backend("cpu"):
+        normed, want_summed = layer.norm.add_forward(hidden.contiguous(), None)
+        want = layer.mixer(normed)
+    assert torch.equal(summed, want_summed) and torch.equal(out, want)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     """Inside rmeeto.frozen every forward takes its temporaries from one workspace, the one the scope holds
     (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to

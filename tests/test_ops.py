@@ -632,21 +632,26 @@ def test_fused_add_norm_only_where_the_kernel_applies():
 
 @pytest.mark.skipif("cpu" not in FAST or not packed.AVAILABLE, reason="numba or MKL missing")
 def test_fused_block_cpu_only_where_one_kernel_call_applies():
-    """A whole frozen block: fp32 contiguous hidden and residual (or none), an fp32 norm weight, every product on
-    a packed copy, autocast off, the cpu backend."""
+    """A whole frozen block: fp32 contiguous CPU hidden and residual (or none; cpu_block_inputs, checked per block),
+    an fp32 norm weight, every product on a packed copy, autocast off, the cpu backend (fused_block_cpu, checked
+    once per forward)."""
     x, w = torch.randn(1, 3, 8), torch.ones(8)
     linears = [packed.PackedLinear(torch.randn(16, 8)), packed.PackedLinear(torch.randn(8, 16))]
+    assert dispatch.cpu_block_inputs(x, x) and dispatch.cpu_block_inputs(x, None) and dispatch.cpu_block_inputs(x)
+    assert not dispatch.cpu_block_inputs(x, torch.randn(1, 8, 3).transpose(1, 2))
+    assert not dispatch.cpu_block_inputs(torch.randn(1, 8, 3).transpose(1, 2), x)
+    assert not dispatch.cpu_block_inputs(x, x.double()) and not dispatch.cpu_block_inputs(x.double(), x)
+    if torch.cuda.is_available():
+        assert not dispatch.cpu_block_inputs(x.cuda(), None)
     with use_backend("cpu"):
-        assert dispatch.fused_block_cpu(x, x, w, *linears) and dispatch.fused_block_cpu(x, None, w, *linears)
-        assert not dispatch.fused_block_cpu(x, x, w.bfloat16(), *linears)
-        assert not dispatch.fused_block_cpu(x, torch.randn(1, 8, 3).transpose(1, 2), w, *linears)
-        assert not dispatch.fused_block_cpu(x, x.double(), w, *linears)
-        assert not dispatch.fused_block_cpu(x, x, w, *linears, packed.PackedLinear(torch.randn(8, 8), pack=False))
-        assert not dispatch.fused_block_cpu(x, x, w, *linears, None)
+        assert dispatch.fused_block_cpu(w, *linears)
+        assert not dispatch.fused_block_cpu(w.bfloat16(), *linears)
+        assert not dispatch.fused_block_cpu(w, *linears, packed.PackedLinear(torch.randn(8, 8), pack=False))
+        assert not dispatch.fused_block_cpu(w, *linears, None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not dispatch.fused_block_cpu(x, x, w, *linears)
+            assert not dispatch.fused_block_cpu(w, *linears)
     with use_backend("torch"):
-        assert not dispatch.fused_block_cpu(x, x, w, *linears)
+        assert not dispatch.fused_block_cpu(w, *linears)
 
 
 # --- selection -------------------------------------------------------------------------------------

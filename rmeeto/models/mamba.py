@@ -11,7 +11,7 @@ matrix products.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -26,6 +26,7 @@ from rmeeto.ops import (
     add_rms_norm_cpu,
     block_cpu,
     causal_conv1d,
+    cpu_block_inputs,
     fused_add_norm,
     fused_block_cpu,
     fused_inner,
@@ -218,19 +219,36 @@ class BiMamba(nn.Module):
 
     def block_forward(self, norm: RMSNorm, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """A Vim block's ``normed, residual = norm.add_forward(hidden, residual)`` then ``(self(normed), residual)``
-        as one block_cpu call, or None where that does not apply. It does inside rmeeto.frozen, where this mixer
-        would run as one mixer_cpu call and the norm as its cpu kernel (fp32 contiguous, the cpu backend), without
-        gradients, Δ record or hooks on this mixer (the call skips nn.Module.__call__): the same bits."""
-        if self._prepared is None or self.record or _hooked(self):
+        as one block_cpu call (frozen_block's), or None where that does not apply."""
+        run = self.frozen_block(norm)
+        return None if run is None else run(hidden, residual)
+
+    def frozen_block(self, norm: RMSNorm) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor] | None] | None:
+        """Inside rmeeto.frozen: ``run(hidden, residual)``, the block_forward of ``norm`` and this mixer as one
+        block_cpu call with the same bits (B×L×C fp32 contiguous: two new tensors), or None from ``run`` where its
+        tensors do not fit (cpu_block_inputs) or would record gradients. None where the block cannot run so at all:
+        outside frozen, with a Δ record or hooks on this mixer (the call skips nn.Module.__call__), gradients wanted
+        for its parameters, autocast, another backend. Those checks, and the parameters' layout, hold for a whole
+        forward: a frozen Vim makes them once per forward for all its blocks, in one pass, instead of between two
+        kernels each (a Vim-Ti at batch 1 1.08× as fast without them there, docs/cpu_speed.md, round 18)."""
+        if self._prepared is None or self.record or calls_hooks(self):
             return None
-        if wants_grad(chain([hidden, residual, norm.weight], self.parameters())):
+        weight = _parameter(norm, "weight")
+        if wants_grad(chain([weight], self.parameters())):
             return None
         laid_out = self._laid_out()
-        if not fused_block_cpu(hidden, residual, norm.weight, *laid_out.in_proj, laid_out.out_proj):
+        eps, in_proj, out_proj = norm.eps, laid_out.in_proj, laid_out.out_proj
+        if not fused_block_cpu(weight, *in_proj, out_proj):
             return None
-        with reuse() as workspace:
-            return block_cpu(hidden, residual, norm.weight, norm.eps, laid_out.in_proj, self._inner_params(laid_out),
-                             laid_out.out_proj, workspace)  # fmt: skip
+        params = self._inner_params(laid_out)
+
+        def run(hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
+            if not cpu_block_inputs(hidden, residual) or wants_grad((hidden, residual)):
+                return None
+            with reuse() as workspace:
+                return block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace)
+
+        return run
 
     def _forward(self, hidden: Tensor, workspace: Workspace | None) -> Tensor:
         """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
@@ -315,7 +333,7 @@ def _derive(sources: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hooked(module: nn.Module) -> bool:
+def calls_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook of its own or a global one: what nn.Module.__call__ checks
     before it goes straight to forward. The global hooks are private names of torch.nn.modules.module: where one
     is missing (another torch), a hook is assumed."""

@@ -14,7 +14,7 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from rmeeto.models.mamba import BiMamba, RMSNorm
+from rmeeto.models.mamba import BiMamba, RMSNorm, calls_hooks
 from rmeeto.ops.workspace import hold
 
 
@@ -121,6 +121,21 @@ class Block(nn.Module):
         return self.mixer(normed), residual
 
 
+def _frozen_run(layer: nn.Module) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor] | None] | None:
+    """What ``layer(hidden, residual)`` computes as its mixer's frozen_block (BiMamba.frozen_block: inside
+    rmeeto.frozen), or None: where the layer is not a plain Block (a subclass's forward may differ), would run a
+    hook of its own or a global one, or its drop path would drop (a DropPath in training)."""
+    if type(layer) is not Block:
+        return None
+    modules = layer._modules  # not by attribute: nn.Module.__getattr__ is a Python function, asked 24 times a forward
+    mixer, norm, drop = modules["mixer"], modules["norm"], modules["drop_path"]
+    if type(mixer) is not BiMamba or type(norm) is not RMSNorm or mixer._prepared is None or calls_hooks(layer):
+        return None  # not frozen (checked before the hooks): the usual call
+    if not (type(drop) is nn.Identity or (type(drop) is DropPath and not drop.training)) or calls_hooks(drop):
+        return None
+    return mixer.frozen_block(norm)
+
+
 class VisionMamba(nn.Module):
     """Vim classifier: B×3×H×W → B×num_classes (or B×C features with ``forward_features``)."""
 
@@ -169,12 +184,15 @@ class VisionMamba(nn.Module):
     def forward_blocks(self, state: TokenState) -> TokenState:
         """Run all blocks; the token reducer (if any) acts before each block except the first. The mixers that
         record no gradients put their temporaries in one workspace held across the blocks
-        (rmeeto.ops.workspace)."""
+        (rmeeto.ops.workspace). Inside rmeeto.frozen each block runs as its mixer's frozen_block, checked for all
+        blocks before the first runs."""
         with hold():
-            for i, layer in enumerate(self.layers):
+            runs = [_frozen_run(layer) for layer in self.layers]
+            for i, (layer, run) in enumerate(zip(self.layers, runs, strict=True)):
                 if i > 0 and self.token_reducer is not None:
                     state = self.token_reducer(i, state)
-                state.hidden, state.residual = layer(state.hidden, state.residual)
+                out = None if run is None else run(state.hidden, state.residual)
+                state.hidden, state.residual = layer(state.hidden, state.residual) if out is None else out
         return state
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -178,29 +178,40 @@ def fused_inner_cpu(x: Tensor, backend: str | None = None) -> bool:
     return x.dtype == torch.float32 and resolve_backend(x, backend) == "cpu" and scan_cpu.token_major(x)
 
 
-def fused_mixer_cpu(hidden: Tensor, *linears: PackedLinear | None, backend: str | None = None) -> bool:
-    """True when a whole Vim mixer on hidden (B×L×C) can run as scan_cpu.mixer_cpu: the `cpu` backend, hidden fp32
-    and contiguous, autocast off, and each of its products' ``linears`` packs its weight (PackedLinear.packs)."""
+def cpu_block_inputs(hidden: Tensor, residual: Tensor | None = None) -> bool:
+    """True when hidden (B×L×C) is on the CPU, fp32 and contiguous, and residual is None or fp32 and contiguous: the
+    tensors one kernel call of a Vim mixer or block (scan_cpu.mixer_cpu, block_cpu) reads."""
     return (
         hidden.is_cpu
         and hidden.dtype == torch.float32
         and hidden.is_contiguous()
-        and not torch.is_autocast_enabled("cpu")
-        and all(linear is not None and linear.packs for linear in linears)
-        and resolve_backend(hidden, backend) == "cpu"
-    )
-
-
-def fused_block_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, *linears: PackedLinear | None) -> bool:
-    """True when a Vim block, add + RMSNorm (``weight``) then a mixer with these products' ``linears``, can run as one
-    scan_cpu.block_cpu call: fused_mixer_cpu's conditions, and the norm weight and residual (when given) fp32, the
-    residual contiguous. One check of the backend instead of fused_add_norm's and fused_mixer_cpu's two: a frozen
-    Vim at batch 1 makes it every block (docs/cpu_speed.md, round 15)."""
-    return (
-        weight.dtype == torch.float32
         and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))
-        and fused_mixer_cpu(hidden, *linears)
     )
+
+
+def _packed_cpu(like: Tensor, linears: tuple[PackedLinear | None, ...], backend: str | None) -> bool:
+    """Autocast off, each of ``linears`` packs its weight (PackedLinear.packs) and the `cpu` backend for tensors
+    like ``like``."""
+    return (
+        not torch.is_autocast_enabled("cpu")
+        and all(linear is not None and linear.packs for linear in linears)
+        and resolve_backend(like, backend) == "cpu"
+    )
+
+
+def fused_mixer_cpu(hidden: Tensor, *linears: PackedLinear | None, backend: str | None = None) -> bool:
+    """True when a whole Vim mixer on hidden (B×L×C) can run as scan_cpu.mixer_cpu: the `cpu` backend, hidden fp32
+    and contiguous, autocast off, and each of its products' ``linears`` packs its weight (PackedLinear.packs)."""
+    return cpu_block_inputs(hidden) and _packed_cpu(hidden, linears, backend)
+
+
+def fused_block_cpu(weight: Tensor, *linears: PackedLinear | None) -> bool:
+    """True when Vim blocks, add + RMSNorm (``weight``) then a mixer with these products' ``linears``, can run as
+    scan_cpu.block_cpu calls for inputs that pass cpu_block_inputs: the norm weight fp32, autocast off, each product
+    on a packed copy, the `cpu` backend (for tensors on the weight's device). These hold for a whole forward, so a
+    frozen Vim checks them once per forward, and each block's tensors with cpu_block_inputs (docs/cpu_speed.md,
+    round 18)."""
+    return weight.dtype == torch.float32 and _packed_cpu(weight, linears, None)
 
 
 def fused_add_norm(hidden: Tensor, residual: Tensor | None, weight: Tensor, backend: str | None = None) -> bool:
