@@ -304,9 +304,9 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     of at every call: a merged Vim-S 1.05× and a merged Vim-Ti 1.12–1.17× as fast at batch 1
     (docs/cpu_speed.md, round 6), in_proj's and out_proj's weights packed for MKL among them (rmeeto.ops.packed,
     round 12; packed copies of those weights are kept, for the last two row counts: round 13). A parameter given
-    new data or changed by a tensor operation is seen (its address or version counter moves) and laid out again; a write
-    through ``param.data`` is not, hence the explicit scope. Forwards that record gradients or Δ take the usual path,
-    unaffected.
+    new data or changed by a tensor operation is seen at the next forward (its address or version counter moves)
+    and laid out again; a write through ``param.data`` is not, hence the explicit scope. Forwards that record
+    gradients or Δ take the usual path, unaffected.
 
     The scope also holds the inference workspace (rmeeto.ops.workspace.hold) on this thread: one forward's
     temporaries take the memory the previous one used instead of fresh pages (a merged Vim-S at batch 8
