@@ -122,6 +122,21 @@ def _rank(scores, removed, node_idx, src):
     return True
 
 
+@njit(fastmath=False, error_model="numpy", cache=True)
+def _plan(cls_index, node_idx, edge_idx, removed, cls_slot, first, tokens):
+    """bipartite_wavg's serial part, image by image (O(N) each): each token's slot and the tokens of each slot
+    (_slots, _group) into first (B×(K+2)) and tokens (B×N). A function of its own, compiled without ``parallel``:
+    inside the parallel kernel numba made each image's np.zeros, slice fill and copy a parallel region of its
+    own, three per image (a merge at the demo's batch 64 took 371 µs so, 192 µs without; docs/cpu_speed.md,
+    round 18)."""
+    nb, n = tokens.shape
+    k1 = first.shape[1] - 1
+    dest = np.empty(n, np.int64)
+    for b in range(nb):
+        cls_slot[b] = _slots(n, cls_index[b], removed, node_idx[b], edge_idx[b], dest)
+        _group(dest, k1, first[b], tokens[b])
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx, removed, out_hidden, out_residual,
                    out_size, cls_slot):  # fmt: skip
@@ -134,15 +149,15 @@ def bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx
     nb, n = size.shape
     k1 = out_size.shape[1]
     if scores.shape[0]:
+        ranked = np.empty(nb, np.bool_)
+        for b in prange(nb):  # O(Na·Nb) each: the images in parallel
+            ranked[b] = _rank(scores[b], removed, node_idx[b], edge_idx[b])
         for b in range(nb):
-            if not _rank(scores[b], removed, node_idx[b], edge_idx[b]):
+            if not ranked[b]:
                 return False
     first = np.empty((nb, k1 + 1), np.int64)
     tokens = np.empty((nb, n), np.int64)
-    dest = np.empty((nb, n), np.int64)
-    for b in range(nb):  # O(N) each: not worth a parallel region
-        cls_slot[b] = _slots(n, cls_index[b], removed, node_idx[b], edge_idx[b], dest[b])
-        _group(dest[b], k1, first[b], tokens[b])
+    _plan(cls_index, node_idx, edge_idx, removed, cls_slot, first, tokens)
     chunks = (k1 + SLOTS_PER_TASK - 1) // SLOTS_PER_TASK
     for task in prange(nb * chunks):
         b = task // chunks
