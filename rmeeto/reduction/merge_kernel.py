@@ -127,8 +127,8 @@ def _plan(cls_index, node_idx, edge_idx, removed, cls_slot, first, tokens):
     """bipartite_wavg's serial part, image by image (O(N) each): each token's slot and the tokens of each slot
     (_slots, _group) into first (B×(K+2)) and tokens (B×N). A function of its own, compiled without ``parallel``:
     inside the parallel kernel numba made each image's np.zeros, slice fill and copy a parallel region of its
-    own, three per image (a merge at the demo's batch 64 took 371 µs so, 192 µs without; docs/cpu_speed.md,
-    round 18)."""
+    own, three per image (the kernel took 383 µs a merge at the demo's batch 64 so, 128 µs with this and the
+    ranking over the images in parallel; docs/cpu_speed.md, round 18)."""
     nb, n = tokens.shape
     k1 = first.shape[1] - 1
     dest = np.empty(n, np.int64)
