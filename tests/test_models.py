@@ -499,26 +499,12 @@ def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
 def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_blocks(method, monkeypatch):
     """Without gradients the mixers put their temporaries in one workspace held across the blocks
     (rmeeto.ops.workspace) and run both directions as one mamba_inner_cpu call: the logits are those of fresh
-    memory and the general ops (up to dt_proj's summation order, which mamba_inner_cpu does in its scan), every
-    block gets in_proj's output at the same address, and a recording mixer (MTR's) takes the general ops,
-    without the workspace."""
+    memory and the general ops (up to dt_proj's summation order, which mamba_inner_cpu does in its scan), and
+    every block gets in_proj's output at the same address."""
     import rmeeto.models.mamba as mamba
-    from rmeeto.ops import workspace
 
     x = torch.randn(2, 3, 32, 32)
-    recording = tiny(embed_dim=40).eval()  # Dᵢ = 80: a block of 64 channels and a ragged one
-    rmeeto.reduction.apply(recording, "mtr", r=0.1)
-    calls = []
-    scan, inner = mamba.selective_scan, mamba.mamba_inner_cpu
-    monkeypatch.setattr(mamba, "selective_scan", lambda *a, **k: calls.append(("scan", workspace.active())) or
-                        scan(*a, **k))  # fmt: skip
-    monkeypatch.setattr(mamba, "mamba_inner_cpu", lambda *a, **k: calls.append(("inner", a[-1])) or inner(*a, **k))
-    with torch.no_grad(), use_backend("cpu"):
-        recording(x)
-    want = [c for layer in recording.layers for c in ([("scan", None)] * 2 if layer.mixer.record else ["inner"])]
-    assert [c if c[0] == "scan" else c[0] for c in calls] == want and "inner" in want
-    assert all(isinstance(ws, workspace.Workspace) for kind, ws in calls if kind == "inner")
-    model = tiny(embed_dim=40).eval()
+    model = tiny(embed_dim=40).eval()  # Dᵢ = 80: a block of 64 channels and a ragged one
     if method:
         rmeeto.reduction.apply(model, method, r=4)
     with torch.no_grad(), use_backend("cpu"):
@@ -537,6 +523,46 @@ def test_vim_inference_workspace_changes_no_logit_and_reuses_memory_across_block
         monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)  # each temporary fresh, the general ops
         fresh = model(x)
     torch.testing.assert_close(reused, fresh, rtol=1e-5, atol=1e-6 * fresh.abs().max().item())
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
+def test_a_recording_mixer_runs_on_the_kernels_and_records_what_the_per_direction_ops_record(monkeypatch):
+    """Without gradients a recording mixer (MTR's) runs as one kernel call too (mamba_inner_cpu with the workspace,
+    block_cpu inside rmeeto.frozen) and makes its record from x_proj's outputs: the Δ, B and C that the
+    per-direction ops (_scan, without the workspace) record, and the same logits, to rounding."""
+    import rmeeto.models.mamba as mamba
+    from rmeeto.ops import workspace
+
+    x = torch.randn(2, 3, 32, 32)
+    model = tiny(embed_dim=40).eval()  # Dᵢ = 80: a block of 64 channels and a ragged one
+    rmeeto.reduction.apply(model, "mtr", r=0.1)
+    recording = [layer.mixer for layer in model.layers if layer.mixer.record]
+    calls = []
+    for name in ("selective_scan", "mamba_inner_cpu", "block_cpu"):
+        monkeypatch.setattr(mamba, name, lambda *a, fn=getattr(mamba, name), name=name, **k:
+                            calls.append((name, workspace.active())) or fn(*a, **k))  # fmt: skip
+    results = []
+    with torch.no_grad(), use_backend("cpu"):
+        for scope in (contextlib.nullcontext, lambda: rmeeto.frozen(model), None):
+            if scope is None:  # each temporary fresh: the per-direction ops
+                monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)
+            calls.clear()
+            with (scope or contextlib.nullcontext)():
+                logits = model(x)
+            records = [m.last_record for m in recording]
+            results.append((logits, [t for r in records for t in (*r.delta, *r.B, *r.C)], [c for c, _ in calls]))
+            if scope is not None:
+                kernel = "block_cpu" if scope is not contextlib.nullcontext else "mamba_inner_cpu"
+                assert calls == [(kernel, calls[0][1])] * len(model.layers), scope
+                assert isinstance(calls[0][1], workspace.Workspace)
+    assert results[2][2] == ["selective_scan"] * 2 * len(recording)  # the others: mamba_inner_cpu_grad
+    (*_, (want_logits, want, _)) = results
+    assert recording and len(want) == 6 * len(recording)
+    for logits, got, _ in results[:2]:
+        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6 * want_logits.abs().max().item())
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")

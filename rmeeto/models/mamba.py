@@ -212,8 +212,8 @@ class BiMamba(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         if not self.record and fused_inner(hidden, self.d_conv):
             return self._forward_fused(hidden)
-        if self.record or not hidden.is_cpu or wants_grad(chain([hidden], self.parameters())):
-            return self._forward(hidden, None)  # something to record (a graph, Δ), or not on the CPU
+        if not hidden.is_cpu or wants_grad(chain([hidden], self.parameters())):
+            return self._forward(hidden, None)  # a graph to record, or not on the CPU
         with reuse() as workspace:  # the temporaries in CPU memory reused from block to block (rmeeto.ops.workspace)
             return self._forward(hidden, workspace)
 
@@ -227,11 +227,12 @@ class BiMamba(nn.Module):
         """Inside rmeeto.frozen: ``run(hidden, residual)``, the block_forward of ``norm`` and this mixer as one
         block_cpu call with the same bits (B×L×C fp32 contiguous: two new tensors), or None from ``run`` where its
         tensors do not fit (cpu_block_inputs) or would record gradients. None where the block cannot run so at all:
-        outside frozen, with a Δ record or hooks on this mixer (the call skips nn.Module.__call__), gradients wanted
-        for its parameters, autocast, another backend. Those checks, and the parameters' layout, hold for a whole
-        forward: a frozen Vim makes them once per forward for all its blocks, in one pass, instead of between two
-        kernels each (a Vim-Ti at batch 1 1.08× as fast without them there, docs/cpu_speed.md, round 18)."""
-        if self._prepared is None or self.record or calls_hooks(self):
+        outside frozen, with hooks on this mixer (the call skips nn.Module.__call__), gradients wanted for its
+        parameters, autocast, another backend. Those checks, and the parameters' layout, hold for a whole forward: a
+        frozen Vim makes them once per forward for all its blocks, in one pass, instead of between two kernels each
+        (a Vim-Ti at batch 1 1.08× as fast without them there, docs/cpu_speed.md, round 18). A recording mixer
+        keeps its Δ record too (_record_from)."""
+        if self._prepared is None or calls_hooks(self):
             return None
         weight = _parameter(norm, "weight")
         if wants_grad(chain([weight], self.parameters())):
@@ -245,8 +246,12 @@ class BiMamba(nn.Module):
         def run(hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
             if not cpu_block_inputs(hidden, residual) or wants_grad((hidden, residual)):
                 return None
+            x_dbl = self._x_dbl(hidden)
             with reuse() as workspace:
-                return block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace)
+                out = block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace, x_dbl)
+            if x_dbl is not None:
+                self._record_from(x_dbl)
+            return out
 
         return run
 
@@ -257,35 +262,60 @@ class BiMamba(nn.Module):
         _scan's ops up to dt_proj's summation order, without their per-call dispatch (a Vim-Ti mixer 1.31×
         faster at batch 1 with a call per direction, docs/cpu_speed.md, round 5). Inside frozen(), in_proj,
         x_proj and out_proj multiply by their weights packed once for MKL (rmeeto.ops.packed; the same bits), and
-        on the cpu backend the whole mixer is one mixer_cpu call (the same bits again)."""
+        on the cpu backend the whole mixer is one mixer_cpu call (the same bits again). A recording mixer takes those
+        calls too, and makes its Δ record from x_proj's outputs (_record_from)."""
         laid_out = None if workspace is None else self._laid_out()
         if laid_out is not None and fused_mixer_cpu(hidden, *laid_out.in_proj, laid_out.out_proj):  # x_proj packs too
-            return mixer_cpu(hidden, laid_out.in_proj, self._inner_params(laid_out), laid_out.out_proj, workspace)
+            x_dbl = self._x_dbl(hidden)
+            out = mixer_cpu(hidden, laid_out.in_proj, self._inner_params(laid_out), laid_out.out_proj, workspace, x_dbl)
+            return out if x_dbl is None else self._record_from(x_dbl, out)
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         if laid_out is None:
             halves = [(w, None) for w in self.in_proj.weight.chunk(2)]
         else:  # the packed halves' own weights: the same values, without chunk's two views at every call
             halves = [(packed.weight, packed) for packed in laid_out.in_proj]
         x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2) for w, packed in halves)  # B×Dᵢ×L
-        if workspace is not None and fused_inner_cpu(x):  # nothing to record: both directions in one call
-            return self._project(mamba_inner_cpu(x, z, self._inner_params(laid_out), workspace), laid_out.out_proj)
+        if workspace is not None and fused_inner_cpu(x):  # no graph: both directions in one call
+            x_dbl = self._x_dbl(hidden)
+            y = mamba_inner_cpu(x, z, self._inner_params(laid_out), workspace, x_dbl)
+            out = self._project(y, laid_out.out_proj)
+            return out if x_dbl is None else self._record_from(x_dbl, out)
         if workspace is None and not self.record and fused_inner_cpu(x) and not torch.is_autocast_enabled("cpu"):
             # gradients (or tensors off the CPU, which fused_inner_cpu rules out): both directions as one node
             return self._project(mamba_inner_cpu_grad(x, z, self._direction(""), self._direction("_b")))
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
-            self.last_record = ScanRecord(
-                delta=(
-                    F.softplus(d_f.float() + self.dt_proj.bias.float()[:, None]),
-                    F.softplus(d_b.float() + self.dt_proj_b.bias.float()[:, None]),
-                ),
-                B=(b_f, b_b),
-                C=(c_f, c_b),
-            )
+            self._keep_record((d_f, d_b), (b_f, b_b), (c_f, c_b))
         # in place where autograd allows (nothing recorded on y_f), as the halving always is: each new B×L×Dᵢ
         # buffer costs page faults on a CPU (glibc hands big blocks back to the OS when freed)
         return self._project(y_f + y_b if y_f.requires_grad else y_f.add_(y_b))
+
+    def _x_dbl(self, hidden: Tensor) -> Tensor | None:
+        """For a recording mixer on the cpu kernels, where they put x_proj's outputs for hidden (B×L×C): a new
+        2×B×L×(R+2N) tensor (the record keeps views of it); None when not recording."""
+        if not self.record:
+            return None
+        nb, L, _ = hidden.shape
+        return hidden.new_empty(2, nb, L, self.dt_rank + 2 * self.d_state)
+
+    def _record_from(self, x_dbl: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """Keep the record of a call whose x_proj outputs are x_dbl (2×B×L×(R+2N): dt, B, C per direction, in
+        sequence order), with Δ by dt_proj's product as _scan makes it; gives back ``out``."""
+        deltas, Bs, Cs = [], [], []
+        for dbl, dt_proj in zip(x_dbl, (self.dt_proj, self.dt_proj_b), strict=True):
+            dt, Bm, Cm = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            deltas.append((dt @ dt_proj.weight.t()).transpose(1, 2))
+            Bs.append(Bm.transpose(1, 2))
+            Cs.append(Cm.transpose(1, 2))
+        self._keep_record(tuple(deltas), tuple(Bs), tuple(Cs))
+        return out
+
+    def _keep_record(self, deltas: tuple[Tensor, Tensor], Bs: tuple[Tensor, Tensor], Cs: tuple[Tensor, Tensor]) -> None:
+        """last_record from each direction's Δ before its bias (B×Dᵢ×L), B and C (B×N×L), in sequence order."""
+        biases = (self.dt_proj.bias, self.dt_proj_b.bias)
+        delta = tuple(F.softplus(d.float() + bias.float()[:, None]) for d, bias in zip(deltas, biases, strict=True))
+        self.last_record = ScanRecord(delta=delta, B=Bs, C=Cs)  # type: ignore[arg-type]
 
     def _project(self, y: Tensor, packed: PackedLinear | None = None) -> Tensor:
         """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``; or ``packed``

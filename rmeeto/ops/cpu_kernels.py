@@ -1090,6 +1090,13 @@ def mixer_work(rows, nc, nd, nf, ndir):
     return total
 
 
+@njit(cache=True)
+def mixer_x_dbl(rows, nc, nd, nf, ndir):
+    """Where mixer_forward leaves x_proj's outputs (x_dbl, P×B·L×(R+2N)) in ``work``: (first float, floats)."""
+    n_normed, n_xz, n_conv, n_x_dbl, _ = _mixer_parts(rows, nc, nd, nf, ndir)
+    return _lines(n_normed) + _lines(n_xz) + _lines(n_conv), n_x_dbl
+
+
 @njit(fastmath=False, error_model="numpy", cache=True)
 def mixer_forward(gemm, add_norm, hidden, residual, has_residual, norm_w, eps, chunk, summed, in_x, in_z, x_proj,
                   out_proj, taps, conv_b, revs, A, Dv, bias, dt_w, work, counter, xs, dt, dtu, ys, h, ps,

@@ -436,11 +436,13 @@ def prepare_inner(*directions: tuple[Tensor | None, ...], pack: bool = False) ->
                        np.stack(A), np.stack(D), np.array([False, True][: len(directions)]))  # fmt: skip
 
 
-def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace) -> Tensor:
+def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Workspace, x_dbl: Tensor | None = None
+                    ) -> Tensor:  # fmt: skip
     """A Mamba mixer's scan directions for a forward without gradients, on the cpu kernels called directly:
     per direction conv + SiLU, x_proj, then the scan with dt_proj's product, Δ's bias and softplus, the D skip
     and the z gate (what mamba-ssm's mamba_inner_fn computes, out_proj aside) → the directions' y summed
-    (forwards, then backwards: y_f + y_b), B×Dᵢ×L, token-major, in ``workspace``.
+    (forwards, then backwards: y_f + y_b), B×Dᵢ×L, token-major, in ``workspace``. x_proj's outputs go to
+    ``x_dbl`` where given (P×B×L×(R+2N) fp32 contiguous, sequence order: dt, B, C, what a Δ record is made of).
 
     x, z: B×Dᵢ×L fp32 views of contiguous B×L×Dᵢ memory (token_major: L > 1); params: prepare_inner's. The
     same numbers as the general path (causal_conv1d, the linear layers and selective_scan with these
@@ -460,7 +462,8 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     conv = workspace.empty(ndir, nb, L, nd)
     with kernel_lock:
         _k.conv_forward(x.transpose(1, 2).numpy(), params.taps, params.conv_b, params.revs, True, conv.numpy())
-    x_dbl = workspace.empty(ndir, nb, L, nf)  # per direction B×L×(R+2N): dt, B, C, read by the scan where they lie
+    if x_dbl is None:  # per direction B×L×(R+2N): dt, B, C, read by the scan where they lie
+        x_dbl = workspace.empty(ndir, nb, L, nf)
     for p, x_proj in enumerate(params.x_proj):  # packed inside frozen: 1.3× one bmm's GFLOP/s at 131 rows
         x_proj(conv[p], x_dbl[p])
     out = workspace.empty(nb, L, nd)
@@ -541,30 +544,30 @@ class _CpuInner(torch.autograd.Function):
 
 @torch.compiler.disable
 def mixer_cpu(hidden: Tensor, in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
-              workspace: Workspace) -> Tensor:  # fmt: skip
+              workspace: Workspace, x_dbl: Tensor | None = None) -> Tensor:  # fmt: skip
     """A Vim mixer's forward without gradients, B×L×C fp32 contiguous hidden → B×L×C (a new tensor), with every
     product's weight packed (rmeeto.frozen; each PackedLinear ``packs``): in_proj's halves, what mamba_inner_cpu
     computes and out_proj (the halving in it), all in one kernel call (cpu_kernels.mixer_forward), with the same
     bits. Between separate calls each tensor operation and Python step cost 3–5× its cost in a tight loop, as the
     big products and scans before it push the interpreter's code and data out of the core's caches: a merged
     Vim-S 1.07× and an unreduced one 1.09× as fast so at batch 1, 1.05× at batch 8 (docs/cpu_speed.md, round
-    14). Intermediates in ``workspace``."""
-    return _mixer(hidden, None, None, 0.0, in_proj, params, out_proj, workspace)[0]
+    14). Intermediates in ``workspace``; x_proj's outputs copied to ``x_dbl`` where given (as mamba_inner_cpu's)."""
+    return _mixer(hidden, None, None, 0.0, in_proj, params, out_proj, workspace, x_dbl)[0]
 
 
 @torch.compiler.disable
 def block_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
               in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
-              workspace: Workspace) -> tuple[Tensor, Tensor]:  # fmt: skip
+              workspace: Workspace, x_dbl: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """A Vim block without gradients in one kernel call: (mixer_cpu(normed), summed) for ``normed, summed =
     add_rms_norm_cpu(hidden, residual, weight, eps)``, with the same bits (B×L×C fp32 contiguous; two new tensors):
-    one dispatch and its Python fewer per block (docs/cpu_speed.md, round 14)."""
-    return _mixer(hidden, residual, weight, eps, in_proj, params, out_proj, workspace)
+    one dispatch and its Python fewer per block (docs/cpu_speed.md, round 14). ``x_dbl`` as mixer_cpu's."""
+    return _mixer(hidden, residual, weight, eps, in_proj, params, out_proj, workspace, x_dbl)
 
 
 def _mixer(hidden: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float,
            in_proj: tuple[PackedLinear, PackedLinear], params: InnerParams, out_proj: PackedLinear,
-           workspace: Workspace) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+           workspace: Workspace, x_dbl: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """mixer_cpu's (no ``weight``: summed is None) and block_cpu's work."""
     if not AVAILABLE:
         raise RuntimeError("the cpu mixer kernels need numba")
@@ -584,4 +587,7 @@ def _mixer(hidden: Tensor, residual: Tensor | None, weight: Tensor | None, eps: 
         _k.mixer_forward(packed.COMPUTE_ADDRESS, weight is not None, data, *norm, *packs, params.taps, params.conv_b,
                          params.revs, params.A, params.D, params.dt_bias, params.dt_w, work.numpy(), _counter(),
                          *_scratch(_k.forward_scratch(L, nn), groups), out.numpy())  # fmt: skip
+    if x_dbl is not None:
+        start, size = _k.mixer_x_dbl(rows, nc, nd, nf, ndir)
+        x_dbl.view(-1).copy_(work[start : start + size])
     return out, summed
