@@ -814,6 +814,43 @@ def test_mamba_inner_cpu_equals_the_general_ops(nb, L, nd, nn, rank, conv_bias, 
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize("nb, L, nd, rank", [(2, 9, 80, 5), (3, 17, 64, 24), (1, 2, 130, 3)], ids=str)
+def test_a_recording_call_gives_x_proj_outputs_and_the_delta_the_scan_used(nb, L, nd, rank):
+    """mamba_inner_cpu hands x_proj's outputs (dt, B, C per direction) back where asked, and delta_record makes
+    from them softplus(dt·dt_projᵀ + bias), what the tensor operations give to rounding (ragged channel blocks,
+    two tokens): the Δ the scan computed, as the scan given it, without softplus or bias, gives the same output
+    to the bit."""
+    from rmeeto.ops import delta_record, mamba_inner_cpu, prepare_inner
+    from rmeeto.ops.workspace import Workspace
+
+    g = torch.Generator().manual_seed(nb * L + nd)
+    nn = 4
+    x, z = (torch.randn(nb, L, nd, generator=g).transpose(1, 2) for _ in range(2))
+    directions = [(torch.randn(nd, 1, 4, generator=g), torch.randn(nd, generator=g),
+                   torch.randn(rank + 2 * nn, nd, generator=g) / nd**0.5, torch.randn(nd, rank, generator=g),
+                   torch.randn(nd, generator=g), -torch.rand(nd, nn, generator=g) - 0.1, torch.randn(nd, generator=g))
+                  for _ in range(2)]  # fmt: skip
+    params = prepare_inner(*directions)
+    x_dbl = torch.full((2, nb, L, rank + 2 * nn), float("nan"))
+    with torch.no_grad():
+        y = mamba_inner_cpu(x, z, params, Workspace(), x_dbl)
+        delta = delta_record(x_dbl, params)
+        assert delta.shape == (2, nb, L, nd)
+        want_y = 0
+        with use_backend("cpu"):
+            for p, ((conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D), reverse) in enumerate(
+                    zip(directions, (False, True), strict=True)):  # fmt: skip
+                conv = causal_conv1d(x, conv_w, conv_b, activation="silu", reverse=reverse)
+                want_dbl = F.linear(conv.transpose(1, 2), x_proj_w)
+                torch.testing.assert_close(x_dbl[p], want_dbl, rtol=1e-6, atol=1e-6 * want_dbl.abs().max().item())
+                want = F.softplus(x_dbl[p, ..., :rank] @ dt_proj_w.t() + dt_bias)
+                torch.testing.assert_close(delta[p], want, rtol=1e-5, atol=1e-6)
+                bm, cm = (x_dbl[p, ..., rank + i * nn : rank + (i + 1) * nn].transpose(1, 2) for i in (0, 1))
+                want_y = want_y + selective_scan(conv, delta[p].transpose(1, 2), A, bm, cm, D, z=z, reverse=reverse)
+    assert torch.equal(y, want_y)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 def test_kernel_scratch_is_line_aligned_and_kept_until_a_bigger_request():
     """The kernels' scratch arrays start on 64-byte lines and do not overlap; asking again for the same shapes
     gives the same arrays; a bigger request takes a new buffer, and asking for the old shapes then gives views

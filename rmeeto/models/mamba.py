@@ -27,6 +27,7 @@ from rmeeto.ops import (
     block_cpu,
     causal_conv1d,
     cpu_block_inputs,
+    delta_record,
     fused_add_norm,
     fused_block_cpu,
     fused_inner,
@@ -249,9 +250,7 @@ class BiMamba(nn.Module):
             x_dbl = self._x_dbl(hidden)
             with reuse() as workspace:
                 out = block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace, x_dbl)
-            if x_dbl is not None:
-                self._record_from(x_dbl)
-            return out
+            return out if x_dbl is None else self._record_from(x_dbl, params, out)
 
         return run
 
@@ -267,8 +266,9 @@ class BiMamba(nn.Module):
         laid_out = None if workspace is None else self._laid_out()
         if laid_out is not None and fused_mixer_cpu(hidden, *laid_out.in_proj, laid_out.out_proj):  # x_proj packs too
             x_dbl = self._x_dbl(hidden)
-            out = mixer_cpu(hidden, laid_out.in_proj, self._inner_params(laid_out), laid_out.out_proj, workspace, x_dbl)
-            return out if x_dbl is None else self._record_from(x_dbl, out)
+            params = self._inner_params(laid_out)
+            out = mixer_cpu(hidden, laid_out.in_proj, params, laid_out.out_proj, workspace, x_dbl)
+            return out if x_dbl is None else self._record_from(x_dbl, params, out)
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         if laid_out is None:
             halves = [(w, None) for w in self.in_proj.weight.chunk(2)]
@@ -277,16 +277,23 @@ class BiMamba(nn.Module):
         x, z = (_matmul(hidden, w, workspace, packed).transpose(1, 2) for w, packed in halves)  # B×Dᵢ×L
         if workspace is not None and fused_inner_cpu(x):  # no graph: both directions in one call
             x_dbl = self._x_dbl(hidden)
-            y = mamba_inner_cpu(x, z, self._inner_params(laid_out), workspace, x_dbl)
-            out = self._project(y, laid_out.out_proj)
-            return out if x_dbl is None else self._record_from(x_dbl, out)
+            params = self._inner_params(laid_out)
+            out = self._project(mamba_inner_cpu(x, z, params, workspace, x_dbl), laid_out.out_proj)
+            return out if x_dbl is None else self._record_from(x_dbl, params, out)
         if workspace is None and not self.record and fused_inner_cpu(x) and not torch.is_autocast_enabled("cpu"):
             # gradients (or tensors off the CPU, which fused_inner_cpu rules out): both directions as one node
             return self._project(mamba_inner_cpu_grad(x, z, self._direction(""), self._direction("_b")))
         y_f, d_f, b_f, c_f = self._scan(x, z, "", workspace)
         y_b, d_b, b_b, c_b = self._scan(x, z, "_b", workspace)
         if self.record:
-            self._keep_record((d_f, d_b), (b_f, b_b), (c_f, c_b))
+            self.last_record = ScanRecord(
+                delta=(
+                    F.softplus(d_f.float() + self.dt_proj.bias.float()[:, None]),
+                    F.softplus(d_b.float() + self.dt_proj_b.bias.float()[:, None]),
+                ),
+                B=(b_f, b_b),
+                C=(c_f, c_b),
+            )
         # in place where autograd allows (nothing recorded on y_f), as the halving always is: each new B×L×Dᵢ
         # buffer costs page faults on a CPU (glibc hands big blocks back to the OS when freed)
         return self._project(y_f + y_b if y_f.requires_grad else y_f.add_(y_b))
@@ -299,23 +306,13 @@ class BiMamba(nn.Module):
         nb, L, _ = hidden.shape
         return hidden.new_empty(2, nb, L, self.dt_rank + 2 * self.d_state)
 
-    def _record_from(self, x_dbl: Tensor, out: Tensor | None = None) -> Tensor | None:
-        """Keep the record of a call whose x_proj outputs are x_dbl (2×B×L×(R+2N): dt, B, C per direction, in
-        sequence order), with Δ by dt_proj's product as _scan makes it; gives back ``out``."""
-        deltas, Bs, Cs = [], [], []
-        for dbl, dt_proj in zip(x_dbl, (self.dt_proj, self.dt_proj_b), strict=True):
-            dt, Bm, Cm = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-            deltas.append((dt @ dt_proj.weight.t()).transpose(1, 2))
-            Bs.append(Bm.transpose(1, 2))
-            Cs.append(Cm.transpose(1, 2))
-        self._keep_record(tuple(deltas), tuple(Bs), tuple(Cs))
+    def _record_from(self, x_dbl: Tensor, params: InnerParams, out: Tensor) -> Tensor:
+        """Keep the record of a call on the cpu kernels (with ``params``) whose x_proj outputs are x_dbl (2×B×L×(R+2N):
+        dt, B, C per direction, in sequence order): Δ as the scan computed it (delta_record); gives back ``out``."""
+        delta = delta_record(x_dbl, params).transpose(2, 3)  # 2×B×Dᵢ×L views of token-major memory
+        _, Bm, Cm = torch.split(x_dbl.transpose(2, 3), [self.dt_rank, self.d_state, self.d_state], dim=2)
+        self.last_record = ScanRecord(delta=(delta[0], delta[1]), B=(Bm[0], Bm[1]), C=(Cm[0], Cm[1]))
         return out
-
-    def _keep_record(self, deltas: tuple[Tensor, Tensor], Bs: tuple[Tensor, Tensor], Cs: tuple[Tensor, Tensor]) -> None:
-        """last_record from each direction's Δ before its bias (B×Dᵢ×L), B and C (B×N×L), in sequence order."""
-        biases = (self.dt_proj.bias, self.dt_proj_b.bias)
-        delta = tuple(F.softplus(d.float() + bias.float()[:, None]) for d, bias in zip(deltas, biases, strict=True))
-        self.last_record = ScanRecord(delta=delta, B=Bs, C=Cs)  # type: ignore[arg-type]
 
     def _project(self, y: Tensor, packed: PackedLinear | None = None) -> Tensor:
         """The directions' summed B×Dᵢ×L output → B×L×C: out_proj, halved with ``divide_out``; or ``packed``

@@ -931,6 +931,36 @@ def conv_forward(x, wt, bias, revs, silu, out):
                     o[d] = v * _sigmoid(v)
 
 
+def record_scratch() -> tuple[tuple[int, ...], ...]:
+    """delta_record's scratch per group: one row of sums per position _low_rank_rows computes at once."""
+    return ((_LOW_RANK_ROWS * LANES,),)
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def delta_record(x_dbl, dt_w, bias, out, counter, sums):
+    """out[p, b, t, d] = softplus(Σ_r x_dbl[p, b, t, r]·dt_w[p, r, d] + bias[p, d]) for d < D (out: P×B×L×D), from
+    x_proj's outputs x_dbl (P×B×L×(R+2N)) and dt_w (P×R×D', scan_forward's): the Δ scan_forward computes from them,
+    by the same steps (_low_rank_rows, the bias, _softplus), for a recording mixer. A task is a direction's next
+    _LOW_RANK_ROWS positions, all blocks of channels; sums: record_scratch's per group (G×…)."""
+    ndir, nb, nl, nf = x_dbl.shape
+    nd, nr, ndp = out.shape[3], dt_w.shape[1], dt_w.shape[2]
+    npos = nb * nl
+    nchunk = (npos + _LOW_RANK_ROWS - 1) // _LOW_RANK_ROWS
+    for g in prange(sums.shape[0]):
+        _full_width()
+        task = _take(counter)
+        while task < ndir * nchunk:
+            p, pos = task // nchunk, task % nchunk * _LOW_RANK_ROWS
+            nq = min(_LOW_RANK_ROWS, npos - pos)
+            lr, w, o, s = x_dbl[p].reshape(-1), dt_w[p].reshape(-1), out[p].reshape((npos, nd)), sums[g]
+            for k in range(ndp // LANES):
+                _low_rank_rows(lr, pos * nf, nf, w, k * LANES, ndp, nr, s, 0, nq)
+                for q in range(nq):
+                    for j in range(min(LANES, nd - k * LANES)):
+                        o[pos + q, k * LANES + j] = _softplus(s[q * LANES + j] + bias[p, k * LANES + j])
+            task = _take(counter)
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def conv_backward(x, wt, bias, rev, silu, gout, chunk, add_gx, ga, gx, gw, gbias):
     """Gradients of conv_forward: gx (B×L×D; added to it with add_gx, as for another direction's conv of the

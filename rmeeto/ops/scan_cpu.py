@@ -476,6 +476,21 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     return out.transpose(1, 2)
 
 
+def delta_record(x_dbl: Tensor, params: InnerParams) -> Tensor:
+    """A recording mixer's Δ from x_proj's outputs x_dbl (P×B×L×(R+2N) fp32 contiguous, sequence order, as
+    mamba_inner_cpu, mixer_cpu and block_cpu give them) → P×B×L×Dᵢ: softplus(dt·dt_projᵀ + bias) per direction,
+    the values the scan computed from them, to the bit. One kernel pass: the same by tensor operations (a product,
+    the bias, softplus) took 3 ms a recording mixer of a Vim-S at batch 8, a tenth of MTR's forward there."""
+    if not AVAILABLE:
+        raise RuntimeError("the cpu mixer kernels need numba")
+    ndir, nb, L, _ = x_dbl.shape
+    out = x_dbl.new_empty(ndir, nb, L, params.A.shape[1])
+    with kernel_lock as threads:
+        _k.delta_record(x_dbl.numpy(), params.dt_w, params.dt_bias, out.numpy(), _counter(),
+                        *_scratch(_k.record_scratch(), threads))  # fmt: skip
+    return out
+
+
 @torch.compiler.disable
 def mamba_inner_cpu_grad(x: Tensor, z: Tensor, *directions: tuple[Tensor | None, ...]) -> Tensor:
     """A Vim mixer's two scan directions with gradients, as one autograd node on the cpu kernels: x, z (B×Dᵢ×L
