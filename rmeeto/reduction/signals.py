@@ -26,10 +26,15 @@ class Signals:
     cls_index: Tensor
     record: ScanRecord | None = None
 
-    def _recorded(self, name: str) -> tuple[Tensor, Tensor]:
+    def _record_of(self, name: str) -> tuple[Tensor, Tensor]:
+        """Both directions' recorded ``name`` (Δ, B or C), each B×F×L with cls."""
         if self.record is None:
             raise RuntimeError(f"signal {name!r} needs the mixer record; the method must set needs_record")
-        f, b = getattr(self.record, name)  # each B×F×L
+        return getattr(self.record, name)
+
+    def _recorded(self, name: str) -> tuple[Tensor, Tensor]:
+        """Both directions' recorded ``name``, each B×M×F without cls."""
+        f, b = self._record_of(name)
         return (remove_cls(f.transpose(1, 2), self.cls_index)[1],
                 remove_cls(b.transpose(1, 2), self.cls_index)[1])
 
@@ -43,9 +48,8 @@ class Signals:
         """B×M token importance. ``delta``: mean Δ over both scan directions and channels (MTR).
         ``B``/``C``: mean magnitude of B or C likewise. ``cls``: cosine similarity to the cls token."""
         if kind in ("delta", "B", "C"):  # the means of all L tokens, then cls removed: the same values, without
-            if self.record is None:  # copying the record's B×L×Dᵢ rows first (a tenth of MTR's reducer on a Vim-S)
-                raise RuntimeError(f"signal {kind!r} needs the mixer record; the method must set needs_record")
-            f, b = (x.float() if kind == "delta" else x.float().abs() for x in getattr(self.record, kind))  # B×F×L
+            # copying the record's rows first (a fifth of MTR's reducer time on Vim-S, docs/cpu_speed.md, round 19)
+            f, b = (x.float() if kind == "delta" else x.float().abs() for x in self._record_of(kind))  # B×F×L
             means = (f.mean(1) + b.mean(1)) / 2
             return remove_cls(means[..., None], self.cls_index)[1][..., 0]
         return torch.cosine_similarity(self.hidden.float(), self.cls.float()[:, None], dim=-1)
