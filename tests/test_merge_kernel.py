@@ -8,6 +8,7 @@ import torch
 
 import rmeeto
 import rmeeto.reduction as R
+from rmeeto.models.mamba import ScanRecord
 from rmeeto.models.vim import TokenState
 from rmeeto.ops import use_backend
 from rmeeto.reduction import merge_cpu
@@ -25,18 +26,20 @@ def state(b: int, n: int, c: int, cls, sizes: bool, seed: int = 0) -> TokenState
     return TokenState(torch.randn(b, n, c, generator=g), torch.randn(b, n, c, generator=g), cls, size)
 
 
-def both_paths(reducer, s: TokenState, block: int = 2) -> tuple[TokenState, TokenState, int]:
-    """(kernel path, general path, kernel calls) for one reduction point, without gradients."""
+def both_paths(reducer, s: TokenState, block: int = 2, name: str = "bipartite_wavg"
+               ) -> tuple[TokenState, TokenState, int]:  # fmt: skip
+    """(kernel path, general path, calls of merge_cpu's ``name``) for one reduction point, without gradients."""
     calls = []
-    kernel = merge_cpu.bipartite_wavg
-    merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    kernel = getattr(merge_cpu, name)
+    setattr(merge_cpu, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
     try:
         with torch.no_grad():
             fast = reducer(block, s)
             reducer._kernel = False
             general = reducer(block, s)
     finally:
-        merge_cpu.bipartite_wavg, reducer._kernel = kernel, True
+        setattr(merge_cpu, name, kernel)
+        reducer._kernel = True
     return fast, general, len(calls)
 
 
@@ -93,6 +96,55 @@ def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkey
     assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
 
 
+MTR_POINTS = [(65, 32, 16), (64, 0, 20), (12, 11, 1), (9, "per image", 3), (4, 1, 1), (197, 98, 14)]
+"""(tokens N, cls position, tokens merged n < (N − 1) / 2)"""
+
+
+@pytest.mark.parametrize("n,cls,r", MTR_POINTS)
+@pytest.mark.parametrize("sizes", [False, True])
+@pytest.mark.parametrize("indicator", ["cls", "delta"])
+def test_mtr_kernel_merges_as_the_general_path_to_the_bit(n, cls, r, sizes, indicator):
+    """MTR's merge (its grouping by tensor operations, then one kernel) gives the general path's streams, sizes and
+    cls positions to the bit: cls anywhere, one per image, sizes or none, ranking by cls similarity or by a Δ
+    record (given here as random positive values, B×Dᵢ×L in sequence order as a mixer keeps them)."""
+    model = tiny_vim()
+    reducer = R.apply(model, "mtr", r=0.1, blocks=[2], indicator=indicator)
+    reducer.removed = {2: r}
+    cls = torch.tensor([0, n - 1, n // 2]) if cls == "per image" else cls
+    if indicator == "delta":
+        g = torch.Generator().manual_seed(n)
+        delta = [torch.rand(3, n, 32, generator=g).transpose(1, 2) for _ in range(2)]
+        model.layers[1].mixer.last_record = ScanRecord(tuple(delta), (None, None), (None, None))
+    fast, general, calls = both_paths(reducer, state(3, n, 24, cls, sizes, seed=n + r), name="grouped_mean")
+    assert calls == 1 and fast.hidden.shape[1] == n - r
+    assert_same(fast, general)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "one token repeated", "two tokens alternating"])
+def test_mtr_kernel_ties_and_nan_scores_merge_the_same_tokens(kind):
+    """Equal importances and similarities (and the NaN similarities of zero vectors): every decision is torch's,
+    so the kernel merges the tokens the general path merges."""
+    g = torch.Generator().manual_seed(1)
+    token = torch.randn(2, 2, 16, generator=g)
+    hidden = {"zeros": torch.zeros(2, 33, 16), "one token repeated": token[:, :1].expand(2, 33, 16),
+              "two tokens alternating": token.repeat(1, 17, 1)[:, :33]}[kind].contiguous()
+    reducer = R.apply(tiny_vim(), "mtr", r=0.1, blocks=[2], indicator="cls")
+    reducer.removed = {2: 8}  # of the 32 non-cls tokens: 8 kept, 16 targets, 8 sources
+    fast, general, calls = both_paths(reducer, TokenState(hidden, hidden + 1, 16), name="grouped_mean")
+    assert calls == 1
+    assert torch.equal(fast.hidden.nan_to_num(7.0), general.hidden.nan_to_num(7.0))
+    assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
+
+
+@pytest.mark.parametrize("options", [{}, {"variant": "hybrid"}, {"variant": "prune"}, {"order": "odd_even"},
+                                     {"op": "wavg"}, {"track_source": True}], ids=str)
+def test_mtr_kernel_is_used_only_for_the_mean_merge_in_order(options):
+    reducer = R.apply(tiny_vim(), "mtr", r=0.1, blocks=[2], indicator="cls", **options)
+    fast, general, calls = both_paths(reducer, state(2, 65, 16, 32, sizes=True), name="grouped_mean")
+    assert calls == (not options)
+    assert torch.equal(fast.hidden, general.hidden) and torch.equal(fast.residual, general.residual)
+
+
 def test_impossible_merges_raise_clear_errors_not_crashes():
     """Two tokens (cls and one A token, no B token): the kernel leaves the matching to torch, whose max raises;
     more tokens to merge than there are A tokens (which the schedule rules out) is a ValueError."""
@@ -104,20 +156,21 @@ def test_impossible_merges_raise_clear_errors_not_crashes():
         reducer(2, TokenState(torch.randn(1, 5, 16), torch.randn(1, 5, 16), 0))
 
 
-def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel():
+@pytest.mark.parametrize("method, r, name", [("rmeeto", 5, "bipartite_wavg"), ("mtr", 0.2, "grouped_mean")])
+def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel(method, r, name):
     model = tiny_vim().eval()
-    reducer = R.apply(model, "rmeeto", r=5)
+    reducer = R.apply(model, method, r=r)
     x = torch.randn(3, 3, 32, 32)
     calls = []
-    kernel = merge_cpu.bipartite_wavg
-    merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    kernel = getattr(merge_cpu, name)
+    setattr(merge_cpu, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
     try:
         with torch.no_grad():
             fast = model(x)
             reducer._kernel = False
             general = model(x)
     finally:
-        merge_cpu.bipartite_wavg = kernel
+        setattr(merge_cpu, name, kernel)
     assert len(calls) == len(reducer.schedule.blocks) and torch.equal(fast, general)
 
 

@@ -59,7 +59,8 @@ class Merge:
             out = x.new_zeros(b, k + 1, c).scatter_reduce(1, index, x, include_self=False,
                                                           reduce="amax" if self.op == "max" else "amin")
             return out[:, :k]
-        return self.sums(x * self._weights(x.dtype)[..., None]) / self._summed_weights(x.dtype)[..., None]
+        summed = self.sums(x if self.op == "mean" else x * self._weights(x.dtype)[..., None])  # x·1 is x: a pass fewer
+        return summed / self._summed_weights(x.dtype)[..., None]
 
     def sizes(self) -> Tensor:
         """B×K: the merged tokens' sizes, the weights summed per slot (shared with ``wavg``'s denominators)."""

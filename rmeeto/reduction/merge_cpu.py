@@ -1,13 +1,19 @@
-"""R-MeeTo's merge at inference on the `cpu` backend: the tokens' norms and their scores in tensor operations,
-the rest in two numba kernels (rmeeto.reduction.merge_kernel): one lays out the normalised A and B tokens, one
-does everything after the scores, the ranking included unless equal maxima at the cut (or NaN scores, or the
-k-th match) leave it to torch's max and argsort, whose choice there a kernel cannot know.
+"""R-MeeTo's and MTR's merges at inference on the `cpu` backend.
+
+R-MeeTo's: the tokens' norms and their scores in tensor operations, the rest in two numba kernels
+(rmeeto.reduction.merge_kernel): one lays out the normalised A and B tokens, one does everything after the
+scores, the ranking included unless equal maxima at the cut (or NaN scores, or the k-th match) leave it to
+torch's max and argsort, whose choice there a kernel cannot know.
 
 The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
 operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations
 cost several µs each, so the reducer was 10.5 % of a merged Vim-S forward at batch 1 and 5.5 % at batch 8
 (docs/cpu_speed.md, round 6). Same tokens merged and the same numbers to the bit as the general path: a
 token's norm does not depend on where its row lies, and the kernels divide and sum as the tensor operations do.
+
+MTR's: its grouping by tensor operations (rmeeto.reduction.plans.mtr_groups: every decision torch's), the plan
+and the mean merge of both streams in one kernel, where the general path took some 2 ms a reduction of Vim-S at
+batch 8 in some 40 tensor operations (docs/cpu_speed.md, round 19). The same numbers to the bit.
 """
 
 from __future__ import annotations
@@ -76,4 +82,22 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
         node_idx, edge_idx = rank_matches(scores, kth)
         with kernel_lock:
             _k.bipartite_wavg(*streams, _NO_SCORES, node_idx.numpy(), edge_idx.numpy(), removed, *outputs)
+    return TokenState(out_hidden, out_residual, cls_slot, out_size)
+
+
+@torch.compiler.disable
+def grouped_mean(state: TokenState, source: torch.Tensor, joins: torch.Tensor) -> TokenState:
+    """MTR's merge (MTR(variant="merge", order="ordered", op="mean") after its grouping) of the tokens ``source``
+    names (B×n indices among the N − 1 non-cls tokens, as mtr_groups gives them) into the ones ``joins`` names,
+    as grouped_plan, with_cls and Merge do it (``applies`` must hold)."""
+    hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
+    b, n, c = hidden.shape
+    k1 = n - source.shape[1]
+    size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
+    out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
+    cls_slot = torch.empty(b, dtype=torch.long)
+    with kernel_lock:
+        _k.grouped_mean(hidden.numpy(), residual.numpy(), size.numpy(), state.cls_index.numpy(),
+                        source.contiguous().numpy(), joins.contiguous().numpy(), out_hidden.numpy(),
+                        out_residual.numpy(), out_size.numpy(), cls_slot.numpy())  # fmt: skip
     return TokenState(out_hidden, out_residual, cls_slot, out_size)

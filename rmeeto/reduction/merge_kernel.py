@@ -1,9 +1,10 @@
-"""Numba kernels for R-MeeTo's merge at inference (see rmeeto.reduction.merge_cpu, which calls them).
+"""Numba kernels for R-MeeTo's and MTR's merges at inference (see rmeeto.reduction.merge_cpu, which calls them).
 
 unit_halves lays out the matching's input, the A and B tokens divided by their norms; bipartite_wavg ranks
 the matches from the scores (unless equal maxima leave that to torch's sort), then does the plan's slot
 arithmetic and the size-weighted average of both streams in one call: what bipartite_match, bipartite_plan's
-ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. Both do the same
+ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. grouped_mean does the
+same for MTR's grouping (made by tensor operations) and Merge("mean"). They do the same
 float32 operations in the same order as those (a division per element; each slot sums its tokens in token
 order, starting from zero, then divides by its summed size), so the results are the same to the bit.
 """
@@ -75,11 +76,12 @@ def _group(dest, k1, first, tokens):
 
 
 @njit(inline="always")
-def _wavg_row(x, tokens, lo, hi, size, total, out):
-    """out (C) = Σ x[t]·size[t] over tokens[lo:hi], from zero in token order, / total."""
+def _wavg_row(x, tokens, lo, hi, size, weighted, total, out):
+    """out (C) = Σ x[t]·w[t] over tokens[lo:hi], from zero in token order, / total; w = size when weighted, else
+    ones (x·1 is x)."""
     for i in range(lo, hi):
         t = tokens[i]
-        row, w = x[t], size[t]
+        row, w = x[t], size[t] if weighted else np.float32(1.0)
         if i == lo:
             for j in range(out.shape[0]):
                 out[j] = np.float32(0.0) + row[j] * w
@@ -158,6 +160,16 @@ def bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx
     first = np.empty((nb, k1 + 1), np.int64)
     tokens = np.empty((nb, n), np.int64)
     _plan(cls_index, node_idx, edge_idx, removed, cls_slot, first, tokens)
+    _average(hidden, residual, size, True, first, tokens, out_hidden, out_residual, out_size)
+    return True
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def _average(hidden, residual, size, weighted, first, tokens, out_hidden, out_residual, out_size):
+    """Merge's sums and divisions for both streams: each slot s of image b, its tokens tokens[b, first[b, s]:first[b,
+    s + 1]] in token order, averaged weighted by their sizes (weighted: "wavg") or not ("mean"); out_size[b, s]
+    their summed size. Slots in parallel, SLOTS_PER_TASK a task."""
+    nb, k1 = out_size.shape
     chunks = (k1 + SLOTS_PER_TASK - 1) // SLOTS_PER_TASK
     for task in prange(nb * chunks):
         b = task // chunks
@@ -167,6 +179,63 @@ def bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx
             for i in range(lo, hi):
                 total += size[b, tokens[b, i]]
             out_size[b, s] = total
-            _wavg_row(hidden[b], tokens[b], lo, hi, size[b], total, out_hidden[b, s])
-            _wavg_row(residual[b], tokens[b], lo, hi, size[b], total, out_residual[b, s])
-    return True
+            denominator = total if weighted else np.float32(hi - lo)
+            _wavg_row(hidden[b], tokens[b], lo, hi, size[b], weighted, denominator, out_hidden[b, s])
+            _wavg_row(residual[b], tokens[b], lo, hi, size[b], weighted, denominator, out_residual[b, s])
+
+
+@njit(inline="always")
+def _grouped_slots(n, p, source, joins, dest):
+    """One image's MTR plan: dest[t] = output slot of token t (N tokens, cls at p) → the cls token's slot.
+
+    Among the M = N − 1 others (numbered without cls), the tokens in source join the ones joins names; the
+    others survive in order; cls goes back after exactly the survivors that preceded it, and the slots at or
+    after it move up by one.
+    """
+    m = n - 1
+    partner = np.full(m, -1, np.int64)
+    for i in range(source.shape[0]):
+        partner[source[i]] = joins[i]
+    slot = np.empty(m, np.int64)
+    s, q = 0, 0
+    for j in range(m):
+        if partner[j] < 0:
+            slot[j] = s
+            s += 1
+            if j < p:
+                q += 1
+    for t in range(n):
+        if t == p:
+            dest[t] = q
+            continue
+        j = t - 1 if t > p else t
+        d = slot[partner[j]] if partner[j] >= 0 else slot[j]
+        dest[t] = d + 1 if d >= q else d
+    return q
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def _grouped_plan(cls_index, source, joins, cls_slot, first, tokens):
+    """grouped_mean's serial part, image by image (O(N) each), as _plan's: each token's slot and the tokens of each
+    slot (_grouped_slots, _group) into first (B×(K+2)) and tokens (B×N)."""
+    nb, n = tokens.shape
+    k1 = first.shape[1] - 1
+    dest = np.empty(n, np.int64)
+    for b in range(nb):
+        cls_slot[b] = _grouped_slots(n, cls_index[b], source[b], joins[b], dest)
+        _group(dest, k1, first[b], tokens[b])
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def grouped_mean(hidden, residual, size, cls_index, source, joins, out_hidden, out_residual, out_size, cls_slot):
+    """MTR's merge of B×N×C hidden and residual streams (B×N sizes, cls at cls_index) into K + 1 slots: the tokens
+    source names (B×n, among the N − 1 non-cls tokens) join the ones joins names, each slot the plain mean of its
+    tokens, its size their summed size; out_* B×(K+1)×C and B×(K+1); cls_slot (B) gets cls's new position. What
+    grouped_plan (after its grouping), with_cls and Merge("mean") do with tensor operations, to the bit. All
+    float32 contiguous but the int64 indices; no bounds checks."""
+    nb, n = size.shape
+    k1 = out_size.shape[1]
+    first = np.empty((nb, k1 + 1), np.int64)
+    tokens = np.empty((nb, n), np.int64)
+    _grouped_plan(cls_index, source, joins, cls_slot, first, tokens)
+    _average(hidden, residual, size, False, first, tokens, out_hidden, out_residual, out_size)

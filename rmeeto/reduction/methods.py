@@ -13,8 +13,10 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
+from torch import Tensor
+
 from rmeeto.reduction.merge import MergeOp, Plan
-from rmeeto.reduction.plans import ClsRule, Distance, Order, Variant, bipartite_plan, grouped_plan
+from rmeeto.reduction.plans import ClsRule, Distance, Order, Variant, bipartite_plan, grouped_plan, mtr_groups
 from rmeeto.reduction.signals import Feature, Indicator, Signals
 
 RKind = Literal["count", "ratio"]
@@ -137,6 +139,16 @@ class MTR:
     @property
     def needs_record(self) -> bool:
         return self.indicator != "cls" or self.metric != "x"
+
+    @property
+    def kernel_merges(self) -> bool:
+        """Merging by the plain mean in sequence order, which rmeeto.reduction.merge_cpu carries out in one kernel at
+        inference after the grouping (groups)."""
+        return self.variant == "merge" and self.order == "ordered" and self.op == "mean"
+
+    def groups(self, signals: Signals, removed: int) -> tuple[Tensor, Tensor]:
+        """(source, joins): the ``removed`` tokens merged and the token each joins (B×removed indices among the M)."""
+        return mtr_groups(signals.importance(self.indicator), signals.features(self.metric), removed, self.distance)
 
     def removed(self, m: int, r: float) -> int:
         n = ratio_count("MTR", r, m, 0.5, closed=False)

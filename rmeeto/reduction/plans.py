@@ -139,18 +139,24 @@ def grouped_plan(importance: Tensor, metric: Tensor, n: int, *, distance: Distan
     the sequence rule.
     """
     b, m = importance.shape
-    device = importance.device
-    rank = importance.argsort(dim=1, descending=True)
-    source, target = rank[:, m - n:], rank[:, n:m - n]
-    if n:
-        best = similarity(take_rows(metric, source), take_rows(metric, target), distance).argmax(dim=-1)
-    else:
-        best = source
-    partner = torch.full((b, m), -1, dtype=torch.long, device=device).scatter_(1, source, target.gather(1, best))
+    source, joins = mtr_groups(importance, metric, n, distance)
+    partner = torch.full((b, m), -1, dtype=torch.long, device=importance.device).scatter_(1, source, joins)
     plan = finish_plan(mask_of(source, m), partner, n, prune=variant == "prune", order=order, cls_index=cls_index)
     if variant == "hybrid":  # the less important half of the sources (the tail of `source`) is dropped
         plan = plan._replace(dest=plan.dest.scatter(1, source[:, (n + 1) // 2:], -1))
     return plan
+
+
+def mtr_groups(importance: Tensor, metric: Tensor, n: int, distance: Distance = "cosine") -> tuple[Tensor, Tensor]:
+    """:func:`grouped_plan`'s grouping → (source: B×n, the ``n`` least important tokens; joins: B×n, the target each
+    of them joins), token indices among the M."""
+    m = importance.shape[1]
+    rank = importance.argsort(dim=1, descending=True)
+    source, target = rank[:, m - n:], rank[:, n:m - n]
+    if not n:
+        return source, source
+    best = similarity(take_rows(metric, source), take_rows(metric, target), distance).argmax(dim=-1)
+    return source, target.gather(1, best)
 
 
 def importance_order_plan(importance: Tensor, n: int, order: Order = "ordered",

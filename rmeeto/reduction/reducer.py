@@ -11,7 +11,7 @@ from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState
 from rmeeto.reduction import merge_cpu
 from rmeeto.reduction.merge import Merge, remove_cls, with_cls
-from rmeeto.reduction.methods import BipartiteMerge, Method
+from rmeeto.reduction.methods import MTR, BipartiteMerge, Method
 from rmeeto.reduction.signals import Signals
 
 
@@ -83,7 +83,7 @@ class TokenReduction:
         if schedule.blocks and schedule.blocks[-1] >= len(self._mixers):
             raise ValueError(f"schedule block {schedule.blocks[-1]} ≥ model depth {len(self._mixers)}")
         self.removed = schedule.removed(method, model.cfg.num_patches + 1)
-        self._kernel = isinstance(method, BipartiteMerge) and method.kernel_merges and not track_source
+        self._kernel = isinstance(method, BipartiteMerge | MTR) and method.kernel_merges and not track_source
         silent = [b - 1 for b in schedule.blocks if self._mixers[b - 1] is None]
         if method.needs_record and silent:
             raise ValueError(f"{type(method).__name__} needs the Δ/B/C record of the mixer before each reduction "
@@ -93,17 +93,18 @@ class TokenReduction:
     def __call__(self, block: int, state: TokenState) -> TokenState:
         if block not in self.removed:
             return state
-        if self._kernel and self.removed[block] and merge_cpu.applies(state):
-            return merge_cpu.bipartite_wavg(state, self.removed[block], self.method.distance, self.method.kth)
+        removed = self.removed[block]
+        if self._kernel and removed and merge_cpu.applies(state):  # autocast is off there
+            if isinstance(self.method, MTR):
+                return merge_cpu.grouped_mean(state, *self.method.groups(self._signals(block, state), removed))
+            return merge_cpu.bipartite_wavg(state, removed, self.method.distance, self.method.kth)
         b, n, _ = state.hidden.shape
         p = state.cls_index
         size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)
         if self.track_source and state.source is None:
             state.source = torch.eye(n, device=size.device).expand(b, n, n)
-        record = self._mixers[block - 1].last_record if self.method.needs_record else None
         with torch.autocast(state.hidden.device.type, enabled=False):
-            cls_h, hidden = remove_cls(state.hidden, p)
-            plan = with_cls(self.method.plan(Signals(hidden, cls_h, p, record), self.removed[block]), p)
+            plan = with_cls(self.method.plan(self._signals(block, state), removed), p)
         merge = Merge(plan, size, self.method.op)
         return TokenState(
             hidden=merge(state.hidden),
@@ -112,6 +113,13 @@ class TokenReduction:
             size=merge.sizes(),
             source=merge.sums(state.source) if state.source is not None else None,
         )
+
+    def _signals(self, block: int, state: TokenState) -> Signals:
+        """The signals at the reduction point before ``block``: the hidden state without cls, cls, and the record of
+        the mixer before it when the method needs one."""
+        record = self._mixers[block - 1].last_record if self.method.needs_record else None
+        cls_h, hidden = remove_cls(state.hidden, state.cls_index)
+        return Signals(hidden, cls_h, state.cls_index, record)
 
     def set_recording(self, on: bool) -> None:
         """Ask the mixers before each reduction point to keep their Δ/B/C (only if the method needs it)."""
