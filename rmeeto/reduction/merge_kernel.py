@@ -6,7 +6,8 @@ arithmetic and the size-weighted average of both streams in one call: what bipar
 ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. grouped_mean does the
 same for MTR's grouping (made by tensor operations) and Merge("mean"). They do the same
 float32 operations in the same order as those (a division per element; each slot sums its tokens in token
-order, starting from zero, then divides by its summed size), so the results are the same to the bit.
+order, starting from zero, then divides by its summed size, or for the mean by its count), so the results are the
+same to the bit.
 """
 
 import numpy as np
