@@ -213,11 +213,12 @@ def test_the_kernel_is_used_only_where_it_applies(case):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_a_merged_vim_compiles_without_gradients(frozen):
+@pytest.mark.parametrize("method, r", [("rmeeto", 3), ("mtr", 0.2)])
+def test_a_merged_vim_compiles_without_gradients(frozen, method, r):
     """torch.compile cannot trace numba: the kernels' entry points run eagerly between the graphs (also with
-    the parameters laid out once, inside rmeeto.frozen)."""
+    the parameters laid out once, inside rmeeto.frozen, and for MTR's recording mixers)."""
     model = tiny_vim(depth=3).eval()
-    R.apply(model, "rmeeto", r=3)
+    R.apply(model, method, r=r)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), rmeeto.frozen(model) if frozen else contextlib.nullcontext():
         compiled = torch.compile(model, backend="aot_eager", dynamic=False)

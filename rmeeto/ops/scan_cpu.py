@@ -476,6 +476,7 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable
 def delta_record(x_dbl: Tensor, params: InnerParams) -> Tensor:
     """A recording mixer's Δ from x_proj's outputs x_dbl (P×B×L×(R+2N) fp32 contiguous, sequence order, as
     mamba_inner_cpu, mixer_cpu and block_cpu give them) → P×B×L×Dᵢ: softplus(dt·dt_projᵀ + bias) per direction,
