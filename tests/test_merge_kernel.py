@@ -1,4 +1,4 @@
-"""R-MeeTo's merge kernel (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used only
+"""R-MeeTo's and MTR's merge kernels (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used only
 where it applies."""
 
 import contextlib

@@ -538,27 +538,27 @@ def test_a_recording_mixer_runs_on_the_kernels_and_records_what_the_per_directio
     rmeeto.reduction.apply(model, "mtr", r=0.1)
     recording = [layer.mixer for layer in model.layers if layer.mixer.record]
     calls = []
-    for name in ("selective_scan", "mamba_inner_cpu", "block_cpu"):
-        monkeypatch.setattr(mamba, name, lambda *a, fn=getattr(mamba, name), name=name, **k:
-                            calls.append((name, workspace.active())) or fn(*a, **k))  # fmt: skip
-    results = []
+    for fn_name in ("selective_scan", "mamba_inner_cpu", "block_cpu"):
+        monkeypatch.setattr(mamba, fn_name, lambda *a, fn=getattr(mamba, fn_name), fn_name=fn_name, **k:
+                            calls.append((fn_name, workspace.active())) or fn(*a, **k))  # fmt: skip
+    scopes = {"mamba_inner_cpu": contextlib.nullcontext, "block_cpu": lambda: rmeeto.frozen(model),
+              "per-direction ops": contextlib.nullcontext}  # fmt: skip
+    results = {}
     with torch.no_grad(), use_backend("cpu"):
-        for scope in (contextlib.nullcontext, lambda: rmeeto.frozen(model), None):
-            if scope is None:  # each temporary fresh: the per-direction ops
+        for name, scope in scopes.items():
+            if name == "per-direction ops":  # each temporary fresh: no workspace, the general path
                 monkeypatch.setattr(mamba, "reuse", contextlib.nullcontext)
             calls.clear()
-            with (scope or contextlib.nullcontext)():
+            with scope():
                 logits = model(x)
-            records = [m.last_record for m in recording]
-            results.append((logits, [t for r in records for t in (*r.delta, *r.B, *r.C)], [c for c, _ in calls]))
-            if scope is not None:
-                kernel = "block_cpu" if scope is not contextlib.nullcontext else "mamba_inner_cpu"
-                assert calls == [(kernel, calls[0][1])] * len(model.layers), scope
-                assert isinstance(calls[0][1], workspace.Workspace)
-    assert results[2][2] == ["selective_scan"] * 2 * len(recording)  # the others: mamba_inner_cpu_grad
-    (*_, (want_logits, want, _)) = results
+            records = [(*m.last_record.delta, *m.last_record.B, *m.last_record.C) for m in recording]
+            results[name] = logits, [t for record in records for t in record], calls[:]
+    want_logits, want, per_direction_calls = results.pop("per-direction ops")
     assert recording and len(want) == 6 * len(recording)
-    for logits, got, _ in results[:2]:
+    assert [c for c, _ in per_direction_calls] == ["selective_scan"] * 2 * len(recording)  # others: ..._cpu_grad
+    for kernel, (logits, got, kernel_calls) in results.items():
+        assert kernel_calls == [(kernel, kernel_calls[0][1])] * len(model.layers), kernel  # one workspace for all
+        assert isinstance(kernel_calls[0][1], workspace.Workspace)
         torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6 * want_logits.abs().max().item())
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
