@@ -1,5 +1,5 @@
-"""R-MeeTo's and MTR's merge kernels (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used only
-where it applies."""
+"""R-MeeTo's and MTR's merge kernels (rmeeto.reduction.merge_cpu): the general path's numbers to the bit, and used
+only where they apply."""
 
 import contextlib
 
