@@ -250,7 +250,7 @@ class BiMamba(nn.Module):
             x_dbl = self._x_dbl(hidden)
             with reuse() as workspace:
                 out = block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace, x_dbl)
-            return out if x_dbl is None else self._record_from(x_dbl, params, out)
+            return self._record_from(x_dbl, params, out)
 
         return run
 
@@ -268,7 +268,7 @@ class BiMamba(nn.Module):
             x_dbl = self._x_dbl(hidden)
             params = self._inner_params(laid_out)
             out = mixer_cpu(hidden, laid_out.in_proj, params, laid_out.out_proj, workspace, x_dbl)
-            return out if x_dbl is None else self._record_from(x_dbl, params, out)
+            return self._record_from(x_dbl, params, out)
         # in_proj by halves: x and z each come out contiguous B×L×Dᵢ, so the scan reads z without a copy
         if laid_out is None:
             halves = [(w, None) for w in self.in_proj.weight.chunk(2)]
@@ -279,7 +279,7 @@ class BiMamba(nn.Module):
             x_dbl = self._x_dbl(hidden)
             params = self._inner_params(laid_out)
             out = self._project(mamba_inner_cpu(x, z, params, workspace, x_dbl), laid_out.out_proj)
-            return out if x_dbl is None else self._record_from(x_dbl, params, out)
+            return self._record_from(x_dbl, params, out)
         if workspace is None and not self.record and fused_inner_cpu(x) and not torch.is_autocast_enabled("cpu"):
             # gradients (or tensors off the CPU, which fused_inner_cpu rules out): both directions as one node
             return self._project(mamba_inner_cpu_grad(x, z, self._direction(""), self._direction("_b")))
@@ -306,9 +306,12 @@ class BiMamba(nn.Module):
         nb, L, _ = hidden.shape
         return hidden.new_empty(2, nb, L, self.dt_rank + 2 * self.d_state)
 
-    def _record_from(self, x_dbl: Tensor, params: InnerParams, out: Tensor) -> Tensor:
+    def _record_from(self, x_dbl: Tensor | None, params: InnerParams, out: Tensor) -> Tensor:
         """Keep the record of a call on the cpu kernels (with ``params``) whose x_proj outputs are x_dbl (2×B×L×(R+2N):
-        dt, B, C per direction, in sequence order): Δ as the scan computed it (delta_record); gives back ``out``."""
+        dt, B, C per direction, in sequence order; None: nothing to record): Δ as the scan computed it
+        (delta_record); gives back ``out``."""
+        if x_dbl is None:
+            return out
         delta = delta_record(x_dbl, params).transpose(2, 3)  # 2×B×Dᵢ×L views of token-major memory
         _, Bm, Cm = torch.split(x_dbl.transpose(2, 3), [self.dt_rank, self.d_state, self.d_state], dim=2)
         self.last_record = ScanRecord(delta=(delta[0], delta[1]), B=(Bm[0], Bm[1]), C=(Cm[0], Cm[1]))

@@ -54,25 +54,33 @@ def applies(state: TokenState) -> bool:
     )
 
 
+def _kernel_io(state: TokenState, hidden: torch.Tensor, k1: int) -> tuple[tuple, tuple, TokenState]:
+    """What the merge kernels read and write for ``state`` (``hidden``: its hidden stream, contiguous) merged into
+    K + 1 = k1 slots: the streams (hidden, residual, sizes, ones where the state has none, cls positions) and the
+    outputs (the same, K + 1 each) as arrays, and the TokenState the outputs make up."""
+    b, n, c = hidden.shape
+    residual = state.residual.contiguous()
+    size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
+    out = TokenState(hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), torch.empty(b, dtype=torch.long),
+                     size.new_empty(b, k1))  # fmt: skip
+    streams = (hidden.numpy(), residual.numpy(), size.numpy(), state.cls_index.numpy())
+    return streams, (out.hidden.numpy(), out.residual.numpy(), out.size.numpy(), out.cls_index.numpy()), out
+
+
 @torch.compiler.disable  # numba cannot be traced (see rmeeto.ops.scan_cpu)
 def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kth: int = 1) -> TokenState:
     """R-MeeTo's ordered bipartite merge of ``removed`` ≥ 1 tokens with the size-weighted average, as
     BipartiteMerge(metric="x", order="ordered", op="wavg") and Merge do it (``applies`` must hold)."""
-    hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
+    hidden = state.hidden.contiguous()
     b, n, c = hidden.shape
     if removed > n // 2:  # the reducer's schedule rules this out; the kernels would index past their arrays
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
-    size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
     a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
     norms = torch.linalg.vector_norm(hidden, dim=-1)  # Tensor.norm's kernel, without torch.norm's Python
     with kernel_lock:
         _k.unit_halves(hidden.numpy(), norms.numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
     scores = unit_scores(a, b_set, distance)
-    k1 = n - removed
-    out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
-    cls_slot = torch.empty(b, dtype=torch.long)
-    streams = (hidden.numpy(), residual.numpy(), size.numpy(), state.cls_index.numpy())
-    outputs = (out_hidden.numpy(), out_residual.numpy(), out_size.numpy(), cls_slot.numpy())
+    streams, outputs, out = _kernel_io(state, hidden, n - removed)
     merged = False
     if kth == 1:  # the kernel ranks unless torch's sort must decide (the k-th match: torch's topk)
         index = np.empty((b, n // 2), np.int64)
@@ -82,7 +90,7 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
         node_idx, edge_idx = rank_matches(scores, kth)
         with kernel_lock:
             _k.bipartite_wavg(*streams, _NO_SCORES, node_idx.numpy(), edge_idx.numpy(), removed, *outputs)
-    return TokenState(out_hidden, out_residual, cls_slot, out_size)
+    return out
 
 
 @torch.compiler.disable
@@ -90,14 +98,8 @@ def grouped_mean(state: TokenState, source: torch.Tensor, joins: torch.Tensor) -
     """MTR's merge (MTR(variant="merge", order="ordered", op="mean") after its grouping) of the tokens ``source``
     names (B×n indices among the N − 1 non-cls tokens, as mtr_groups gives them) into the ones ``joins`` names,
     as grouped_plan, with_cls and Merge do it (``applies`` must hold)."""
-    hidden, residual = state.hidden.contiguous(), state.residual.contiguous()
-    b, n, c = hidden.shape
-    k1 = n - source.shape[1]
-    size = hidden.new_ones(b, n) if state.size is None else state.size.contiguous()
-    out_hidden, out_residual, out_size = hidden.new_empty(b, k1, c), residual.new_empty(b, k1, c), size.new_empty(b, k1)
-    cls_slot = torch.empty(b, dtype=torch.long)
+    hidden = state.hidden.contiguous()
+    streams, outputs, out = _kernel_io(state, hidden, hidden.shape[1] - source.shape[1])
     with kernel_lock:
-        _k.grouped_mean(hidden.numpy(), residual.numpy(), size.numpy(), state.cls_index.numpy(),
-                        source.contiguous().numpy(), joins.contiguous().numpy(), out_hidden.numpy(),
-                        out_residual.numpy(), out_size.numpy(), cls_slot.numpy())  # fmt: skip
-    return TokenState(out_hidden, out_residual, cls_slot, out_size)
+        _k.grouped_mean(*streams, source.contiguous().numpy(), joins.contiguous().numpy(), *outputs)
+    return out
