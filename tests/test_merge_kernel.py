@@ -96,6 +96,33 @@ def test_ties_and_nan_scores_pick_the_same_tokens(kind, r, torch_decides, monkey
     assert torch.equal(fast.residual, general.residual) and torch.equal(fast.cls_index, general.cls_index)
 
 
+@pytest.mark.parametrize("channels", [8, 13, 24, 64, 100, 192, 384, 768])
+def test_the_kernel_makes_the_norms_only_where_they_are_torchs_to_the_bit(channels):
+    """merge_cpu.kernel_norms answers whether the kernel's norms are torch's for this width: checked here on other
+    rows (scales 1e-30 to 1e30, squares under- and overflowing, zeros, infinities, NaN) than the 256 it tries."""
+    g = torch.Generator().manual_seed(channels)
+    rows = torch.randn(2000, channels, generator=g) * torch.logspace(-30, 30, 2000).unsqueeze(1)
+    rows[:3] = torch.tensor([0.0, float("inf"), float("nan")]).unsqueeze(1)
+    got = torch.empty(2000)
+    merge_cpu._k.row_norms(rows.numpy(), got.numpy())
+    want = torch.linalg.vector_norm(rows, dim=-1)
+    assert merge_cpu.kernel_norms(channels) == torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+def test_torchs_norms_where_the_kernels_differ(monkeypatch):
+    """Where kernel_norms says no, unit_halves divides by torch's norms: the same merge."""
+    reducer = R.apply(tiny_vim(), "rmeeto", r=4, blocks=[2])
+    s = state(3, 65, 24, 32, sizes=True)
+    fast, general, _ = both_paths(reducer, s)
+    monkeypatch.setattr(merge_cpu, "_EXACT_NORMS", {24: False})
+    norms, vector_norm = [], torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: norms.append(1) or vector_norm(*a, **k))
+    fallback, _, calls = both_paths(reducer, s)
+    assert calls == 1 and len(norms) == 3  # the kernel path's, the general path's for A and for B
+    assert_same(fast, general)
+    assert_same(fallback, general)
+
+
 MTR_POINTS = [(65, 32, 16), (64, 0, 20), (12, 11, 1), (9, "per image", 3), (4, 1, 1), (197, 98, 14)]
 """(tokens N, cls position, tokens merged n < (N − 1) / 2)"""
 

@@ -1,9 +1,10 @@
 """R-MeeTo's and MTR's merges at inference on the `cpu` backend.
 
-R-MeeTo's: the tokens' norms and their scores in tensor operations, the rest in two numba kernels
-(rmeeto.reduction.merge_kernel): one lays out the normalised A and B tokens, one does everything after the
-scores, the ranking included unless equal maxima at the cut (or NaN scores, or the k-th match) leave it to
-torch's max and argsort, whose choice there a kernel cannot know.
+R-MeeTo's: the scores in a tensor operation, the rest in two numba kernels (rmeeto.reduction.merge_kernel): one
+lays out the normalised A and B tokens (with torch's norms to the bit, made in the kernel where kernel_norms has
+found its order of additions torch's, else taken from torch), one does everything after the scores, the ranking
+included unless equal maxima at the cut (or NaN scores, or the k-th match) leave it to torch's max and argsort,
+whose choice there a kernel cannot know.
 
 The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
 operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations
@@ -34,6 +35,24 @@ except ImportError:  # numba missing or broken: the general path is used
 
 _NO_SCORES = np.empty((0, 0, 0), np.float32)
 """bipartite_wavg's scores when it is given the matching."""
+_NO_NORMS = np.empty((0, 0), np.float32)
+"""unit_halves's norms when it makes them itself."""
+_EXACT_NORMS: dict[int, bool] = {}
+
+
+def kernel_norms(channels: int) -> bool:
+    """Whether merge_kernel's _norm gives torch.linalg.vector_norm's fp32 results to the bit for rows of ``channels``
+    values with this torch on this machine (its order of additions is inferred, so it is checked): then unit_halves
+    makes the norms itself, else it takes torch's (a call more, ~30 µs a merge at batch 1 in merged Vim-S,
+    docs/cpu_speed.md, round 20). Tried once per channel count, on 256 rows of scales from 1e-3 to 1e3."""
+    if channels not in _EXACT_NORMS:
+        rows = torch.randn(256, channels, generator=torch.Generator().manual_seed(0))
+        rows *= torch.logspace(-3, 3, 256).unsqueeze(1)
+        got = torch.empty(256)
+        with kernel_lock:
+            _k.row_norms(rows.numpy(), got.numpy())
+        _EXACT_NORMS[channels] = torch.equal(got, torch.linalg.vector_norm(rows, dim=-1))
+    return _EXACT_NORMS[channels]
 
 
 def applies(state: TokenState) -> bool:
@@ -76,9 +95,9 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     if removed > n // 2:  # the reducer's schedule rules this out; the kernels would index past their arrays
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
     a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
-    norms = torch.linalg.vector_norm(hidden, dim=-1)  # Tensor.norm's kernel, without torch.norm's Python
+    norms = _NO_NORMS if kernel_norms(c) else torch.linalg.vector_norm(hidden, dim=-1).numpy()
     with kernel_lock:
-        _k.unit_halves(hidden.numpy(), norms.numpy(), state.cls_index.numpy(), a.numpy(), b_set.numpy())
+        _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
     scores = unit_scores(a, b_set, distance)
     streams, outputs, out = _kernel_io(state, hidden, n - removed)
     merged = False

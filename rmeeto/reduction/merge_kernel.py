@@ -1,6 +1,7 @@
 """Numba kernels for R-MeeTo's and MTR's merges at inference (see rmeeto.reduction.merge_cpu, which calls them).
 
-unit_halves lays out the matching's input, the A and B tokens divided by their norms; bipartite_wavg ranks
+unit_halves lays out the matching's input, the A and B tokens divided by their norms (torch's, or made as torch
+makes them: _norm); bipartite_wavg ranks
 the matches from the scores (unless equal maxima leave that to torch's sort), then does the plan's slot
 arithmetic and the size-weighted average of both streams in one call: what bipartite_match, bipartite_plan's
 ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. grouped_mean does the
@@ -11,23 +12,71 @@ same to the bit.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 SLOTS_PER_TASK = 16
 """Output slots per parallel task of the averaging phase."""
 
 
+@intrinsic
+def _squares8(typingctx, row):
+    """The sum of the squares of row[:C − C mod 8] (row: 1-d contiguous float32, C values) as eight float32 lanes,
+    each square rounded before its addition, added lane by lane in lane order: an 8-float vector accumulated in a
+    register (numba would not vectorise the eight partial sums without reassociating them)."""
+    if row != types.Array(types.float32, 1, "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        vty = ir.VectorType(ir.FloatType(), 8)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vty, [0.0] * 8))  # promoted to a register by LLVM
+        chunks = builder.sdiv(builder.extract_value(ary.shape, 0), ir.Constant(cgutils.intp_t, 8))
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.gep(ary.data, [builder.mul(loop.index, ir.Constant(cgutils.intp_t, 8))])
+            v = builder.load(builder.bitcast(at, vty.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(v, v)), acc)
+        lanes = builder.load(acc)
+        total = builder.extract_element(lanes, ir.Constant(ir.IntType(32), 0))
+        for j in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(ir.IntType(32), j)))
+        return total
+
+    return types.float32(row), codegen
+
+
+@njit(inline="always")
+def _norm(row):
+    """The L2 norm of ``row`` (C fp32) as torch.linalg.vector_norm's CPU kernel makes it over a last dim on this
+    machine (found by trial; merge_cpu.kernel_norms checks it at run time): _squares8's eight partial sums added
+    in lane order, then the C mod 8 last squares in order, then the root."""
+    total = _squares8(row)
+    for k in range(row.shape[0] - row.shape[0] % 8, row.shape[0]):
+        total += row[k] * row[k]
+    return np.sqrt(total)
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def row_norms(rows, out):
+    """out (R) = _norm of each of rows (R×C): what merge_cpu.kernel_norms compares with torch's."""
+    for i in range(rows.shape[0]):
+        out[i] = _norm(rows[i])
+
+
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def unit_halves(hidden, norms, cls_index, a, b):
     """a (B×Na×C) = the A tokens of hidden (B×N×C; the even places among the N − 1 non-cls tokens, cls at
-    cls_index), each divided by its norm (norms: B×N); b (B×Nb×C) = the B tokens (odd places) likewise. Rows in
-    parallel: timed in a loop at Vim-S's size, 145 µs on one thread and 70 on two at batch 8, 13 and 9 at batch 1."""
+    cls_index), each divided by its norm; b (B×Nb×C) = the B tokens (odd places) likewise. The norms come from
+    ``norms`` (B×N), or from _norm where that is 0×0. Rows in parallel."""
     nb, n, c = hidden.shape
     for task in prange(nb * (n - 1)):
         i, j = task // (n - 1), task % (n - 1)
         t = j + 1 if j >= cls_index[i] else j
         out = a[i, j // 2] if j % 2 == 0 else b[i, j // 2]
-        row, norm = hidden[i, t], norms[i, t]
+        row = hidden[i, t]
+        norm = _norm(row) if norms.shape[0] == 0 else norms[i, t]
         for ch in range(c):
             out[ch] = row[ch] / norm
 
