@@ -188,9 +188,11 @@ def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel(method, 
     model = tiny_vim().eval()
     reducer = R.apply(model, method, r=r)
     x = torch.randn(3, 3, 32, 32)
-    calls = []
-    kernel = getattr(merge_cpu, name)
+    calls, checks = [], []
+    kernel, forward_applies, applies = getattr(merge_cpu, name), merge_cpu.forward_applies, merge_cpu.applies
     setattr(merge_cpu, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    merge_cpu.forward_applies = lambda *a: checks.append("forward") or forward_applies(*a)
+    merge_cpu.applies = lambda *a: checks.append("merge") or applies(*a)
     try:
         with torch.no_grad():
             fast = model(x)
@@ -198,7 +200,9 @@ def test_a_merged_vim_gives_the_same_logits_with_and_without_the_kernel(method, 
             general = model(x)
     finally:
         setattr(merge_cpu, name, kernel)
+        merge_cpu.forward_applies, merge_cpu.applies = forward_applies, applies
     assert len(calls) == len(reducer.schedule.blocks) and torch.equal(fast, general)
+    assert checks == ["forward"]  # once for the forward, not at each merge
 
 
 @pytest.mark.parametrize("case", ["gradients", "bf16 hidden", "autocast", "source tracked", "torch backend",
@@ -223,16 +227,17 @@ def test_the_kernel_is_used_only_where_it_applies(case):
     calls = []
     kernel = merge_cpu.bipartite_wavg
     merge_cpu.bipartite_wavg = lambda *a, **k: calls.append(1) or kernel(*a, **k)
-    try:
+    try:  # called as a Vim's forward calls it, and directly
         if case == "torch backend":
             with use_backend("torch"), torch.no_grad():
+                reducer.for_forward(s.hidden)(2, s)
                 reducer(2, s)
         else:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
             with torch.set_grad_enabled(case == "gradients"), autocast:
-                out = reducer(2, s)
+                outs = [reducer.for_forward(s.hidden)(2, s), reducer(2, s)]
             if case == "gradients":
-                out.hidden.sum().backward()
+                sum(out.hidden.sum() for out in outs).backward()
                 assert s.hidden.grad is not None
     finally:
         merge_cpu.bipartite_wavg = kernel

@@ -182,15 +182,19 @@ class VisionMamba(nn.Module):
         return TokenState(hidden=tokens, residual=None, cls_index=p)
 
     def forward_blocks(self, state: TokenState) -> TokenState:
-        """Run all blocks; the token reducer (if any) acts before each block except the first. The mixers that
+        """Run all blocks; the token reducer (if any) acts before each block except the first, as its ``for_forward``
+        gives it where it has one (TokenReduction: checks that hold for the whole forward made once). The mixers that
         record no gradients put their temporaries in one workspace held across the blocks
         (rmeeto.ops.workspace). Inside rmeeto.frozen each block runs as its mixer's frozen_block, checked for all
         blocks before the first runs."""
+        reduce = self.token_reducer
+        if reduce is not None and hasattr(reduce, "for_forward"):  # checks for the whole forward made once
+            reduce = reduce.for_forward(state.hidden)
         with hold():
             runs = [_frozen_run(layer) for layer in self.layers]
             for i, (layer, run) in enumerate(zip(self.layers, runs, strict=True)):
-                if i > 0 and self.token_reducer is not None:
-                    state = self.token_reducer(i, state)
+                if i > 0 and reduce is not None:
+                    state = reduce(i, state)
                 out = None if run is None else run(state.hidden, state.residual)
                 state.hidden, state.residual = layer(state.hidden, state.residual) if out is None else out
         return state

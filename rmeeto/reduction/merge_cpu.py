@@ -59,16 +59,26 @@ def applies(state: TokenState) -> bool:
     """The kernel can merge this state: numba, the `cpu` backend, fp32 hidden and residual streams (and sizes),
     autocast off (so the matching's tensor operations run in fp32 without a context to turn it off, which cost
     ~25 µs a merge at batch 1), no gradients wanted, no source map tracked."""
+    return forward_applies(state.hidden) and state_applies(state)
+
+
+def forward_applies(like: torch.Tensor) -> bool:
+    """What of ``applies`` holds for a whole forward on tensors like ``like``: numba, autocast off, the `cpu` backend
+    for them. Asked once a forward by TokenReduction.for_forward instead of at each merge (~20 µs a merge at batch 1
+    in merged Vim-S on cold caches, docs/cpu_speed.md, round 20)."""
+    return _k is not None and like.is_cpu and not torch.is_autocast_enabled("cpu") and resolve_backend(like) == "cpu"
+
+
+def state_applies(state: TokenState) -> bool:
+    """The rest of ``applies``, for this state's tensors: CPU, fp32 streams (and sizes), a residual stream, no source
+    map, no gradients wanted."""
     hidden, residual, size = state.hidden, state.residual, state.size
     return (  # plain tests, no generator: a merge at batch 1 makes them on cold caches (docs/cpu_speed.md, round 16)
-        _k is not None
-        and residual is not None
+        residual is not None
         and state.source is None
         and hidden.is_cpu
         and hidden.dtype == residual.dtype == torch.float32
         and (size is None or size.dtype == torch.float32)
-        and not torch.is_autocast_enabled("cpu")
-        and resolve_backend(hidden) == "cpu"
         and not wants_grad((hidden, residual, size))
     )
 

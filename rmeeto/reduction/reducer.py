@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from rmeeto.models.mamba import BiMamba
 from rmeeto.models.vim import TokenState
@@ -95,9 +96,7 @@ class TokenReduction:
             return state
         removed = self.removed[block]
         if self._kernel and removed and merge_cpu.applies(state):  # autocast is off there
-            if isinstance(self.method, MTR):
-                return merge_cpu.grouped_mean(state, *self.method.groups(self._signals(block, state), removed))
-            return merge_cpu.bipartite_wavg(state, removed, self.method.distance, self.method.kth)
+            return self._kernel_merge(block, state, removed)
         b, n, _ = state.hidden.shape
         p = state.cls_index
         size = state.size if state.size is not None else state.hidden.new_ones(b, n, dtype=torch.float32)
@@ -113,6 +112,30 @@ class TokenReduction:
             size=merge.sizes(),
             source=merge.sums(state.source) if state.source is not None else None,
         )
+
+    def for_forward(self, like: Tensor) -> Callable[[int, TokenState], TokenState]:
+        """This reducer as one forward on tensors like ``like`` calls it: where the merge kernels' conditions that
+        hold for a whole forward hold (merge_cpu.forward_applies), a call that checks each state's tensors alone
+        (merge_cpu.state_applies) before a kernel merges; else the reducer itself."""
+        if not (self._kernel and merge_cpu.forward_applies(like)):
+            return self
+        removed_at = self.removed
+
+        def call(block: int, state: TokenState) -> TokenState:
+            removed = removed_at.get(block)
+            if removed is None:
+                return state
+            if removed and merge_cpu.state_applies(state):
+                return self._kernel_merge(block, state, removed)
+            return self(block, state)
+
+        return call
+
+    def _kernel_merge(self, block: int, state: TokenState, removed: int) -> TokenState:
+        """The merge of ``removed`` tokens before ``block`` by merge_cpu's kernels (merge_cpu.applies must hold)."""
+        if isinstance(self.method, MTR):
+            return merge_cpu.grouped_mean(state, *self.method.groups(self._signals(block, state), removed))
+        return merge_cpu.bipartite_wavg(state, removed, self.method.distance, self.method.kth)
 
     def _signals(self, block: int, state: TokenState) -> Signals:
         """The signals at the reduction point before ``block``: the hidden state without cls, cls, and the record of
