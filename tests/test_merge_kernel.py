@@ -109,18 +109,36 @@ def test_the_kernel_makes_the_norms_only_where_they_are_torchs_to_the_bit(channe
     assert merge_cpu.kernel_norms(channels) == torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
 
 
-def test_torchs_norms_where_the_kernels_differ(monkeypatch):
-    """Where kernel_norms says no, unit_halves divides by torch's norms: the same merge."""
+@pytest.mark.parametrize("b,na,nb,c", [(1, 98, 98, 384), (8, 93, 93, 384), (2, 32, 31, 24), (1, 5, 4, 16),
+                                       (3, 1, 1, 8)])  # fmt: skip
+def test_the_kernel_multiplies_only_where_its_products_are_torchs_to_the_bit(b, na, nb, c):
+    """merge_cpu.kernel_scores answers whether MKL's SGEMM called from the kernel gives torch.bmm's scores for this
+    shape (torch multiplies small matrices itself): checked here on other vectors than the ones it tries."""
+    g = torch.Generator().manual_seed(na + c)
+    a, b_set = torch.randn(b, na, c, generator=g), torch.randn(b, nb, c, generator=g) * 1e3
+    got = torch.empty(b, na, nb)
+    if merge_cpu.SGEMM_ADDRESS:
+        merge_cpu._k.products(merge_cpu.SGEMM_ADDRESS, a.numpy(), b_set.numpy(), got.numpy())
+    assert merge_cpu.kernel_scores(b, na, nb, c) == torch.equal(got, torch.bmm(a, b_set.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("fallback", ["norms", "scores"])
+def test_torchs_norms_or_scores_where_the_kernels_differ(fallback, monkeypatch):
+    """Where kernel_norms or kernel_scores says no, the merge takes torch's norms or scores: the same merge."""
     reducer = R.apply(tiny_vim(), "rmeeto", r=4, blocks=[2])
     s = state(3, 65, 24, 32, sizes=True)
     fast, general, _ = both_paths(reducer, s)
-    monkeypatch.setattr(merge_cpu, "_EXACT_NORMS", {24: False})
-    norms, vector_norm = [], torch.linalg.vector_norm
-    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: norms.append(1) or vector_norm(*a, **k))
-    fallback, _, calls = both_paths(reducer, s)
-    assert calls == 1 and len(norms) == 3  # the kernel path's, the general path's for A and for B
+    torch_calls, vector_norm, bmm = [], torch.linalg.vector_norm, torch.bmm
+    if fallback == "norms":
+        monkeypatch.setattr(merge_cpu, "_EXACT_NORMS", {24: False})
+        monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: torch_calls.append(1) or vector_norm(*a, **k))
+    else:
+        monkeypatch.setattr(merge_cpu, "kernel_scores", lambda *shape: False)
+        monkeypatch.setattr(torch, "bmm", lambda *a: torch_calls.append(1) or bmm(*a))
+    slow, _, calls = both_paths(reducer, s)
+    assert calls == 1 and len(torch_calls) == (3 if fallback == "norms" else 2)  # and the general path's
     assert_same(fast, general)
-    assert_same(fallback, general)
+    assert_same(slow, general)
 
 
 MTR_POINTS = [(65, 32, 16), (64, 0, 20), (12, 11, 1), (9, "per image", 3), (4, 1, 1), (197, 98, 14)]

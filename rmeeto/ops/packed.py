@@ -40,9 +40,21 @@ def _mkl() -> ctypes.CDLL | None:
 
 _LIB = _mkl()
 AVAILABLE = _LIB is not None
-COMPUTE_ADDRESS = ctypes.cast(_LIB.cblas_sgemm_compute, ctypes.c_void_p).value if AVAILABLE else 0
+
+
+def _address(name: str) -> int:
+    """The address of the function ``name`` in torch's CPU library, or 0 where it has none (or no MKL)."""
+    fn = getattr(_LIB, name, None) if AVAILABLE else None
+    return 0 if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+
+COMPUTE_ADDRESS = _address("cblas_sgemm_compute")
 """The address of MKL's cblas_sgemm_compute, for numba kernels that multiply by packed copies themselves
 (rmeeto.ops.cpu_kernels.mixer_forward): passed to them as an argument, so that they can be cached on disk."""
+SGEMM_ADDRESS = _address("SGEMM")
+"""The address of MKL's SGEMM (the Fortran interface, which torch's CPU products call), for numba kernels that
+multiply unpacked matrices (rmeeto.reduction.merge_kernel.match_merge); 0 where torch's library does not export
+it."""
 
 
 COPIES = 2

@@ -25,6 +25,7 @@ import torch
 from rmeeto.models.vim import TokenState
 from rmeeto.ops.common import wants_grad
 from rmeeto.ops.dispatch import resolve_backend
+from rmeeto.ops.packed import SGEMM_ADDRESS
 from rmeeto.ops.scan_cpu import kernel_lock
 from rmeeto.reduction.plans import rank_matches, unit_scores
 
@@ -53,6 +54,33 @@ def kernel_norms(channels: int) -> bool:
             _k.row_norms(rows.numpy(), got.numpy())
         _EXACT_NORMS[channels] = torch.equal(got, torch.linalg.vector_norm(rows, dim=-1))
     return _EXACT_NORMS[channels]
+
+
+_EXACT_PRODUCTS: dict[tuple[int, ...], bool] = {}
+
+
+def kernel_scores(b: int, na: int, nb: int, c: int) -> bool:
+    """Whether match_merge's scores (MKL's SGEMM called from the kernel) are torch.bmm's to the bit for B×Na×C and
+    B×Nb×C unit vectors on torch's current thread count: then one kernel call does a whole cosine merge (~60 µs a
+    merge fewer in merged Vim-S at batch 1, docs/cpu_speed.md, round 20), else bmm makes the scores. torch calls the
+    same SGEMM for products of Vim's sizes, but multiplies small ones itself (and a torch without MKL has no SGEMM to
+    call), so this is tried once per shape and thread count, on random unit vectors: at least 4,096 scores (or 64
+    tries), as two ways of summing a short product often agree."""
+    key = (b, na, nb, c, torch.get_num_threads())
+    if key not in _EXACT_PRODUCTS:
+        scores = b * na * nb
+        g, tries = torch.Generator().manual_seed(0), min(64, -(-4096 // scores)) if SGEMM_ADDRESS and scores else 0
+        _EXACT_PRODUCTS[key] = tries > 0
+        for _ in range(tries):
+            a, b_set = torch.randn(b, na, c, generator=g), torch.randn(b, nb, c, generator=g)
+            a, b_set = a / a.norm(dim=-1, keepdim=True), b_set / b_set.norm(dim=-1, keepdim=True)
+            got = torch.empty(b, na, nb)
+            with kernel_lock:
+                _k.products(SGEMM_ADDRESS, a.numpy(), b_set.numpy(), got.numpy())
+            if not torch.equal(got, unit_scores(a, b_set)):
+                _EXACT_PRODUCTS[key] = False
+                break
+    return _EXACT_PRODUCTS[key]
 
 
 def applies(state: TokenState) -> bool:
@@ -104,17 +132,24 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     b, n, c = hidden.shape
     if removed > n // 2:  # the reducer's schedule rules this out; the kernels would index past their arrays
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
-    a, b_set = hidden.new_empty(b, n // 2, c), hidden.new_empty(b, (n - 1) // 2, c)  # the N − 1 others split
-    norms = _NO_NORMS if kernel_norms(c) else torch.linalg.vector_norm(hidden, dim=-1).numpy()
-    with kernel_lock:
-        _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
-    scores = unit_scores(a, b_set, distance)
+    na, nb = n // 2, (n - 1) // 2  # the N − 1 others split into A and B tokens
+    a, b_set = hidden.new_empty(b, na, c), hidden.new_empty(b, nb, c)
     streams, outputs, out = _kernel_io(state, hidden, n - removed)
-    merged = False
-    if kth == 1:  # the kernel ranks unless torch's sort must decide (the k-th match: torch's topk)
-        index = np.empty((b, n // 2), np.int64)
+    index = np.empty((b, na), np.int64)
+    if distance == "cosine" and kth == 1 and kernel_norms(c) and kernel_scores(b, na, nb, c):  # all in one call
+        scores = hidden.new_empty(b, na, nb)
         with kernel_lock:
-            merged = _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs)
+            merged = _k.match_merge(SGEMM_ADDRESS, *streams, a.numpy(), b_set.numpy(), scores.numpy(), index,
+                                    np.empty_like(index), removed, *outputs)  # fmt: skip
+    else:
+        norms = _NO_NORMS if kernel_norms(c) else torch.linalg.vector_norm(hidden, dim=-1).numpy()
+        with kernel_lock:
+            _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
+        scores = unit_scores(a, b_set, distance)
+        merged = False
+        if kth == 1:  # the kernel ranks unless torch's sort must decide (the k-th match: torch's topk)
+            with kernel_lock:
+                merged = _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs)
     if not merged:
         node_idx, edge_idx = rank_matches(scores, kth)
         with kernel_lock:

@@ -58,6 +58,60 @@ def _norm(row):
     return np.sqrt(total)
 
 
+@intrinsic
+def _products(typingctx, sgemm, a, b, out):
+    """out[i] (Na×Nb) = a[i] (Na×C) @ b[i] (Nb×C)ᵀ for each i < B, by MKL's SGEMM at address ``sgemm`` (the Fortran
+    interface: column-major, arguments by reference) called as torch's CPU bmm calls it for a @ b.transpose(1, 2):
+    SGEMM("T", "N", Nb, Na, C, 1, b[i], C, a[i], C, 0, out[i], Nb). All three C-contiguous float32 3-d arrays; no
+    checks. The address comes in as an argument so that the kernel can be cached on disk."""
+    f32_3d = types.Array(types.float32, 3, "C")
+    if a != f32_3d or b != f32_3d or out != f32_3d:
+        return None
+    i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+    ptr = i8.as_pointer()
+
+    def codegen(context, builder, signature, args):
+        call = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [ptr] * 13).as_pointer())
+        arys = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[1:], args[1:], strict=True)]
+        (batch, na, nc), (_, nb, _) = (cgutils.unpack_tuple(builder, ary.shape, 3) for ary in arys[:2])
+
+        def ref(value):  # a pointer to a stack copy of value
+            slot = cgutils.alloca_once(builder, value.type)
+            builder.store(value, slot)
+            return builder.bitcast(slot, ptr)
+
+        m, n, k = (ref(builder.trunc(v, i32)) for v in (nb, na, nc))
+        trans, plain = ref(ir.Constant(i8, ord("T"))), ref(ir.Constant(i8, ord("N")))
+        one, zero = ref(ir.Constant(f32, 1.0)), ref(ir.Constant(f32, 0.0))
+        with cgutils.for_range(builder, batch) as loop:
+            def matrix(ary, rows, cols):  # &ary[i] as a byte pointer
+                at = builder.gep(ary.data, [builder.mul(loop.index, builder.mul(rows, cols))])
+                return builder.bitcast(at, ptr)
+
+            a_i, b_i, out_i = matrix(arys[0], na, nc), matrix(arys[1], nb, nc), matrix(arys[2], na, nb)
+            builder.call(call, [trans, plain, m, n, k, one, b_i, k, a_i, k, zero, out_i, m])
+        return context.get_dummy_value()
+
+    return types.void(types.intp, a, b, out), codegen
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def products(sgemm, a, b, out):
+    """_products, as merge_cpu.kernel_scores compares it with torch.bmm."""
+    _products(sgemm, a, b, out)
+
+
+@njit(fastmath=False, error_model="numpy", cache=True)
+def match_merge(sgemm, hidden, residual, size, cls_index, a, b, scores, node_idx, edge_idx, removed, out_hidden,
+                out_residual, out_size, cls_slot):  # fmt: skip
+    """R-MeeTo's cosine merge in one call: unit_halves (the kernel's norms) into a and b, their scores a @ bᵀ by MKL's
+    SGEMM at address ``sgemm`` into ``scores`` (B×Na×Nb), then bipartite_wavg with them (its arguments and result)."""
+    unit_halves(hidden, np.empty((0, 0), np.float32), cls_index, a, b)
+    _products(sgemm, a, b, scores)
+    return bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx, removed, out_hidden,
+                          out_residual, out_size, cls_slot)  # fmt: skip
+
+
 @njit(fastmath=False, error_model="numpy", cache=True)
 def row_norms(rows, out):
     """out (R) = _norm of each of rows (R×C): what merge_cpu.kernel_norms compares with torch's."""
