@@ -1,10 +1,10 @@
 """R-MeeTo's and MTR's merges at inference on the `cpu` backend.
 
-R-MeeTo's: the scores in a tensor operation, the rest in two numba kernels (rmeeto.reduction.merge_kernel): one
-lays out the normalised A and B tokens (with torch's norms to the bit, made in the kernel where kernel_norms has
-found its order of additions torch's, else taken from torch), one does everything after the scores, the ranking
-included unless equal maxima at the cut (or NaN scores, or the k-th match) leave it to torch's max and argsort,
-whose choice there a kernel cannot know.
+R-MeeTo's: one numba kernel call (rmeeto.reduction.merge_kernel.match_merge) lays out the normalised A and B
+tokens, scores them by MKL's SGEMM and ranks and merges, where its norms and products are torch's to the bit
+(kernel_norms, kernel_scores: checked at run time) and no equal maxima at the cut (or NaN scores) leave the ranking
+to torch's max and argsort, whose choice there a kernel cannot know. Elsewhere the same kernels run around torch's
+norms, scores or ranking.
 
 The general path (a plan, then :class:`~rmeeto.reduction.merge.Merge` per stream) runs some 80–100 tensor
 operations per merge and passes over the B×N×C streams about eight times; inside a Vim those operations
@@ -133,27 +133,26 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     if removed > n // 2:  # the reducer's schedule rules this out; the kernels would index past their arrays
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
     na, nb = n // 2, (n - 1) // 2  # the N − 1 others split into A and B tokens
-    a, b_set = hidden.new_empty(b, na, c), hidden.new_empty(b, nb, c)
     streams, outputs, out = _kernel_io(state, hidden, n - removed)
-    index = np.empty((b, na), np.int64)
     if distance == "cosine" and kth == 1 and kernel_norms(c) and kernel_scores(b, na, nb, c):  # all in one call
-        scores = hidden.new_empty(b, na, nb)
         with kernel_lock:
-            merged = _k.match_merge(SGEMM_ADDRESS, *streams, a.numpy(), b_set.numpy(), scores.numpy(), index,
-                                    np.empty_like(index), removed, *outputs)  # fmt: skip
-    else:
-        norms = _NO_NORMS if kernel_norms(c) else torch.linalg.vector_norm(hidden, dim=-1).numpy()
+            if _k.match_merge(SGEMM_ADDRESS, *streams, removed, *outputs):
+                return out
+    # torch's norms or scores where the kernel's are not torch's, and torch's ranking where equal maxima (or the k-th
+    # match) leave it to torch's sort
+    a, b_set = hidden.new_empty(b, na, c), hidden.new_empty(b, nb, c)
+    norms = _NO_NORMS if kernel_norms(c) else torch.linalg.vector_norm(hidden, dim=-1).numpy()
+    with kernel_lock:
+        _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
+    scores = unit_scores(a, b_set, distance)
+    if kth == 1:  # the kernel ranks unless torch's sort must decide
+        index = np.empty((b, na), np.int64)
         with kernel_lock:
-            _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
-        scores = unit_scores(a, b_set, distance)
-        merged = False
-        if kth == 1:  # the kernel ranks unless torch's sort must decide (the k-th match: torch's topk)
-            with kernel_lock:
-                merged = _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs)
-    if not merged:
-        node_idx, edge_idx = rank_matches(scores, kth)
-        with kernel_lock:
-            _k.bipartite_wavg(*streams, _NO_SCORES, node_idx.numpy(), edge_idx.numpy(), removed, *outputs)
+            if _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs):
+                return out
+    node_idx, edge_idx = rank_matches(scores, kth)
+    with kernel_lock:
+        _k.bipartite_wavg(*streams, _NO_SCORES, node_idx.numpy(), edge_idx.numpy(), removed, *outputs)
     return out
 
 

@@ -102,14 +102,20 @@ def products(sgemm, a, b, out):
 
 
 @njit(fastmath=False, error_model="numpy", cache=True)
-def match_merge(sgemm, hidden, residual, size, cls_index, a, b, scores, node_idx, edge_idx, removed, out_hidden,
-                out_residual, out_size, cls_slot):  # fmt: skip
-    """R-MeeTo's cosine merge in one call: unit_halves (the kernel's norms) into a and b, their scores a @ bᵀ by MKL's
-    SGEMM at address ``sgemm`` into ``scores`` (B×Na×Nb), then bipartite_wavg with them (its arguments and result)."""
+def match_merge(sgemm, hidden, residual, size, cls_index, removed, out_hidden, out_residual, out_size, cls_slot):
+    """R-MeeTo's cosine merge in one call: unit_halves (the kernel's norms), their scores a @ bᵀ by MKL's SGEMM at
+    address ``sgemm``, then bipartite_wavg with them (its arguments but the scratch, and its result). The A and B
+    rows, the B×Na×Nb scores and the matching are made here: five arrays fewer for the caller to make and hand
+    over (~10 µs a merge at batch 1, docs/cpu_speed.md, round 21)."""
+    nb, n, c = hidden.shape
+    na, nbt = n // 2, (n - 1) // 2
+    a, b = np.empty((nb, na, c), np.float32), np.empty((nb, nbt, c), np.float32)
+    scores = np.empty((nb, na, nbt), np.float32)
     unit_halves(hidden, np.empty((0, 0), np.float32), cls_index, a, b)
     _products(sgemm, a, b, scores)
-    return bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, edge_idx, removed, out_hidden,
-                          out_residual, out_size, cls_slot)  # fmt: skip
+    node_idx = np.empty((nb, na), np.int64)
+    return bipartite_wavg(hidden, residual, size, cls_index, scores, node_idx, np.empty_like(node_idx), removed,
+                          out_hidden, out_residual, out_size, cls_slot)  # fmt: skip
 
 
 @njit(fastmath=False, error_model="numpy", cache=True)
