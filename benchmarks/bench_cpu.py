@@ -26,7 +26,7 @@ import rmeeto
 import rmeeto.reduction as R
 from rmeeto.flops import count
 from rmeeto.models.deit import ReducibleViT
-from rmeeto.ops import backend_summary
+from rmeeto.ops import backend_summary, use_backend
 from rmeeto.speed import Speed, interleaved
 
 SIZES = {  # Vim name, R-MeeTo r (the paper's), DeiT name
@@ -42,12 +42,15 @@ MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 def matmul_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     """Multiply-accumulates (G) per image in the model's matrix products on input x (B×3×H×W): every
     mm/addmm/bmm torch runs (torch.utils.flop_counter), attention included (timm's fused attention is
-    switched off while counting, as the counter does not see inside it)."""
+    switched off while counting, as the counter does not see inside it). Counted on the `ref` backend (its scan
+    makes no products of its own, the `torch` one's do), so that the products the cpu kernels make themselves
+    (dt_proj's inside the scan, the merges' scores) count too and their one-time checks against torch's products
+    (rmeeto.reduction.merge_cpu.kernel_scores) do not."""
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     for m, _ in fused:
         m.fused_attn = False
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), use_backend("ref"), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         for m, flag in fused:
