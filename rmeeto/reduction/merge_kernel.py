@@ -1,14 +1,14 @@
 """Numba kernels for R-MeeTo's and MTR's merges at inference (see rmeeto.reduction.merge_cpu, which calls them).
 
 unit_halves lays out the matching's input, the A and B tokens divided by their norms (torch's, or made as torch
-makes them: _norm); bipartite_wavg ranks
-the matches from the scores (unless equal maxima leave that to torch's sort), then does the plan's slot
-arithmetic and the size-weighted average of both streams in one call: what bipartite_match, bipartite_plan's
-ordered layout, with_cls and Merge("wavg") do with tensor operations after the scores. grouped_mean does the
-same for MTR's grouping (made by tensor operations) and Merge("mean"). They do the same
-float32 operations in the same order as those (a division per element; each slot sums its tokens in token
-order, starting from zero, then divides by its summed size, or for the mean by its count), so the results are the
-same to the bit.
+makes them: _norm); bipartite_wavg ranks the matches from the scores (unless equal maxima leave that to torch's
+sort), then does the plan's slot arithmetic and the size-weighted average of both streams in one call: what
+bipartite_match, bipartite_plan's ordered layout, with_cls and Merge("wavg") do with tensor operations after the
+scores. match_merge does both around the scores, made by the SGEMM torch's bmm calls (_products): a whole cosine
+merge in one call. grouped_mean does the same for MTR's grouping (made by tensor operations) and Merge("mean").
+They do the same float32 operations in the same order as those (a division per element; each slot sums its tokens
+in token order, starting from zero, then divides by its summed size, or for the mean by its count), so the results
+are the same to the bit.
 """
 
 import numpy as np
