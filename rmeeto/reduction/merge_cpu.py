@@ -134,7 +134,8 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
     na, nb = n // 2, (n - 1) // 2  # the N − 1 others split into A and B tokens
     streams, outputs, out = _kernel_io(state, hidden, n - removed)
-    if distance == "cosine" and kth == 1 and kernel_norms(c) and kernel_scores(b, na, nb, c):  # all in one call
+    one_call = distance == "cosine" and kth == 1 and kernel_norms(c) and kernel_scores(b, na, nb, c)
+    if one_call:
         with kernel_lock:
             if _k.match_merge(SGEMM_ADDRESS, *streams, removed, *outputs):
                 return out
@@ -145,7 +146,7 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
     with kernel_lock:
         _k.unit_halves(hidden.numpy(), norms, state.cls_index.numpy(), a.numpy(), b_set.numpy())
     scores = unit_scores(a, b_set, distance)
-    if kth == 1:  # the kernel ranks unless torch's sort must decide
+    if kth == 1 and not one_call:  # the kernel ranks unless torch's sort must decide (match_merge found it must)
         index = np.empty((b, na), np.int64)
         with kernel_lock:
             if _k.bipartite_wavg(*streams, scores.numpy(), index, np.empty_like(index), removed, *outputs):
