@@ -29,6 +29,7 @@ def run_rank(shards: Path, out: Path) -> None:
     from rmeeto.data import WebDatasetDataModule, eval_transform, webdataset_dm
     from rmeeto.lit import RMeeToModule
     from rmeeto.lit.callbacks import ExactOnceValidation
+    from rmeeto.lit.cli import leave_process_group
 
     torch.set_num_threads(1)
 
@@ -65,6 +66,8 @@ def run_rank(shards: Path, out: Path) -> None:
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Recorder(), ExactOnceValidation()])
     trainer.fit(module, datamodule=data)
+    leave_process_group()  # as train.py does: without it the process can abort at exit (gloo's threads)
+    assert not torch.distributed.is_initialized()
 
 
 def test_two_rank_ddp_splits_training_data_and_counts_validation_once(demo_shards, tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -144,4 +145,14 @@ def run(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {error_line(err)}  [{DEBUG_FLAG} shows the traceback]", file=sys.stderr)
         return 2 if isinstance(err, ArgumentError) else 1
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy torch.distributed's process group where the run made one (DDP, DeepSpeed; Lightning leaves it up): a
+    gloo group left to the interpreter's exit can abort the process after a finished run (SIGABRT, "terminate called
+    without an active exception"), which a scheduler counts as a failed job. Only after success: after an error the
+    other ranks may still be inside a collective, which destroying the group would wait for."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
