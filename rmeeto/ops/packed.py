@@ -53,7 +53,7 @@ COMPUTE_ADDRESS = _address("cblas_sgemm_compute")
 (rmeeto.ops.cpu_kernels.mixer_forward): passed to them as an argument, so that they can be cached on disk."""
 SGEMM_ADDRESS = _address("SGEMM")
 """The address of MKL's SGEMM (the Fortran interface, which torch's CPU products call), for numba kernels that
-multiply unpacked matrices (rmeeto.reduction.merge_kernel.match_merge); 0 where torch's library does not export
+multiply unpacked matrices (rmeeto.ops.merge_kernel.match_merge); 0 where torch's library does not export
 it."""
 
 

@@ -1,6 +1,6 @@
 """R-MeeTo's and MTR's merges at inference on the `cpu` backend.
 
-R-MeeTo's: one numba kernel call (rmeeto.reduction.merge_kernel.match_merge) lays out the normalised A and B
+R-MeeTo's: one numba kernel call (rmeeto.ops.merge_kernel.match_merge) lays out the normalised A and B
 tokens, scores them by MKL's SGEMM and ranks and merges, where its norms and products are torch's to the bit
 (kernel_norms, kernel_scores: checked at run time) and no equal maxima at the cut (or NaN scores) leave the ranking
 to torch's max and argsort, whose choice there a kernel cannot know. Elsewhere the same kernels run around torch's
@@ -30,7 +30,7 @@ from rmeeto.ops.scan_cpu import kernel_lock
 from rmeeto.reduction.plans import rank_matches, unit_scores
 
 try:
-    from rmeeto.reduction import merge_kernel as _k
+    from rmeeto.ops import merge_kernel as _k
 except ImportError:  # numba missing or broken: the general path is used
     _k = None
 
