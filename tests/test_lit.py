@@ -425,14 +425,15 @@ def test_reduction_config_is_typed():
 
 def test_validation_and_test_epochs_run_inside_frozen_with_the_same_metrics(demo_shards, monkeypatch):
     """FrozenEval opens rmeeto.frozen for the model and the EMA copy at each validation and test epoch (their blocks
-    then run as block_cpu calls) and closes it at the epoch's end: no mixer is left prepared, no workspace held.
-    The metrics are those of plain forwards, to the bit."""
+    and merges then run as one kernel call a forward) and closes it at the epoch's end: no mixer is left prepared, no
+    workspace held. The metrics are those of plain forwards, to the bit."""
     import rmeeto.models.mamba as mamba
     from rmeeto.lit.callbacks import FrozenEval
+    from rmeeto.models import frozen_forward
     from rmeeto.ops import workspace
 
-    calls = []
-    monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: calls.append(1) or fn(*a, **k))
+    calls, kernel = [], frozen_forward._k.blocks_forward
+    monkeypatch.setattr(frozen_forward._k, "blocks_forward", lambda *a: calls.append(1) or kernel(*a))
 
     def evaluate(frozen_eval: bool) -> dict[str, float]:
         if not frozen_eval:
@@ -449,7 +450,7 @@ def test_validation_and_test_epochs_run_inside_frozen_with_the_same_metrics(demo
         return metrics
 
     frozen_metrics = evaluate(True)
-    assert len(calls) == 2 * 2 * 2 * TINY["depth"]  # (model, EMA) × 2 batches × (validation, test) × blocks
+    assert len(calls) == 2 * 2 * 2  # (model, EMA) × 2 batches × (validation, test)
     calls.clear()
     plain_metrics = evaluate(False)
     assert not calls and {"val/loss", "val_ema/loss", "test/loss", "test_ema/acc1"} <= set(frozen_metrics)

@@ -9,7 +9,7 @@ import torch
 
 import rmeeto
 import rmeeto.reduction
-from rmeeto.models import CheckpointError, VimConfig, VisionMamba
+from rmeeto.models import CheckpointError, VimConfig, VisionMamba, frozen_forward
 from rmeeto.models.mamba import BiMamba
 from rmeeto.ops import available_backends, use_backend
 
@@ -375,23 +375,26 @@ def test_frozen_runs_each_mixer_as_one_kernel_call_with_the_same_bits(monkeypatc
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="numba not installed")
 def test_frozen_runs_each_block_as_one_kernel_call_unless_its_mixer_would_run_a_hook(monkeypatch):
-    """Inside rmeeto.frozen a Vim block (add + RMSNorm, then the mixer) is one block_cpu call, with the same logits
-    to the bit; a block whose mixer has a forward hook, or any block under a global module hook, calls its mixer as
-    a module, so the hook runs."""
+    """Inside rmeeto.frozen a Vim's blocks and R-MeeTo's merges are one run_blocks call (one kernel call), with the
+    same logits to the bit; with a block whose mixer has a forward hook each other block (add + RMSNorm, then the
+    mixer) is one block_cpu call, and the hooked one calls its mixer as a module, so the hook runs; under a global
+    module hook every block does."""
     import rmeeto.models.mamba as mamba
 
     model = tiny(embed_dim=40).eval()
     rmeeto.reduction.apply(model, "rmeeto", r=4)
     x = torch.randn(2, 3, 32, 32)
-    calls, seen = [], []
+    calls, seen, whole = [], [], []
     monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: calls.append(1) or fn(*a, **k))
+    monkeypatch.setattr(frozen_forward, "run_blocks",
+                        lambda *a, fn=frozen_forward.run_blocks: whole.append(1) or fn(*a))  # fmt: skip
     with torch.no_grad(), use_backend("cpu"):
         want = model(x)
         with rmeeto.frozen(model):
-            assert torch.equal(model(x), want) and len(calls) == len(model.layers)
+            assert torch.equal(model(x), want) and whole == [1] and not calls
             handle = model.layers[1].mixer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-            calls.clear()
             assert torch.equal(model(x), want) and len(calls) == len(model.layers) - 1 and len(seen) == 1
+            assert whole == [1]
             handle.remove()
             handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m)))
             try:
@@ -418,13 +421,15 @@ def test_frozen_checks_every_block_before_the_first_runs_and_calls_a_hooked_or_d
     monkeypatch.setattr(mamba.BiMamba, "frozen_block",
                         lambda self, norm, fn=mamba.BiMamba.frozen_block: order.append("check") or fn(self, norm))
     monkeypatch.setattr(mamba, "block_cpu", lambda *a, fn=mamba.block_cpu, **k: order.append("run") or fn(*a, **k))
+    monkeypatch.setattr(frozen_forward, "run_blocks",
+                        lambda *a, fn=frozen_forward.run_blocks: order.append("blocks") or fn(*a))  # fmt: skip
     depth = len(model.layers)
     with torch.no_grad(), use_backend("cpu"):
         want = model(x)
         with rmeeto.frozen(model):
             order.clear()
             assert torch.equal(model(x), want)
-            assert order == ["check"] * depth + ["run"] * depth
+            assert order == ["check"] * depth + ["blocks"]
             seen = []
             handle = model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(module))
             order.clear()
@@ -467,30 +472,30 @@ def test_frozen_holds_the_inference_workspace_across_forwards(monkeypatch):
     (outside it each forward holds a new one, freed at its end; after the scope too), with the same logits to
     the bit as outside."""
     import rmeeto.models.mamba as mamba
+    from rmeeto.ops.workspace import active
 
     model = tiny(embed_dim=40).eval()
     rmeeto.reduction.apply(model, "rmeeto", r=4)
     x = torch.randn(2, 3, 32, 32)
-    seen = []  # the workspaces themselves, kept alive: ids of freed objects can come back
-    for name, at in (("mamba_inner_cpu", 3), ("block_cpu", 7)):  # outside frozen, inside it
-        spy = getattr(mamba, name)
-        monkeypatch.setattr(mamba, name, lambda *a, fn=spy, at=at, **k: seen.append(a[at]) or fn(*a, **k))
+    used = []  # per forward, the workspaces its kernel calls used (kept alive: ids of freed objects can come back)
+    monkeypatch.setattr(mamba, "mamba_inner_cpu",  # outside frozen, a call per block
+                        lambda *a, fn=mamba.mamba_inner_cpu, **k: used[-1].append(a[3]) or fn(*a, **k))  # fmt: skip
+    blocks_forward = frozen_forward._k.blocks_forward  # inside it, a call for all blocks
+    monkeypatch.setattr(frozen_forward._k, "blocks_forward", lambda *a: used[-1].append(active()) or blocks_forward(*a))
 
-    def workspaces(n: int) -> list[set[int]]:
-        """The ids of the workspaces the last n forwards used, one set per forward."""
-        per = len(model.layers)
-        return [set(map(id, seen[len(seen) - (n - i) * per : len(seen) - (n - i - 1) * per])) for i in range(n)]
+    def forward() -> torch.Tensor:
+        used.append([])
+        return model(x)
 
     with torch.no_grad(), use_backend("cpu"):
-        want, _ = model(x), model(x)
-        apart = workspaces(2)
+        want, _ = forward(), forward()
         with rmeeto.frozen(model):
-            got = [model(x), model(x)]
-            held = workspaces(2)
-        model(x)
-        after = workspaces(1)[0]
+            got = [forward(), forward()]
+        forward()
+    apart, held, after = [set(map(id, ws)) for ws in used[:2]], [set(map(id, ws)) for ws in used[2:4]], used[4]
+    assert [len(ws) for ws in used] == [len(model.layers)] * 2 + [1] * 2 + [len(model.layers)]
     assert all(len(ws) == 1 for ws in apart + held) and apart[0] != apart[1]
-    assert held[0] == held[1] and after != held[0]
+    assert held[0] == held[1] and id(after[0]) not in held[0]
     assert all(torch.equal(y, want) for y in got)
 
 

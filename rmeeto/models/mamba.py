@@ -11,7 +11,7 @@ matrix products.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -224,35 +224,22 @@ class BiMamba(nn.Module):
         run = self.frozen_block(norm)
         return None if run is None else run(hidden, residual)
 
-    def frozen_block(self, norm: RMSNorm) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor] | None] | None:
-        """Inside rmeeto.frozen: ``run(hidden, residual)``, the block_forward of ``norm`` and this mixer as one
-        block_cpu call with the same bits (B×L×C fp32 contiguous: two new tensors), or None from ``run`` where its
-        tensors do not fit (cpu_block_inputs) or would record gradients. None where the block cannot run so at all:
-        outside frozen, with hooks on this mixer (the call skips nn.Module.__call__), gradients wanted for its
-        parameters, autocast, another backend. Those checks, and the parameters' layout, hold for a whole forward: a
-        frozen Vim makes them once per forward for all its blocks, in one pass, instead of between two kernels each
-        (a Vim-Ti at batch 1 1.08× as fast without them there, docs/cpu_speed.md, round 18). A recording mixer
-        keeps its Δ record too (_record_from)."""
+    def frozen_block(self, norm: RMSNorm) -> FrozenBlock | None:
+        """Inside rmeeto.frozen: the block_forward of ``norm`` and this mixer as one block_cpu call with the same bits
+        (a FrozenBlock). None where the block cannot run so at all: outside frozen, with hooks on this mixer (the call
+        skips nn.Module.__call__), gradients wanted for its parameters, autocast, another backend. Those checks, and
+        the parameters' layout, hold for a whole forward: a frozen Vim makes them once per forward for all its blocks,
+        in one pass, instead of between two kernels each (a Vim-Ti at batch 1 1.08× as fast without them there,
+        docs/cpu_speed.md, round 18)."""
         if self._prepared is None or calls_hooks(self):
             return None
         weight = _parameter(norm, "weight")
         if wants_grad(chain([weight], self.parameters())):
             return None
         laid_out = self._laid_out()
-        eps, in_proj, out_proj = norm.eps, laid_out.in_proj, laid_out.out_proj
-        if not fused_block_cpu(weight, *in_proj, out_proj):
+        if not fused_block_cpu(weight, *laid_out.in_proj, laid_out.out_proj):
             return None
-        params = self._inner_params(laid_out)
-
-        def run(hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
-            if not cpu_block_inputs(hidden, residual) or wants_grad((hidden, residual)):
-                return None
-            x_dbl = self._x_dbl(hidden)
-            with reuse() as workspace:
-                out = block_cpu(hidden, residual, weight, eps, in_proj, params, out_proj, workspace, x_dbl)
-            return self._record_from(x_dbl, params, out)
-
-        return run
+        return FrozenBlock(self, weight, norm.eps, laid_out, self._inner_params(laid_out))
 
     def _forward(self, hidden: Tensor, workspace: Workspace | None) -> Tensor:
         """B×L×C → B×L×C by the ops of rmeeto.ops; in_proj's and dt_proj's outputs, and the cpu kernels'
@@ -325,6 +312,31 @@ class BiMamba(nn.Module):
             return packed(y)
         out = self.out_proj(y)
         return out.mul_(0.5) if self.divide_out else out  # halving after the linear map is exact: fewer values
+
+
+@dataclass(frozen=True)
+class FrozenBlock:
+    """A Vim block (add + RMSNorm with ``weight`` and ``eps``, then ``mixer``) laid out for the cpu kernels inside
+    rmeeto.frozen (BiMamba.frozen_block): ``laid_out`` and ``params`` are the mixer's parameters as they read them,
+    for this forward. Called as ``block(hidden, residual)``: one block_cpu call, or None where its tensors do not fit
+    (cpu_block_inputs) or would record gradients. A recording mixer keeps its Δ record too (_record_from)."""
+
+    mixer: BiMamba
+    weight: Tensor
+    eps: float
+    laid_out: Prepared
+    params: InnerParams
+
+    def __call__(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """B×L×C hidden and residual (None before the first block) → (mixer output, summed residual), new tensors."""
+        if not cpu_block_inputs(hidden, residual) or wants_grad((hidden, residual)):
+            return None
+        mixer, laid_out = self.mixer, self.laid_out
+        x_dbl = mixer._x_dbl(hidden)
+        with reuse() as workspace:
+            out = block_cpu(hidden, residual, self.weight, self.eps, laid_out.in_proj, self.params, laid_out.out_proj,
+                            workspace, x_dbl)  # fmt: skip
+        return mixer._record_from(x_dbl, self.params, out)
 
 
 @contextmanager

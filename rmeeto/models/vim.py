@@ -14,7 +14,8 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from rmeeto.models.mamba import BiMamba, RMSNorm, calls_hooks
+from rmeeto.models import frozen_forward
+from rmeeto.models.mamba import BiMamba, FrozenBlock, RMSNorm, calls_hooks
 from rmeeto.ops.workspace import hold
 
 
@@ -121,7 +122,7 @@ class Block(nn.Module):
         return self.mixer(normed), residual
 
 
-def _frozen_run(layer: nn.Module) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor] | None] | None:
+def _frozen_run(layer: nn.Module) -> FrozenBlock | None:
     """What ``layer(hidden, residual)`` computes as its mixer's frozen_block (BiMamba.frozen_block: inside
     rmeeto.frozen), or None: where the layer is not a plain Block (a subclass's forward may differ), would run a
     hook of its own or a global one, or its drop path would drop (a DropPath in training)."""
@@ -186,12 +187,19 @@ class VisionMamba(nn.Module):
         gives it where it has one (TokenReduction: checks that hold for the whole forward made once). The mixers that
         record no gradients put their temporaries in one workspace held across the blocks
         (rmeeto.ops.workspace). Inside rmeeto.frozen each block runs as its mixer's frozen_block, checked for all
-        blocks before the first runs."""
-        reduce = self.token_reducer
+        blocks before the first runs; where every block does, and the reducer (if any) makes only merges a kernel can
+        make as it goes (its ``kernel_merges``), all blocks and merges run as one kernel call
+        (rmeeto.models.frozen_forward)."""
+        reducer = reduce = self.token_reducer
         if reduce is not None and hasattr(reduce, "for_forward"):  # checks for the whole forward made once
             reduce = reduce.for_forward(state.hidden)
         with hold():
             runs = [_frozen_run(layer) for layer in self.layers]
+            if frozen_forward.applies(runs, state):  # then all blocks and merges as one kernel call, if it can merge
+                merges = {} if reducer is None else getattr(reducer, "kernel_merges", lambda like: None)(state.hidden)
+                out = None if merges is None else frozen_forward.run_blocks(runs, state, merges, reduce)
+                if out is not None:
+                    return out
             for i, (layer, run) in enumerate(zip(self.layers, runs, strict=True)):
                 if i > 0 and reduce is not None:
                     state = reduce(i, state)

@@ -93,14 +93,23 @@ class PackedLinear:
         if buf is None:
             if len(self._packs) == COPIES:
                 del self._packs[next(iter(self._packs))]
-            n, k = self.weight.shape
-            w = self.weight.contiguous()
-            size = -(-_LIB.cblas_sgemm_pack_get_size(B_MATRIX, rows, n, k) // 4)
-            buf = torch.empty(size, dtype=torch.float32).numpy()  # torch's allocation: 64-byte aligned
-            _LIB.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n, k, self.alpha, w.data_ptr(), k,
-                                  buf.ctypes.data)  # fmt: skip
-        self._packs[key] = buf  # never moved: MKL's packed format must stay where it was written
+            buf = torch.empty(self.packed_size(rows), dtype=torch.float32).numpy()  # torch's: 64-byte aligned
+            self.pack_into(rows, buf)
+        self._packs[key] = buf
         return buf
+
+    def packed_size(self, rows: int) -> int:
+        """The floats of a copy packed for ``rows`` rows. Needs :attr:`packs`."""
+        n, k = self.weight.shape
+        return -(-_LIB.cblas_sgemm_pack_get_size(B_MATRIX, rows, n, k) // 4)
+
+    def pack_into(self, rows: int, buf: np.ndarray) -> None:
+        """Pack for a product with ``rows`` rows on torch's current thread count into ``buf`` (contiguous fp32, at
+        least :meth:`packed_size` floats, 64-byte aligned), which must never move afterwards: MKL's packed format
+        stays valid only where it was written. Needs :attr:`packs`."""
+        n, k = self.weight.shape
+        w = self.weight.contiguous()
+        _LIB.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n, k, self.alpha, w.data_ptr(), k, buf.ctypes.data)
 
     @torch.compiler.disable
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:

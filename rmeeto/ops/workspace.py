@@ -36,6 +36,9 @@ class Workspace:
         self._slots: list[Tensor] = []
         self._views: list[Tensor | None] = []  # per slot, the view last handed out (a Vim asks for the same shapes)
         self._next = 0
+        self.cache: dict = {}
+        """Data laid out for the forwards under the hold that keeps this workspace, freed with it (a frozen Vim's
+        stacked block parameters: rmeeto.models.frozen_forward)."""
 
     def restart(self) -> None:
         """Hand out from the first slot again: what was handed out before is overwritten from now on."""
@@ -72,6 +75,11 @@ def hold() -> Iterator[None]:
         yield
     finally:
         _LOCAL.held = outer
+
+
+def held() -> Workspace | None:
+    """The workspace this thread's innermost hold keeps, if any."""
+    return getattr(_LOCAL, "held", None)
 
 
 class _Reuse:

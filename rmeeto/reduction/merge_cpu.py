@@ -83,6 +83,12 @@ def kernel_scores(b: int, na: int, nb: int, c: int) -> bool:
     return _EXACT_PRODUCTS[key]
 
 
+def one_call_merges(b: int, n: int, c: int) -> bool:
+    """Whether match_merge can do R-MeeTo's cosine merge of B×N×C tokens (cls among them) in one call, its norms and
+    scores torch's to the bit (kernel_norms, kernel_scores)."""
+    return kernel_norms(c) and kernel_scores(b, n // 2, (n - 1) // 2, c)
+
+
 def applies(state: TokenState) -> bool:
     """The kernel can merge this state: numba, the `cpu` backend, fp32 hidden and residual streams (and sizes),
     autocast off (so the matching's tensor operations run in fp32 without a context to turn it off, which cost
@@ -134,7 +140,7 @@ def bipartite_wavg(state: TokenState, removed: int, distance: str = "cosine", kt
         raise ValueError(f"R-MeeTo cannot merge {removed} of {n} tokens: at most {n // 2}, the number of A tokens")
     na, nb = n // 2, (n - 1) // 2  # the N − 1 others split into A and B tokens
     streams, outputs, out = _kernel_io(state, hidden, n - removed)
-    one_call = distance == "cosine" and kth == 1 and kernel_norms(c) and kernel_scores(b, na, nb, c)
+    one_call = distance == "cosine" and kth == 1 and one_call_merges(b, n, c)
     if one_call:
         with kernel_lock:
             if _k.match_merge(SGEMM_ADDRESS, *streams, removed, *outputs):

@@ -131,6 +131,23 @@ class TokenReduction:
 
         return call
 
+    def kernel_merges(self, like: Tensor) -> dict[int, int] | None:
+        """{block: tokens removed before it} where every reduction of a forward on B×N×C tensors like ``like`` (N
+        tokens entering block 0) is R-MeeTo's cosine merge as match_merge does it in one kernel call
+        (merge_cpu.one_call_merges), so that a kernel running the blocks can make the merges itself
+        (rmeeto.models.frozen_forward); else None."""
+        method = self.method
+        if not (self._kernel and isinstance(method, BipartiteMerge) and merge_cpu.forward_applies(like)):
+            return None
+        if method.distance != "cosine" or method.kth != 1:
+            return None
+        b, n, c = like.shape
+        for block in sorted(self.removed):
+            if self.removed[block] and not merge_cpu.one_call_merges(b, n, c):
+                return None
+            n -= self.removed[block]
+        return {block: r for block, r in self.removed.items() if r}
+
     def _kernel_merge(self, block: int, state: TokenState, removed: int) -> TokenState:
         """The merge of ``removed`` tokens before ``block`` by merge_cpu's kernels (merge_cpu.applies must hold)."""
         if isinstance(self.method, MTR):
