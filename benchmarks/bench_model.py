@@ -123,7 +123,8 @@ def main() -> None:
           f"{reduced.reps} paired rounds{'' if reduced.trusted else UNTRUSTED}), "
           f"FLOPs ratio {ideal:.3f}×, quotient {reduced.speedup / ideal:.3f} "
           "(authors on H100, Vim-S: 1.10/1.42 = 0.77)")
-    print(f"time inside the token reducer: {100 * share:.2f}% of the reduced forward")
+    print(f"time inside the token reducer: {100 * share:.2f}% of the reduced forward (blocks and merges called one "
+          "at a time, so that it can be timed)")
 
     shares = op_shares(model, x)
     print("\nshare of the unreduced forward (torch.profiler, CPU time / wall):")

@@ -153,7 +153,9 @@ def measure(model: nn.Module, reducers: Sequence[TokenReducer | None], x: Tensor
 
 @torch.no_grad()
 def reducer_share(model: nn.Module, x: Tensor, reps: int = 3) -> float:
-    """Fraction of the forward's wall time (on ``x``) spent inside the model's token reducer."""
+    """Fraction of the forward's wall time (on ``x``) spent inside the model's token reducer. The reducer is timed
+    as a callable between the blocks, so a frozen Vim calls its blocks and merges one at a time here instead of in one
+    kernel call (rmeeto.models.frozen_forward), which no timer can look inside."""
     inner, spent = model.token_reducer, [0.0]
     if inner is None:
         return 0.0
