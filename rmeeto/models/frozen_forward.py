@@ -10,7 +10,6 @@ and thread count; the stacks are kept in the cache of the workspace the frozen s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +22,7 @@ from rmeeto.ops import packed
 from rmeeto.ops.common import wants_grad
 from rmeeto.ops.dispatch import cpu_block_inputs
 from rmeeto.ops.packed import PackedLinear
-from rmeeto.ops.scan_cpu import _NORM_CHUNK, kernel_lock
+from rmeeto.ops.scan_cpu import _NORM_CHUNK, kernel_lock, scan_groups
 from rmeeto.ops.workspace import held, reuse
 
 try:
@@ -92,7 +91,7 @@ def run_blocks(blocks: Sequence[FrozenBlock], state: Any, removed: dict[int, int
     while True:
         hidden, residual, size = state.hidden, state.residual, state.size
         with kernel_lock as threads, reuse() as workspace:
-            groups = min(threads, nb * math.ceil(nd / _k.LANES))
+            groups = scan_groups(threads, nb, nd)
             work = workspace.empty(_k.blocks_work(nb * n0, n0, nc, nd, stack.dt_w.shape[2] + 2 * nn, ndir, nn, groups))
             stop, *out = _k.blocks_forward(
                 packed.COMPUTE_ADDRESS, packed.SGEMM_ADDRESS, start, counts, hidden.numpy(),
@@ -136,11 +135,10 @@ def _stack(blocks: Sequence[FrozenBlock], rows: tuple[int, ...], prepared: tuple
     """A new _Stack of the blocks' parameters (see _stacked)."""
     params = [block.params for block in blocks]
     first = params[0]
-    for p, block in zip(params, blocks, strict=True):
-        same = (p.taps.shape, p.A.shape, p.dt_w.shape, len(p.x_proj)) == (first.taps.shape, first.A.shape,
-                                                                         first.dt_w.shape, len(first.x_proj))
-        if not same or block.weight.shape != blocks[0].weight.shape or not np.array_equal(p.revs, first.revs):
-            return None
+    layouts = {(b.weight.shape, b.params.taps.shape, b.params.A.shape, b.params.dt_w.shape, tuple(b.params.revs))
+               for b in blocks}  # fmt: skip
+    if len(layouts) > 1:  # C, K, Dᵢ, N, R and the directions: the products' shapes follow from them
+        return None
 
     def stacked(name: str) -> np.ndarray:
         return np.stack([getattr(p, name) for p in params])

@@ -10,17 +10,40 @@ x_proj and out_proj are block i's for its own row count (B·Lᵢ: MKL packs for 
 """
 
 import numpy as np
-from numba import njit
+from numba import literal_unroll, njit
 
-from .cpu_kernels import LANES, _lines, mixer_forward, mixer_work
+from .cpu_kernels import _lines, forward_scratch, mixer_forward, mixer_work
 from .merge_kernel import match_merge
 
 
 @njit(inline="always")
-def _scan_parts(groups, nl, nn):
-    """The floats of scan_forward's scratch arrays for ``groups`` groups (cpu_kernels.forward_scratch's shapes)."""
-    row = groups * nl * LANES
-    return 3 * row, row, row, row, groups * nn * LANES, groups * (2 * nn + 2) * LANES
+def _count(groups, shape):
+    """The floats of ``groups`` arrays of ``shape``."""
+    n = groups
+    for size in shape:
+        n *= size
+    return n
+
+
+@njit(inline="always")
+def _view(buf, at, groups, shape):
+    """(buf[at:] as a groups × shape array, the float after it rounded up to a 64-byte line)."""
+    n = _count(groups, shape)
+    return buf[at : at + n].reshape((groups,) + shape), at + _lines(n)
+
+
+@njit(inline="always")
+def _scan_scratch(buf, groups, nl, nn):
+    """scan_forward's scratch (forward_scratch's arrays xs, dt, dtu, ys, h, ps, for ``groups`` groups and L = nl) as
+    views of buf, each from a 64-byte line."""
+    xs_shape, dt_shape, dtu_shape, ys_shape, h_shape, ps_shape = forward_scratch(nl, nn)
+    xs, at = _view(buf, 0, groups, xs_shape)
+    dt, at = _view(buf, at, groups, dt_shape)
+    dtu, at = _view(buf, at, groups, dtu_shape)
+    ys, at = _view(buf, at, groups, ys_shape)
+    h, at = _view(buf, at, groups, h_shape)
+    ps, _ = _view(buf, at, groups, ps_shape)
+    return xs, dt, dtu, ys, h, ps
 
 
 @njit(cache=True)
@@ -28,27 +51,9 @@ def blocks_work(rows, nl, nc, nd, nf, ndir, nn, groups):
     """The floats blocks_forward's ``work`` takes for blocks of at most B·L = rows (L = nl tokens), C = nc,
     Dᵢ = nd, R+2N = nf, P = ndir directions, N = nn states and ``groups`` scan groups."""
     total = mixer_work(rows, nc, nd, nf, ndir)
-    for n in _scan_parts(groups, nl, nn):
-        total += _lines(n)
+    for shape in literal_unroll(forward_scratch(nl, nn)):
+        total += _lines(_count(groups, shape))
     return total
-
-
-@njit(inline="always")
-def _scan_scratch(buf, groups, nl, nn):
-    """scan_forward's scratch (xs, dt, dtu, ys, h, ps) for L = nl as views of buf, each from a 64-byte line."""
-    n_xs, n_dt, n_dtu, n_ys, n_h, n_ps = _scan_parts(groups, nl, nn)
-    at = 0
-    xs = buf[at : at + n_xs].reshape((groups, 3, nl, LANES))
-    at += _lines(n_xs)
-    dt = buf[at : at + n_dt].reshape((groups, nl, LANES))
-    at += _lines(n_dt)
-    dtu = buf[at : at + n_dtu].reshape((groups, nl, LANES))
-    at += _lines(n_dtu)
-    ys = buf[at : at + n_ys].reshape((groups, nl, LANES))
-    at += _lines(n_ys)
-    h = buf[at : at + n_h].reshape((groups, nn, LANES))
-    at += _lines(n_h)
-    return xs, dt, dtu, ys, h, buf[at : at + n_ps].reshape((groups, 2 * nn + 2, LANES))
 
 
 @njit(inline="always")

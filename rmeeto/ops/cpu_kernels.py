@@ -47,8 +47,9 @@ _EXP_Q = tuple(np.float32(c) for c in (8.31253e-3, 4.189011e-2, 1.6667114e-1, 4.
 """_exp's cubic q(r) = ((c0·r + c1)·r² + (c2·r + c3)); _vec_exp uses the same, for the same bits."""
 
 
+@njit(cache=True)
 def forward_scratch(nl: int, nn: int) -> tuple[tuple[int, ...], ...]:
-    """Per-group scratch shapes of scan_forward: xs, dt, dtu, ys, h, ps."""
+    """Per-group scratch shapes of scan_forward: xs, dt, dtu, ys, h, ps (compiled: blocks_kernel lays them out too)."""
     return (3, nl, LANES), (nl, LANES), (nl, LANES), (nl, LANES), (nn, LANES), (2 * nn + 2, LANES)
 
 

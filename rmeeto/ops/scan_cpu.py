@@ -105,7 +105,7 @@ def _scan(u: Tensor, delta: Tensor, directions: list[tuple], z: Tensor | None, s
               for A, B, C, D, bias, rev in directions]  # fmt: skip
     out = _new(zl, tm, pooled)
     with kernel_lock as threads:
-        groups = min(threads, nb * math.ceil(nd / _k.LANES))
+        groups = scan_groups(threads, nb, nd)
         scratch = _scratch(_k.forward_scratch(L, arrays[0][0].shape[1]), groups)
         # P×… each: A, B, C, D, bias; one direction's as views (np.stack would copy them at every call)
         stacked = [np.stack(a) if ndir > 1 else a[0][None] for a in zip(*arrays, strict=True)]
@@ -207,6 +207,12 @@ _SCRATCH = [np.empty(0, np.float32)]
 kernel calls are serialised by _LOCK and none keeps its scratch."""
 _VIEWS: dict[tuple, list[np.ndarray]] = {}
 """_scratch's answers for the current _SCRATCH, by (shapes, groups): a Vim forward asks for the same few."""
+
+
+def scan_groups(threads: int, nb: int, nd: int) -> int:
+    """The forward scan's parallel groups for B = nb and Dᵢ = nd on ``threads`` threads: one per thread, at most one
+    per task (an image's block of LANES channels)."""
+    return min(threads, nb * math.ceil(nd / _k.LANES))
 
 
 def _scratch(shapes: tuple[tuple[int, ...], ...], groups: int) -> list[np.ndarray]:
@@ -468,7 +474,7 @@ def mamba_inner_cpu(x: Tensor, z: Tensor, params: InnerParams, workspace: Worksp
         x_proj(conv[p], x_dbl[p])
     out = workspace.empty(nb, L, nd)
     with kernel_lock as threads:
-        groups = min(threads, nb * math.ceil(nd / _k.LANES))
+        groups = scan_groups(threads, nb, nd)
         conv_np, x_dbl_np = conv.numpy(), x_dbl.numpy()  # conv also stands for delta, x_dbl for B and C
         _k.scan_forward(conv_np, conv_np, z.transpose(1, 2).numpy(), True, params.revs, params.A, x_dbl_np, x_dbl_np,
                         params.D, params.dt_bias, True, True, out.numpy(), _counter(),
@@ -597,7 +603,7 @@ def _mixer(hidden: Tensor, residual: Tensor | None, weight: Tensor | None, eps: 
             _NO_NORM if weight is None else weight.detach().numpy(), np.float32(eps), _NORM_CHUNK,
             data if summed is None else summed.numpy())  # fmt: skip
     with kernel_lock as threads:
-        groups = min(threads, nb * math.ceil(nd / _k.LANES))
+        groups = scan_groups(threads, nb, nd)
         packs = (*(p.packed(rows) for p in in_proj), tuple(p.packed(rows) for p in params.x_proj),
                  out_proj.packed(rows))  # fmt: skip
         _k.mixer_forward(packed.COMPUTE_ADDRESS, weight is not None, data, *norm, *packs, params.taps, params.conv_b,
