@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmeeto.models.mamba import FrozenBlock, Prepared, _stamp
+from rmeeto.models.mamba import FrozenBlock, Prepared, param_stamp
 from rmeeto.ops import packed
 from rmeeto.ops.common import wants_grad
 from rmeeto.ops.dispatch import cpu_block_inputs
@@ -113,7 +113,7 @@ def _stacked(blocks: Sequence[FrozenBlock], rows: tuple[int, ...]) -> _Stack | N
     the held workspace's cache if it was made from the blocks' present parameters, else a new one (kept there, the
     least recently used of more than STACKS for these blocks dropped). None where shapes differ between blocks."""
     prepared = tuple(block.laid_out for block in blocks)
-    norm_stamp = _stamp(tuple(block.weight for block in blocks))
+    norm_stamp = param_stamp(tuple(block.weight for block in blocks))
     workspace = held()
     stacks = {} if workspace is None else workspace.cache.setdefault(__name__, {})
     key = (id(blocks[0].mixer), rows, torch.get_num_threads())

@@ -162,8 +162,8 @@ class BiMamba(nn.Module):
         modules = self._modules
         sources = (*self._sources(""), *self._sources("_b"), _parameter(modules["in_proj"], "weight"),
                    _parameter(modules["out_proj"], "weight"))  # fmt: skip
-        if not self._prepared or self._prepared[0] != _stamp(sources):  # sources kept alive: a new parameter
-            self._prepared[:] = _stamp(sources), sources, self._lay_out()  # cannot take a freed one's address
+        if not self._prepared or self._prepared[0] != param_stamp(sources):  # sources kept alive: a new parameter
+            self._prepared[:] = param_stamp(sources), sources, self._lay_out()  # cannot take a freed one's address
         return self._prepared[2]
 
     def _lay_out(self) -> Prepared:
@@ -400,7 +400,7 @@ def _parameter(module: nn.Module, name: str) -> Tensor | None:
     return getattr(module, name) if found is _MISSING else found
 
 
-def _stamp(params: tuple[Tensor | None, ...]) -> list[int]:
+def param_stamp(params: tuple[Tensor | None, ...]) -> list[int]:
     """The addresses and version counters of params (None skipped): they move when a parameter gets new data
     or is changed in place by a tensor operation."""
     return [x for p in params if p is not None for x in (p.data_ptr(), p._version)]
