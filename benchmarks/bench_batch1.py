@@ -42,15 +42,6 @@ def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def token_counts(removed: dict[int, int], depth: int, n: int) -> list[int]:
-    """Tokens entering each of ``depth`` blocks when ``removed[i]`` are merged before block i, from n."""
-    counts = []
-    for i in range(depth):
-        n -= removed.get(i, 0)
-        counts.append(n)
-    return counts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -95,7 +86,6 @@ def main() -> None:
         # first call would pack all blocks' weights anew, tens of ms, after the other runs had
         frozen_forward.STACKS = len(runs)
         speeds = interleaved(runs, 1, reps=args.reps)
-        removed = dict(reducer.removed)
     ms = [1e3 / s.images_per_s for s in speeds]
     per_block = [t / depth for t in ms[4:]]
     f, v = line([float(t) for t in tokens], per_block)
@@ -104,7 +94,7 @@ def main() -> None:
         print(f"  L = {t:3d}: {b:6.3f} ms  ±{s.spread:.0%}   line {f + v * t:6.3f}")
     print(f"line: {1e3 * f:.0f} µs a block + {1e3 * v:.2f} µs a token")
 
-    counts = token_counts(removed, depth, n)
+    counts = [tokens for tokens, _ in reducer.schedule.token_counts(reducer.method, n, depth)]
     predicted = sum(f + v * c for c in counts)
     print(f"\n{'':<26} {'forward ms':>11} {'blocks ms':>10}")
     for label, whole, alone in ((short, ms[0], ms[2]), (f"{short} R-MeeTo r={r}", ms[1], ms[3])):

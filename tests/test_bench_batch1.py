@@ -1,4 +1,5 @@
-"""benchmarks/bench_batch1.py's arithmetic: the merged model's token counts per block, and the least-squares line."""
+"""benchmarks/bench_batch1.py's arithmetic: the merged model's token counts per block (the schedule's), and the
+least-squares line."""
 
 import importlib.util
 import sys
@@ -25,7 +26,7 @@ def bench_batch1():
     return module
 
 
-def test_token_counts_are_the_tokens_each_block_of_a_merged_vim_sees(bench_batch1):
+def test_schedule_token_counts_are_the_tokens_each_block_of_a_merged_vim_sees():
     torch.manual_seed(0)
     vim = rmeeto.create_model("vim_demo", img_size=32, patch_size=4, embed_dim=32, depth=6, num_classes=5).eval()
     reducer = R.apply(vim, "rmeeto", r=5)
@@ -34,7 +35,7 @@ def test_token_counts_are_the_tokens_each_block_of_a_merged_vim_sees(bench_batch
         layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     with torch.no_grad():
         vim(torch.randn(2, 3, 32, 32))
-    assert bench_batch1.token_counts(reducer.removed, len(vim.layers), 65) == seen
+    assert [n for n, _ in reducer.schedule.token_counts(reducer.method, 65, len(vim.layers))] == seen
     assert seen[0] == 65 and seen[-1] < 65  # it merged
 
 
