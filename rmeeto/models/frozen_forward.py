@@ -1,8 +1,8 @@
 """A frozen Vim's blocks, and R-MeeTo's merges between them, as one kernel call (rmeeto.ops.blocks_kernel).
 
 Inside rmeeto.frozen a Vim whose blocks all run as FrozenBlocks (BiMamba.frozen_block), none recording Δ, and whose
-token reducer, if any, does only merges that R-MeeTo's one-call kernel can do (its ``kernel_merges``), runs all its
-blocks and merges in one blocks_forward call: the kernels the blocks and merges call one at a time, with the same
+token reducer, if any, does only merges that R-MeeTo's one-call kernel can do (its ``blocks_kernel_merges``), runs all
+its blocks and merges in one blocks_forward call: the kernels the blocks and merges call one at a time, with the same
 arguments, so the same bits, without the Python between them (docs/cpu_speed.md, round 22). The blocks' parameters are
 stacked along a first axis, their products' weights packed for each block's row count, once per sequence of row counts
 and thread count; the stacks are kept in the cache of the workspace the frozen scope holds (rmeeto.ops.workspace).

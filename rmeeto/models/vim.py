@@ -188,7 +188,7 @@ class VisionMamba(nn.Module):
         record no gradients put their temporaries in one workspace held across the blocks
         (rmeeto.ops.workspace). Inside rmeeto.frozen each block runs as its mixer's frozen_block, checked for all
         blocks before the first runs; where every block does, and the reducer (if any) makes only merges a kernel can
-        make as it goes (its ``kernel_merges``), all blocks and merges run as one kernel call
+        make as it goes (its ``blocks_kernel_merges``), all blocks and merges run as one kernel call
         (rmeeto.models.frozen_forward)."""
         reducer = reduce = self.token_reducer
         if reduce is not None and hasattr(reduce, "for_forward"):  # checks for the whole forward made once
@@ -196,7 +196,8 @@ class VisionMamba(nn.Module):
         with hold():
             runs = [_frozen_run(layer) for layer in self.layers]
             if frozen_forward.applies(runs, state):  # then all blocks and merges as one kernel call, if it can merge
-                merges = {} if reducer is None else getattr(reducer, "kernel_merges", lambda like: None)(state.hidden)
+                merges_for = getattr(reducer, "blocks_kernel_merges", lambda like: None)
+                merges = {} if reducer is None else merges_for(state.hidden)
                 out = None if merges is None else frozen_forward.run_blocks(runs, state, merges, reduce)
                 if out is not None:
                     return out

@@ -131,7 +131,7 @@ class TokenReduction:
 
         return call
 
-    def kernel_merges(self, like: Tensor) -> dict[int, int] | None:
+    def blocks_kernel_merges(self, like: Tensor) -> dict[int, int] | None:
         """{block: tokens removed before it} where every reduction of a forward on B×N×C tensors like ``like`` (N
         tokens entering block 0) is R-MeeTo's cosine merge as match_merge does it in one kernel call
         (merge_cpu.one_call_merges), so that a kernel running the blocks can make the merges itself
