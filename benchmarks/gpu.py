@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a GPU user runs first (a few minutes on one H100): is the `cuda` path right, and how fast is it?
 
-1. Parity: `cuda` vs `ref` logits on Vim-S, unreduced and R-MeeTo r=11 (fp32).
+1. Parity: `cuda` vs `ref` logits and gradients on Vim-S, unreduced, R-MeeTo r=11 and MTR (fp32).
 2. Inference img/s, fp16 and bf16 autocast, batch 128: unreduced, R-MeeTo r=11, MTR at −30 % FLOPs.
    Anchor: the authors' H100 Vim-S, 1954 → 2158 img/s (1.10×).
 3. Training-step img/s (bf16 autocast, AdamW) of the paper recipe (R-MeeTo, cross-entropy) and the
@@ -68,19 +68,38 @@ def peak_mib(device: str) -> str:
     return f"{mib:.0f} MiB"
 
 
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max |want|."""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)).item()
+
+
+def logits_and_grads(model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor):
+    """Logits and parameter gradients of a cross-entropy loss, on ``backend``."""
+    model.zero_grad(set_to_none=True)
+    with use_backend(backend):
+        logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 def parity(tiny: bool, device: str, backend: str) -> None:
-    """Max relative difference of ``backend``'s logits to ``ref``'s (fp32, eval mode)."""
-    x = torch.randn(2, 3, *(2 * [TINY["img_size"] if tiny else 224]), device=device)
-    for method in (None, "rmeeto"):
+    """Max relative difference of ``backend``'s logits and parameter gradients to ``ref``'s (fp32, eval mode,
+    cuDNN's TF32 off so that the ``ref`` path's convolutions compute in fp32 as the kernels do)."""
+    size = TINY["img_size"] if tiny else 224
+    x = torch.randn(2, 3, size, size, device=device)
+    y = torch.randint(0, TINY["num_classes"] if tiny else 1000, (2,), device=device)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    for method in (None, "rmeeto", "mtr"):
         model = build(tiny, method, device).eval()
-        with torch.no_grad():
-            with use_backend("ref"):
-                want = model(x)
-            with use_backend(backend):
-                got = model(x)
-        rel = ((got - want).abs().max() / want.abs().max()).item()
-        verdict = "ok" if rel < 1e-4 else "MISMATCH"
-        print(f"parity {backend} vs ref, {method or 'unreduced'}: max rel diff {rel:.2e} ({verdict})")
+        want, want_grads = logits_and_grads(model, "ref", x, y)
+        got, got_grads = logits_and_grads(model, backend, x, y)
+        logits_rel = relative(got, want)
+        grads_rel, name = max((relative(got_grads[n], g), n) for n, g in want_grads.items())
+        same = logits_rel < 1e-4 and grads_rel < 1e-3 and got_grads.keys() == want_grads.keys()
+        verdict = "ok" if same else "MISMATCH"
+        print(f"parity {backend} vs ref, {method or 'unreduced'}: max rel diff logits {logits_rel:.2e}, "
+              f"gradients {grads_rel:.2e} ({name}) ({verdict})")  # fmt: skip
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def inference(tiny: bool, device: str, backend: str, batch: int, reps: int, compiled: bool = False) -> None:

@@ -14,7 +14,9 @@ def test_gpu_benchmark_tiny_runs_on_cpu():
                          env=env).stdout  # fmt: skip
     lines = out.splitlines()
     assert lines[0].startswith("scan backend: ")
-    assert any(line.startswith("parity torch vs ref, rmeeto") and line.endswith("(ok)") for line in lines)
+    for kind in ("unreduced", "rmeeto", "mtr"):
+        assert any(line.startswith(f"parity torch vs ref, {kind}: max rel diff logits ") and "gradients" in line
+                   and line.endswith("(ok)") for line in lines)  # fmt: skip
     for kind in ("unreduced", "rmeeto", "mtr"):
         assert any(line.startswith("infer torch ") and f" {kind} " in line and "img/s" in line for line in lines)
     assert any(line.startswith("infer torch compiled") for line in lines)
