@@ -5,7 +5,8 @@ Their setup.py compiles for up to nine architectures (docs/cuda.md), which is mo
 This compiles the same sources with the same nvcc flags for one architecture only (the local GPU's, or
 ``--arch``), through torch's JIT extension builder (ninja, ``MAX_JOBS``), both packages at once, and
 lays out a folder to put first on ``PYTHONPATH``: the two Python packages and the two compiled modules.
-Each module is imported once built, so a wrong torch or CUDA shows here as an import error.
+Each module is imported once built, so a wrong torch or CUDA shows here as an import error. A run that
+was stopped resumes where it was (ninja keeps the units already compiled); one run per ``--out`` at a time.
 
     python scripts/build_kernels.py mamba_ssm-2.3.2.post1.tar.gz causal_conv1d-1.7.0.tar.gz --out kernels
     PYTHONPATH=kernels python train.py ...
@@ -86,6 +87,9 @@ def compile_extension(tree: Path, ext: Extension, arch: str, build: Path) -> Pat
 
     sm = arch.replace(".", "")
     build.mkdir(parents=True, exist_ok=True)
+    # torch's builder waits, without end, for a lock file that a killed build leaves behind; each --out
+    # folder is built by one run at a time, so a lock found here is stale
+    (build / "lock").unlink(missing_ok=True)
     module = load(
         name=ext.module,
         sources=[str(s) for s in sources(tree, ext)],

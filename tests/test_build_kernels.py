@@ -41,16 +41,19 @@ def test_an_unknown_tree_is_named(tmp_path):
         bk.find_extension(tree)
 
 
-def test_compiles_for_the_one_architecture_asked(tmp_path, monkeypatch):
+def test_compiles_for_the_one_architecture_asked_past_a_stale_lock(tmp_path, monkeypatch):
     tree = bk.unpack(_sdist(tmp_path, ["causal_conv1d/__init__.py", "csrc/a.cpp", "csrc/b.cu"]), tmp_path / "out")
+    lock = tmp_path / "build" / "lock"  # left by a killed build: torch's load would wait for it forever
+    lock.parent.mkdir()
+    lock.touch()
     seen = {}
 
     def load(**kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs, locked=lock.exists())
         return SimpleNamespace(__file__=str(tmp_path / "causal_conv1d_cuda.so"))
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
     built = bk.compile_extension(tree, bk.find_extension(tree), "9.0", tmp_path / "build")
-    assert built.name == "causal_conv1d_cuda.so" and seen["name"] == "causal_conv1d_cuda"
+    assert built.name == "causal_conv1d_cuda.so" and seen["name"] == "causal_conv1d_cuda" and not seen["locked"]
     assert [f for f in seen["extra_cuda_cflags"] if "arch" in f] == ["-gencode=arch=compute_90,code=sm_90"]
     assert [Path(s).name for s in seen["sources"]] == ["a.cpp", "b.cu"]
