@@ -10,9 +10,10 @@
    here the model step alone).
 4. The same on the `torch` backend, eager and torch.compile'd, for users without mamba-ssm.
 
-Nothing is asserted except parity. ``--tiny`` runs a small model on CPU (the CI check that this script
-works); its numbers say nothing about GPUs. Usage:
-    .venv/bin/python benchmarks/gpu.py [--tiny] [--batch 128] [--reps 10]
+Nothing is asserted except parity. ``--kernels-only`` leaves out 4 (docs/cuda.md has its H200 figures).
+``--tiny`` runs a small model on CPU (the CI check that this script works); its numbers say nothing about
+GPUs. Usage:
+    .venv/bin/python benchmarks/gpu.py [--tiny] [--kernels-only] [--batch 128] [--reps 10]
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="inference batch (default 128; tiny: 2)")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 128; tiny: 2)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10; tiny: 1)")
+    parser.add_argument("--kernels-only", action="store_true", help="time the cuda backend alone (not torch)")
     args = parser.parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.tiny:
@@ -168,12 +170,15 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     fast = "cuda" if "cuda" in available_backends() else None
     if not fast:
+        if args.kernels_only:
+            parser.error("--kernels-only, but the cuda backend is unavailable (see the line above)")
         print("cuda backend unavailable: kernel timings skipped (see docs/cuda.md)")
     parity(args.tiny, device, fast or "torch")
-    for backend in ([fast] if fast else []) + ["torch"]:
+    for backend in ([fast] if fast else []) + ([] if args.kernels_only else ["torch"]):
         inference(args.tiny, device, backend, batch, reps)
         training(args.tiny, device, backend, train_batch, reps)
-    inference(args.tiny, device, "torch", batch, reps, compiled=True)
+    if not args.kernels_only:
+        inference(args.tiny, device, "torch", batch, reps, compiled=True)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,10 @@ def test_gpu_benchmark_tiny_runs_on_cpu():
         assert any(line.startswith("infer torch ") and f" {kind} " in line and "img/s" in line for line in lines)
     assert any(line.startswith("infer torch compiled") for line in lines)
     assert sum(line.startswith("train torch") for line in lines) == 2
+
+
+def test_kernels_only_without_the_kernels_says_so():
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--kernels-only"], capture_output=True, text=True,
+                         env=env)  # fmt: skip
+    assert run.returncode == 2 and "--kernels-only, but the cuda backend is unavailable" in run.stderr
