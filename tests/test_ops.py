@@ -772,6 +772,19 @@ def test_block_compiles_without_graph_breaks_on_torch_backend():
     torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
 
 
+def test_cuda_availability_is_a_constant_to_dynamo(monkeypatch):
+    """With a CUDA device, auto's check for the kernels imports mamba-ssm; traced, that import stopped a fullgraph
+    compile (seen on an H200 machine without mamba-ssm): torch.compile takes the check's result as a constant."""
+    from rmeeto.ops import cuda
+
+    monkeypatch.setattr(cuda, "torch", SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: True)))
+    want = 1.0 if cuda.available() else -1.0
+    compiled = torch.compile(lambda x: x + 1 if cuda.available() else x - 1, fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled(torch.zeros(2)).tolist() == [want, want]
+
+
 @pytest.mark.skipif("cpu" not in FAST, reason="numba not installed")
 @pytest.mark.parametrize("ndir", [1, 2])
 @pytest.mark.parametrize("nb,L,nd,nn,rank,conv_bias", [(1, 2, 64, 16, 4, True), (2, 13, 80, 8, 5, False),

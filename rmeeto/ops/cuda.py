@@ -42,8 +42,11 @@ def import_error() -> BaseException | None:
     return mod if isinstance(mod, BaseException) else None
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
-    """Why the backend is unusable here, or None when it is usable."""
+    """Why the backend is unusable here, or None when it is usable. A constant to torch.compile, which calls it
+    instead of tracing it: traced, a failing import of mamba-ssm stopped a fullgraph compile (on a GPU machine
+    without the kernels) and broke the graph otherwise."""
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
     err = import_error()
