@@ -22,7 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-# nvcc flags of both packages' setup.py (mamba-ssm 2.3.2, causal-conv1d 1.7.0), less their -gencode list
+# nvcc flags of both packages' setup.py (mamba-ssm 2.3.2, causal-conv1d 1.7.0), less their -gencode list, the
+# --threads that only parallelises it, the register report and -std (torch's builder sets its own)
 NVCC_FLAGS = [
     "-O3",
     "-U__CUDA_NO_HALF_OPERATORS__",
