@@ -61,7 +61,7 @@ def machine_line() -> str:
     """What ran the numbers below: CPU model and core count, and the GPUs or their absence."""
     gpus = gpu_names()
     gpu_text = (f"GPU: {', '.join(gpus)}; the speeds below are CPU speeds" if gpus else
-                "no GPU was visible to this run, so no GPU speed is measured here")
+                "no GPU was visible to this run, so no GPU speed is measured here; GPU figures: [cuda.md](cuda.md)")
     return f"{cpu_name()}, {os.cpu_count()} cores; {gpu_text}"
 
 
