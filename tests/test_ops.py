@@ -773,8 +773,9 @@ def test_block_compiles_without_graph_breaks_on_torch_backend():
 
 
 def test_cuda_availability_is_a_constant_to_dynamo(monkeypatch):
-    """With a CUDA device, auto's check for the kernels imports mamba-ssm; traced, that import stopped a fullgraph
-    compile (seen on an H200 machine without mamba-ssm): torch.compile takes the check's result as a constant."""
+    """With a CUDA device, auto's check for the kernels imports mamba-ssm; traced, that import broke the graph with a
+    warning (an H200 machine without mamba-ssm) and stops a fullgraph compile: torch.compile takes the check's result
+    as a constant."""
     from rmeeto.ops import cuda
 
     monkeypatch.setattr(cuda, "torch", SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: True)))
