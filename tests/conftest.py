@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 DEMO_TEST_SIZE = 32
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """A script of this repository (train.py, benchmarks/…, scripts/…) imported as when it runs: its folder first on
+    sys.path while it loads (a benchmark imports its neighbours), registered as ``name`` (default: its stem) in
+    sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
 
 
 @pytest.fixture(scope="session")

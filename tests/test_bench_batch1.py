@@ -1,12 +1,11 @@
 """benchmarks/bench_batch1.py's arithmetic: the merged model's token counts per block (the schedule's), and the
 least-squares line."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 import rmeeto
 import rmeeto.reduction as R
@@ -16,14 +15,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench_batch1():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports bench_cpu's table of sizes, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("bench_batch1", BENCHMARKS / "bench_batch1.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_script(BENCHMARKS / "bench_batch1.py")  # it imports bench_cpu's table of sizes from beside it
 
 
 def test_schedule_token_counts_are_the_tokens_each_block_of_a_merged_vim_sees():

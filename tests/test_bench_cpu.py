@@ -1,11 +1,11 @@
 """benchmarks/bench_cpu.py's count of matrix products, which its GEMM-roof column rests on."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 import rmeeto
 import rmeeto.reduction as R
@@ -14,10 +14,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_cpu.py"
 
 
 def bench_cpu():
-    spec = importlib.util.spec_from_file_location("bench_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def products(tokens: list[int], c: int, n: int, classes: int) -> int:

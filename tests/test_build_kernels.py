@@ -1,19 +1,16 @@
 """scripts/build_kernels.py: what it compiles from an sdist, and with which architecture flag (the compile
 itself needs nvcc and a CUDA torch)."""
 
-import importlib.util
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch.utils.cpp_extension
+from conftest import load_script
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "build_kernels.py"
-spec = importlib.util.spec_from_file_location("build_kernels", SCRIPT)
-bk = sys.modules["build_kernels"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(bk)
+bk = load_script(SCRIPT)
 
 
 def _sdist(tmp_path: Path, files: list[str], name: str = "causal_conv1d-1.7.0") -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
+from conftest import load_script
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
@@ -442,17 +442,10 @@ def test_datamodules_default_to_imagenet_normalisation(tmp_path: Path) -> None:
 # --- data/make_shards.py ---------------------------------------------------------------------------
 
 
-def load_script(name: str) -> object:
-    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_make_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     make_folder_tree(src, {"train": 4, "val": 2})
-    make_shards = load_script("make_shards")
+    make_shards = load_script(REPO / "data" / "make_shards.py")
     args = ["--src", str(src), "--out", str(out), "--max-per-shard", "5"]
     assert make_shards.main([*args, "--verify"]) == 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
@@ -16,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import load_script
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from timm.utils import ModelEmaV3
@@ -43,10 +43,7 @@ def one_thread_and_clean_argv(monkeypatch):
 
 
 def load_train_script() -> Any:
-    spec = importlib.util.spec_from_file_location("rmeeto_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "train.py", "rmeeto_train_script")
 
 
 def datamodule(root: Path, batch_size: int = 16) -> WebDatasetDataModule:
